@@ -1,0 +1,172 @@
+"""Model specifications: the architecture numbers that FLOPs, memory and time depend on.
+
+A ``ModelSpec`` is built from a built-in name, a Hugging Face ``config.json`` or a YAML spec
+(see ``workloads/model_io.py``).  Parameter counts are exact for the architectures named in
+the fields (tested: Llama-3-8B 8.03 B, Llama-3-70B 70.6 B, GPT-3 175B 174.6 B).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+
+class ModelError(ValueError):
+    """A model specification that is malformed."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer, dense or mixture-of-experts."""
+
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden: int
+    vocab: int
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    position: Literal["rope", "learned"] = "rope"
+    max_seq_len: int = 8192
+    tied_embeddings: bool = False
+    bias: bool = False  # linear-layer biases (GPT-2/3, NeoX); QKV-only biases via qkv_bias
+    qkv_bias: bool = False  # Qwen2 style
+    head_dim: int | None = None  # defaults to hidden / num_heads
+    num_experts: int = 0  # 0 = dense
+    top_k: int = 1
+    shared_experts: int = 0
+    moe_ffn_hidden: int | None = None  # per-expert FFN width (defaults to ffn_hidden)
+    moe_layer_freq: int = 1  # every k-th layer is MoE
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "hidden", "num_heads", "num_kv_heads", "ffn_hidden", "vocab", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelError(f"{f}: must be a positive integer, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden % self.num_heads:
+                raise ModelError(f"num_heads: {self.num_heads} must divide hidden {self.hidden}")
+            object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ModelError(f"top_k: must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+        if self.moe_ffn_hidden is None:
+            object.__setattr__(self, "moe_ffn_hidden", self.ffn_hidden)
+
+    # --- shapes -----------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of width ffn in one MLP: SwiGLU has gate, up, down; GELU up, down."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and (layer % self.moe_layer_freq == self.moe_layer_freq - 1)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    # --- parameters ---------------------------------------------------------------------------
+    @property
+    def attention_params(self) -> int:
+        h = self.hidden
+        weights = h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
+        biases = 0
+        if self.bias:
+            biases = self.q_dim + 2 * self.kv_dim + h
+        elif self.qkv_bias:
+            biases = self.q_dim + 2 * self.kv_dim
+        return weights + biases
+
+    def _mlp_params(self, width: int) -> int:
+        weights = self.mlp_matrices * self.hidden * width
+        biases = ((self.mlp_matrices - 1) * width + self.hidden) if self.bias else 0
+        return weights + biases
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return self._mlp_params(self.ffn_hidden)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return self._mlp_params(self.moe_ffn_hidden)
+
+    @property
+    def moe_mlp_params(self) -> int:
+        router = self.hidden * self.num_experts
+        return router + (self.num_experts + self.shared_experts) * self.expert_params
+
+    @property
+    def norm_params(self) -> int:
+        """Two norms per layer; LayerNorm has a bias as well as a scale."""
+        return 2 * self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    def layer_params(self, layer: int) -> int:
+        mlp = self.moe_mlp_params if self.is_moe_layer(layer) else self.dense_mlp_params
+        return self.attention_params + mlp + self.norm_params
+
+    @property
+    def embedding_params(self) -> int:
+        pos = self.max_seq_len * self.hidden if self.position == "learned" else 0
+        return self.vocab * self.hidden + pos
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def final_norm_params(self) -> int:
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    @property
+    def num_params(self) -> int:
+        """Total parameters, every expert counted."""
+        layers = sum(self.layer_params(i) for i in range(self.num_layers))
+        return layers + self.embedding_params + self.lm_head_params + self.final_norm_params
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters a token passes through (routed experts: top_k of them)."""
+        if not self.is_moe:
+            return self.num_params
+        inactive = (self.num_experts - self.top_k) * self.expert_params * self.num_moe_layers
+        return self.num_params - inactive
+
+    # --- FLOPs ----------------------------------------------------------------------------------
+    def model_flops_per_token(self, seq_len: int) -> float:
+        """Training model FLOPs per token, forward + backward (3× forward), no recomputation.
+
+        The convention of Megatron-LM's ``num_floating_point_operations`` (DESIGN.md, Metric
+        definitions): GEMMs of attention projections (GQA-aware), MLP (active experts for MoE,
+        plus the router), logits, and attention scores QKᵀ and ·V without halving for causality.
+        """
+        h, s = self.hidden, seq_len
+        fwd = 0.0
+        for layer in range(self.num_layers):
+            fwd += 2 * h * (self.q_dim + 2 * self.kv_dim) + 2 * self.q_dim * h  # QKV + out proj
+            fwd += 2 * 2 * s * self.q_dim  # scores and scores·V, per token
+            if self.is_moe_layer(layer):
+                width = self.moe_ffn_hidden * (self.top_k + self.shared_experts)
+                fwd += 2 * self.mlp_matrices * h * width + 2 * h * self.num_experts
+            else:
+                fwd += 2 * self.mlp_matrices * h * self.ffn_hidden
+        fwd += 2 * h * self.vocab  # logits
+        return 3.0 * fwd
+
+    def to_dict(self) -> dict:
+        return asdict(self)

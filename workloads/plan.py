@@ -1,0 +1,104 @@
+"""The training ``Plan``: how a model is laid out on a cluster.  An input, like the model.
+
+Frozen and validated on construction (torchtitan's ``ParallelDims`` style): every error names
+the field, the value and what is allowed.  Degrees follow Megatron-LM: world = tp·pp·dp·cp,
+and expert parallelism is carved out of dp·cp.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
+PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
+TIERS = ("gpu", "cpu", "nvme", "cxl")
+OFFLOADABLE = ("params", "grads", "optimizer", "activations")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed (not merely infeasible on some hardware)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parallel layout, batch and memory policy for one training iteration."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero: int = 0  # 0 none; 1 optimizer (Megatron distributed optimizer); 2 +grads; 3 +params (FSDP)
+    micro_batch: int = 1
+    global_batch: int = 1
+    seq_len: int = 2048
+    recompute: str = "none"
+    sequence_parallel: bool | None = None  # None: on whenever tp > 1 (Megatron-Core default)
+    schedule: str = "1f1b"
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved schedule)
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    precision: str = "bf16-mixed"
+    offload: dict[str, str] = field(default_factory=dict)  # {"optimizer": "cpu", ...}
+    overlap_grad_reduce: bool = True  # DP gradient reduction overlapped with backward
+    fp32_grad_reduce: bool = False  # reduce gradients in fp32 (Megatron's early default)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"{name}: must be a positive integer, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
+        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.sequence_parallel is None:
+            object.__setattr__(self, "sequence_parallel", self.tp > 1)
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
+        if (self.dp * self.cp) % self.ep:
+            raise PlanError(f"ep: {self.ep} must divide dp·cp = {self.dp * self.cp}")
+        if self.global_batch % (self.dp * self.micro_batch):
+            raise PlanError(
+                f"global_batch: {self.global_batch} is not a multiple of dp·micro_batch = "
+                f"{self.dp}·{self.micro_batch} = {self.dp * self.micro_batch}")
+        if self.seq_len % self.cp:
+            raise PlanError(f"cp: {self.cp} must divide seq_len {self.seq_len}")
+        for what, tier in self.offload.items():
+            if what not in OFFLOADABLE:
+                raise PlanError(f"offload: {what!r} is not one of {', '.join(OFFLOADABLE)}")
+            if tier not in TIERS:
+                raise PlanError(f"offload.{what}: {tier!r} is not one of {', '.join(TIERS)}")
+        if self.schedule == "interleaved" and self.pp > 1 and self.num_microbatches % self.pp:
+            raise PlanError(
+                f"global_batch: the interleaved schedule needs micro-batches ({self.num_microbatches}) "
+                f"to be a multiple of pp ({self.pp})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per pipeline per iteration (Megatron's ``num_microbatches``)."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def replace(self, **changes: Any) -> "Plan":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"plan: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
