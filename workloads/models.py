@@ -38,11 +38,24 @@ class ModelSpec:
     shared_experts: int = 0
     moe_ffn_hidden: int | None = None  # per-expert FFN width (defaults to ffn_hidden)
     moe_layer_freq: int = 1  # every k-th layer is MoE
+    first_dense_layers: int = 0  # leading dense layers before the MoE ones (DeepSeek first_k_dense_replace)
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden", "num_heads", "num_kv_heads", "ffn_hidden", "vocab", "max_seq_len"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelError(f"{f}: must be a positive integer, got {v!r}")
+        for f, allowed in (("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm")),
+                           ("position", ("rope", "learned"))):
+            if getattr(self, f) not in allowed:
+                raise ModelError(f"{f}: must be one of {', '.join(allowed)}, got {getattr(self, f)!r}")
+        for f in ("num_experts", "shared_experts", "first_dense_layers"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ModelError(f"{f}: must be a non-negative integer, got {v!r}")
+        for f in ("top_k", "moe_layer_freq", "head_dim", "moe_ffn_hidden"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ModelError(f"{f}: must be a positive integer, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
@@ -74,7 +87,10 @@ class ModelSpec:
         return 3 if self.mlp == "swiglu" else 2
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.is_moe and (layer % self.moe_layer_freq == self.moe_layer_freq - 1)
+        """Layer ``layer`` (0-based) has routed experts: past the leading dense layers, every
+        ``moe_layer_freq``-th one (Megatron ``--moe-layer-freq``; DeepSeek ``first_k_dense_replace``)."""
+        return (self.is_moe and layer >= self.first_dense_layers
+                and layer % self.moe_layer_freq == self.moe_layer_freq - 1)
 
     @property
     def num_moe_layers(self) -> int:

@@ -1,0 +1,79 @@
+"""Published reference data (``validation/reference/``), read into DataFrames.
+
+These are other people's numbers with their citations (see ``validation/reference/README.md``),
+used to check predictions; they are not calibration inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from typing import Any, Mapping
+
+import pandas as pd
+
+from plansim.workloads.models import ModelSpec
+
+_PACKAGE = "plansim.validation"
+MEGATRON_A100_PEAK_FLOPS = 312e12  # the peak Narayanan et al. use for "% of peak" (A100 16-bit dense)
+
+
+def load_megatron_table1() -> pd.DataFrame:
+    """Table 1 of Narayanan et al., SC'21 (arXiv:2104.04473): 10 GPT models, 1.7 B to 1 T parameters.
+
+    ``layers_per_virtual_stage`` is a nullable integer (``<NA>``: no interleaving); a column
+    ``virtual_stages`` (v = layers / (pp · layers_per_virtual_stage), 1 without interleaving)
+    is added for convenience.
+    """
+    path = resources.files(_PACKAGE).joinpath("reference", "megatron_table1.csv")
+    with path.open("r", encoding="utf-8") as fh:
+        df = pd.read_csv(fh)
+    df["layers_per_virtual_stage"] = df["layers_per_virtual_stage"].astype("Int64")
+    lpvs = df["layers_per_virtual_stage"]
+    df["virtual_stages"] = [
+        1 if pd.isna(n) else layers // (pp * int(n))
+        for layers, pp, n in zip(df["layers"], df["pp"], lpvs)
+    ]
+    return df
+
+
+def megatron_gpt_spec(row: Mapping[str, Any]) -> ModelSpec:
+    """The GPT model of one Table 1 row: GELU MLP 4h, LayerNorm, learned positions, biases, dropout,
+    tied embeddings, vocabulary 51,200, sequence 2048 (the paper's setup)."""
+    hidden = int(row["hidden"])
+    # Megatron's defaults --hidden-dropout 0.1 --attention-dropout 0.1 were not overridden by the
+    # authors' script; ModelSpec records dropout where it has the field (activation memory).
+    extra = {"dropout": True} if "dropout" in {f.name for f in dataclasses.fields(ModelSpec)} else {}
+    return ModelSpec(
+        name=f"megatron-gpt-{float(row['params_b']):g}b",
+        num_layers=int(row["layers"]),
+        hidden=hidden,
+        num_heads=int(row["heads"]),
+        num_kv_heads=int(row["heads"]),
+        ffn_hidden=4 * hidden,
+        vocab=int(row.get("vocab", 51200)),
+        mlp="gelu",
+        norm="layernorm",
+        position="learned",
+        max_seq_len=int(row.get("seq_len", 2048)),
+        tied_embeddings=True,
+        bias=True,
+        **extra,
+    )
+
+
+def megatron_flops_per_iteration(row: Mapping[str, Any]) -> float:
+    """F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)), Narayanan et al. SC'21 §5.1: training FLOPs per
+    iteration *with* the recomputation forward (hardware FLOPs), the paper's TFLOP/s convention."""
+    b, s, l, h, v = (float(row[k]) for k in ("global_batch", "seq_len", "layers", "hidden", "vocab"))
+    return 96.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+
+
+def megatron_params(row: Mapping[str, Any]) -> float:
+    """P = 12·l·h²·(1 + 13/(12h) + (V + s)/(12·l·h)), Narayanan et al. SC'21 §5.1."""
+    s, l, h, v = (float(row[k]) for k in ("seq_len", "layers", "hidden", "vocab"))
+    return 12.0 * l * h * h * (1.0 + 13.0 / (12.0 * h) + (v + s) / (12.0 * l * h))
+
+
+def megatron_step_time_s(row: Mapping[str, Any]) -> float:
+    """The step time the published TFLOP/s per GPU implies: F / (TFLOP/s · 10¹² · GPUs)."""
+    return megatron_flops_per_iteration(row) / (float(row["tflops_per_gpu"]) * 1e12 * float(row["gpus"]))
