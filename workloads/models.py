@@ -39,6 +39,7 @@ class ModelSpec:
     moe_ffn_hidden: int | None = None  # per-expert FFN width (defaults to ffn_hidden)
     moe_layer_freq: int = 1  # every k-th layer is MoE
     first_dense_layers: int = 0  # leading dense layers before the MoE ones (DeepSeek first_k_dense_replace)
+    dropout: bool = False  # training with dropout (GPT-2/3 style): masks are saved for backward
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden", "num_heads", "num_kv_heads", "ffn_hidden", "vocab", "max_seq_len"):

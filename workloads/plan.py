@@ -12,6 +12,7 @@ from typing import Any
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
+ATTENTION = ("flash", "unfused")
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -42,7 +43,8 @@ class Plan:
     precision: str = "bf16-mixed"
     offload: dict[str, str] = field(default_factory=dict)  # {"optimizer": "cpu", ...}
     overlap_grad_reduce: bool = True  # DP gradient reduction overlapped with backward
-    fp32_grad_reduce: bool = False  # reduce gradients in fp32 (Megatron's early default)
+    fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
+    attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp"):
@@ -51,7 +53,8 @@ class Plan:
                 raise PlanError(f"{name}: must be a positive integer, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
-        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("attention", ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:

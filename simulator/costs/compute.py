@@ -1,0 +1,113 @@
+"""Kernel time on one device: GEMM, flash attention, memory-bound ops, copies.
+
+Every function is pure and accepts numpy arrays as well as scalars, so the planner can
+evaluate thousands of shapes at once.  The forms are physical:
+
+* GEMM: a roofline whose compute ceiling is the device's *achievable* dense rate, reduced
+  by tile and wave quantization (NVIDIA, "Matrix Multiplication Background User's Guide")
+  and by the fixed per-tile prologue/epilogue that short K loops cannot hide; memory ceiling
+  is the M·K + K·N + M·N operand traffic at achievable HBM bandwidth; plus a fixed kernel cost.
+* Flash attention: executed FLOPs (causal masking skips about half the tiles; backward runs
+  five matmuls against the forward's two, i.e. 2.5×, FlashAttention-2 §3) at the device's
+  attention rate, which saturates with sequence length as tiles fill.
+* Memory-bound ops: bytes moved at achievable HBM bandwidth plus a fixed kernel cost.
+
+Calibration (``validation/``) moves predictions only through the device parameters used here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from plansim.simulator.hardware import Device
+
+DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+
+#: defaults for the shape-efficiency parameters a calibrated profile may override
+DEFAULT_GEMM_K_OVERHEAD = 64.0  # K elements' worth of per-tile fixed work (prologue/epilogue)
+DEFAULT_ATTENTION_SEQ_HALF = 256.0  # sequence length at which attention reaches half its rate
+DEFAULT_ATTENTION_BWD_RATIO = 0.8  # backward FLOP rate relative to forward
+
+
+def _param(device: Device, name: str, default: float) -> float:
+    value = getattr(device, name, None)
+    return default if value is None else float(value)
+
+
+def gemm_efficiency(m, n, k, device: Device):
+    """Fraction of the achievable GEMM rate a (m, n, k) product reaches (0 < e ≤ 1)."""
+    m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
+    tm, tn = float(device.gemm_tile_m), float(device.gemm_tile_n)
+    tiles_m, tiles_n = np.ceil(m / tm), np.ceil(n / tn)
+    tile_eff = (m * n) / (tiles_m * tm * tiles_n * tn)
+    tiles = tiles_m * tiles_n
+    units = float(device.compute_units)
+    wave_eff = tiles / (np.ceil(tiles / units) * units)
+    # libraries split K over idle units when there are fewer tiles than units (split-K /
+    # stream-K), which recovers part of a partial wave: never below the split-K bound.
+    split_k = np.minimum(np.floor(units / tiles), np.maximum(k / 256.0, 1.0))
+    wave_eff = np.maximum(wave_eff, np.minimum(1.0, tiles * np.maximum(split_k, 1.0) / units))
+    k_eff = k / (k + _param(device, "gemm_k_overhead", DEFAULT_GEMM_K_OVERHEAD))
+    return tile_eff * wave_eff * k_eff
+
+
+def gemm_time(m, n, k, dtype: str, device: Device):
+    """Seconds for C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device``."""
+    m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
+    rate = device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device)
+    compute = 2.0 * m * n * k / rate
+    traffic = (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / device.achievable_hbm_bw_Bps
+    return np.maximum(compute, traffic) + device.kernel_launch_s
+
+
+def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str):
+    """FLOPs a flash-attention kernel executes (not the MFU convention: causal skips tiles)."""
+    fwd = 4.0 * np.asarray(batch, float) * heads * head_dim * np.asarray(seq_q, float) * seq_kv
+    if causal:
+        # tiles on the diagonal are computed in full: about half plus one diagonal band
+        fwd = fwd * (0.5 + 64.0 / np.maximum(np.asarray(seq_kv, float), 128.0))
+    factor = {"forward": 1.0, "backward": 2.5, "both": 3.5}[phase]
+    return fwd * factor
+
+
+def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
+                   device: Device, dtype: str = "bf16"):
+    """Seconds for flash attention (PyTorch SDPA's flash backend) forward, backward or both."""
+    seq_kv_arr = np.asarray(seq_kv, float)
+    saturation = seq_kv_arr / (seq_kv_arr + _param(device, "attention_seq_half", DEFAULT_ATTENTION_SEQ_HALF))
+    fwd_rate = device.flops(dtype) * device.attention_fraction * saturation
+    bwd_rate = fwd_rate * _param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO)
+    elem = DTYPE_BYTES[dtype]
+    q_bytes = np.asarray(batch, float) * heads * seq_q * head_dim * elem
+    kv_bytes = 2.0 * np.asarray(batch, float) * kv_heads * seq_kv_arr * head_dim * elem
+    fwd_io = 2.0 * q_bytes + kv_bytes  # read Q, K, V; write O
+    time = 0.0
+    if phase in ("forward", "both"):
+        flops = attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, "forward")
+        time = time + np.maximum(flops / fwd_rate, fwd_io / device.achievable_hbm_bw_Bps) + device.kernel_launch_s
+    if phase in ("backward", "both"):
+        flops = attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, "backward")
+        bwd_io = 2.0 * fwd_io  # read Q, K, V, O, dO; write dQ, dK, dV
+        # the backward runs a preprocessing kernel (dO·O row sums) and the main kernel
+        time = time + np.maximum(flops / bwd_rate, bwd_io / device.achievable_hbm_bw_Bps) + 2 * device.kernel_launch_s
+    return time
+
+
+def memory_bound_time(bytes_moved, device: Device):
+    """Seconds for a kernel limited by HBM traffic (bytes read + bytes written)."""
+    return np.asarray(bytes_moved, float) / device.achievable_hbm_bw_Bps + device.kernel_launch_s
+
+
+def memcpy_time(nbytes, device: Device):
+    """Device-to-device copy of ``nbytes``: read once, write once."""
+    return memory_bound_time(2.0 * np.asarray(nbytes, float), device)
+
+
+def elementwise_time(nbytes, device: Device):
+    """Binary elementwise op with ``nbytes`` operands: two reads and one write."""
+    return memory_bound_time(3.0 * np.asarray(nbytes, float), device)
+
+
+def roofline_time(flops, bytes_moved, device: Device, dtype: str = "bf16"):
+    """Lower bound at datasheet peaks: no kernel can beat it (used by the invariant tests)."""
+    return np.maximum(np.asarray(flops, float) / device.flops(dtype),
+                      np.asarray(bytes_moved, float) / device.hbm_bw_Bps)

@@ -1,0 +1,90 @@
+"""Device memory: model states by precision and ZeRO stage, and a timeline of allocations.
+
+Model states per parameter (ZeRO, arXiv:1910.02054; Megatron-LM distributed optimizer docs):
+``bf16-mixed`` 2 (bf16 params) + 2 (bf16 grads; 4 with ``fp32_grads``, Megatron's main_grad)
++ 12 (fp32 master, momentum, variance) = 16 or 18 bytes; ``bf16-pure`` 2 + 2 + 4 = 8;
+``fp8`` stores like ``bf16-mixed``.  ZeRO-1 shards the optimizer states over the data-parallel
+ranks, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the parameters.  Offloaded states
+(``Plan.offload``) leave the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plansim.workloads.plan import Plan
+
+WORKSPACE_BYTES = 32 * 2**20  # cuBLAS workspace and small allocator slack
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def bytes_per_param(plan: Plan) -> tuple[float, float, float]:
+    """(param, grad, optimizer) bytes per parameter before sharding."""
+    if plan.precision == "bf16-pure":
+        return 2.0, 2.0, 4.0
+    return 2.0, 4.0 if plan.fp32_grads else 2.0, 12.0
+
+
+def model_state_bytes(params_on_rank: float, plan: Plan, shard_over: int | None = None) -> ModelStateBytes:
+    """Bytes of params, grads and optimizer states a rank keeps on the device for
+    ``params_on_rank`` parameters (already divided by tp·pp), sharded per ZeRO stage over
+    ``shard_over`` data-parallel ranks (default ``plan.dp · plan.cp``: Megatron shards the
+    distributed optimizer over the data- and context-parallel ranks together)."""
+    n_d = plan.dp * plan.cp if shard_over is None else shard_over
+    p_b, g_b, o_b = bytes_per_param(plan)
+    params = params_on_rank * p_b / (n_d if plan.zero >= 3 else 1)
+    grads = params_on_rank * g_b / (n_d if plan.zero >= 2 else 1)
+    optimizer = params_on_rank * o_b / (n_d if plan.zero >= 1 else 1)
+    off = plan.offload
+    return ModelStateBytes(
+        params=0.0 if off.get("params", "gpu") != "gpu" else params,
+        grads=0.0 if off.get("grads", "gpu") != "gpu" else grads,
+        optimizer=0.0 if off.get("optimizer", "gpu") != "gpu" else optimizer,
+    )
+
+
+class MemoryTimeline:
+    """Allocations of one device over simulated time; never negative, peak tracked exactly."""
+
+    def __init__(self, static_bytes: float) -> None:
+        if static_bytes < 0:
+            raise ValueError("static memory cannot be negative")
+        self.static_bytes = static_bytes
+        self.activations = 0.0
+        self.peak_bytes = static_bytes
+        self.peak_activations = 0.0
+        self.peak_transient = 0.0
+        self.samples: list[tuple[float, float]] = [(0.0, static_bytes)]
+
+    @property
+    def current(self) -> float:
+        return self.static_bytes + self.activations
+
+    def allocate(self, now: float, nbytes: float, transient: float = 0.0) -> None:
+        """Keep ``nbytes`` (saved activations); ``transient`` is working memory live only now."""
+        self.activations += nbytes
+        self._observe(now, transient)
+
+    def free(self, now: float, nbytes: float, transient: float = 0.0) -> None:
+        self._observe(now, transient)  # working memory of the backward is live before the free
+        self.activations = max(0.0, self.activations - nbytes)
+        if self.activations < 1e-6 * max(1.0, nbytes):
+            self.activations = 0.0
+        self.samples.append((now, self.current))
+
+    def _observe(self, now: float, transient: float) -> None:
+        total = self.current + transient
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.peak_activations = self.activations
+            self.peak_transient = transient
+        self.samples.append((now, self.current))

@@ -1,0 +1,90 @@
+"""Pipeline schedules: the order in which each pipeline rank runs its forward and backward passes.
+
+Each function returns, per pipeline rank, a list of ``(phase, micro_batch, virtual_stage)``
+with phase ``F`` (forward), ``B`` (backward; input and weight gradients together unless the
+schedule splits them) or ``W`` (weight gradient, zero-bubble only).  The engine runs the list
+in order, waiting for activations and gradients from neighbouring stages.
+
+* GPipe (Huang et al. 2019): all forwards, then all backwards.
+* 1F1B (PipeDream-Flush; Narayanan et al. SC'21 §2.2.1): rank i warms up with p − i − 1
+  forwards, then alternates one forward and one backward, then drains.
+* Interleaved 1F1B (SC'21 §2.2.2; Megatron-LM ``schedules.py``): each rank holds v chunks;
+  warm-up of (p − i − 1)·2 + (v − 1)·p virtual micro-batches; groups of p micro-batches move
+  through the chunks in turn.
+* Zero-bubble ZB-H1 (Qi et al. 2023): 1F1B whose backward is split into B and W; rank i
+  defers up to p − i − 1 weight-gradient passes and runs them where 1F1B would idle.
+"""
+from __future__ import annotations
+
+Item = tuple[str, int, int]
+
+
+def gpipe(p: int, m: int) -> list[list[Item]]:
+    return [[("F", j, i) for j in range(m)] + [("B", j, i) for j in range(m)] for i in range(p)]
+
+
+def one_f_one_b(p: int, m: int) -> list[list[Item]]:
+    ranks = []
+    for i in range(p):
+        warmup = min(p - i - 1, m)
+        order: list[Item] = [("F", j, i) for j in range(warmup)]
+        for j in range(m - warmup):
+            order += [("F", warmup + j, i), ("B", j, i)]
+        order += [("B", j, i) for j in range(m - warmup, m)]
+        ranks.append(order)
+    return ranks
+
+
+def interleaved(p: int, m: int, v: int) -> list[list[Item]]:
+    """Megatron's interleaved schedule; needs m to be a multiple of p (checked by Plan)."""
+    total = m * v
+
+    def forward_item(k: int, i: int) -> Item:
+        chunk = (k // p) % v
+        mb = (k // (p * v)) * p + k % p
+        return ("F", mb, chunk * p + i)
+
+    def backward_item(k: int, i: int) -> Item:
+        chunk = v - 1 - (k // p) % v
+        mb = (k // (p * v)) * p + k % p
+        return ("B", mb, chunk * p + i)
+
+    ranks = []
+    for i in range(p):
+        warmup = min((p - i - 1) * 2 + (v - 1) * p, total)
+        order = [forward_item(k, i) for k in range(warmup)]
+        for k in range(total - warmup):
+            order += [forward_item(warmup + k, i), backward_item(k, i)]
+        order += [backward_item(k, i) for k in range(total - warmup, total)]
+        ranks.append(order)
+    return ranks
+
+
+def zero_bubble_h1(p: int, m: int) -> list[list[Item]]:
+    ranks = []
+    for i, base in enumerate(one_f_one_b(p, m)):
+        deferrable = p - i - 1
+        order: list[Item] = []
+        pending: list[Item] = []
+        for phase, mb, vs in base:
+            order.append((phase, mb, vs))
+            if phase == "B":
+                pending.append(("W", mb, vs))
+                if len(pending) > deferrable:
+                    order.append(pending.pop(0))
+        order += pending
+        ranks.append(order)
+    return ranks
+
+
+def build_schedule(name: str, p: int, m: int, v: int = 1) -> list[list[Item]]:
+    """Per-rank order for schedule ``name`` (Plan.schedule)."""
+    if name == "gpipe":
+        return gpipe(p, m)
+    if name == "1f1b":
+        return one_f_one_b(p, m)
+    if name == "interleaved":
+        return interleaved(p, m, v) if v > 1 else one_f_one_b(p, m)
+    if name == "zero-bubble":
+        return zero_bubble_h1(p, m)
+    raise ValueError(f"schedule: {name!r} is not one of gpipe, 1f1b, interleaved, zero-bubble")

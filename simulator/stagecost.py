@@ -1,0 +1,158 @@
+"""Cost a training workload on a cluster: seconds and bytes per chunk and phase.
+
+This is where the op graph (workloads/) meets the cost models (costs/): each op becomes a
+time (compute) or a ``CollectiveCost`` (communication), and a chunk's phase is the sum over
+its layers.  Identical layers are costed once.  Both the event engine and the planner's
+analytic estimate read these numbers, so they agree wherever nothing contends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
+from plansim.simulator.costs.compute import attention_time, gemm_time, memory_bound_time
+from plansim.simulator.hardware import Cluster
+from plansim.workloads.ops import Op
+from plansim.workloads.plan import Plan
+from plansim.workloads.training import Chunk, TrainingWorkload
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Placement of each communicator of a rank (Megatron order: tp, cp, dp, pp; ep in dp·cp)."""
+
+    tp: Group
+    cp: Group
+    dp: Group
+    ep: Group
+    pp_stride: int  # global-rank distance between adjacent pipeline stages
+
+    @classmethod
+    def of(cls, plan: Plan, cluster: Cluster) -> "Groups":
+        gpn = cluster.gpus_per_node
+        return cls(
+            tp=Group.contiguous(plan.tp, 1, gpn),
+            cp=Group.contiguous(plan.cp, plan.tp, gpn),
+            dp=Group.contiguous(plan.dp, plan.tp * plan.cp, gpn),
+            ep=Group.contiguous(plan.ep, plan.tp * plan.cp, gpn),
+            pp_stride=plan.tp * plan.cp * plan.dp,
+        )
+
+    def pp_same_node(self, stage: int, cluster: Cluster) -> bool:
+        """Whether stage ``stage`` and stage ``stage + 1`` share a node."""
+        gpn = cluster.gpus_per_node
+        return (stage * self.pp_stride) // gpn == ((stage + 1) * self.pp_stride) // gpn
+
+
+@dataclass
+class PhaseCost:
+    """Compute seconds and communication of one phase of one chunk for one micro-batch."""
+
+    compute_s: float = 0.0
+    flops: float = 0.0
+    comm: list[CollectiveCost] = field(default_factory=list)
+    ops: list[tuple[str, float, str]] = field(default_factory=list)  # (name, seconds, stream) for traces
+
+    def add(self, other: "PhaseCost", times: int = 1) -> None:
+        self.compute_s += other.compute_s * times
+        self.flops += other.flops * times
+        self.comm.extend(other.comm * times)
+        self.ops.extend(other.ops * times)
+
+    @property
+    def comm_s(self) -> float:
+        return sum(c.time_s for c in self.comm)
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, CollectiveCost | None]:
+    """Seconds of compute for a kernel, or the CollectiveCost of a communication op."""
+    device = cluster.device
+    if op.kind == "gemm":
+        m, n, k = op.gemm
+        return float(gemm_time(m * op.batch, n, k, op.dtype, device)), None
+    if op.kind == "attention":
+        b, heads, kv_heads, d, sq, skv, causal = op.attention
+        phase = "backward" if op.phase == "B" else "forward"
+        return float(attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
+    if op.kind == "memory":
+        return float(memory_bound_time(op.bytes, device)), None
+    if op.kind == "collective":
+        if op.collective == "none" or op.comm_bytes <= 0:
+            return 0.0, None
+        group = getattr(groups, op.group)
+        return 0.0, collective_cost(op.collective, op.comm_bytes, group, cluster)
+    raise ValueError(f"op kind {op.kind!r} unknown")
+
+
+def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups) -> PhaseCost:
+    cost = PhaseCost()
+    for op in ops:
+        seconds, comm = op_cost(op, cluster, groups)
+        if comm is not None:
+            cost.comm.append(comm)
+            cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))
+        elif seconds:
+            cost.compute_s += seconds
+            cost.flops += op.flops
+            cost.ops.append((op.name, seconds, "compute"))
+    return cost
+
+
+@dataclass
+class ChunkCost:
+    """Per micro-batch costs of one chunk, and what it holds in memory."""
+
+    chunk: Chunk
+    phases: dict[str, PhaseCost]  # "F", "B" (recompute + input grads + weight grads), "Bi", "W"
+    saved_bytes: float  # activations kept per micro-batch until backward
+    params: float  # parameters held by a rank (dense + expert shard)
+    dense_params: float
+    expert_params: float
+
+
+def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCost]:
+    """Cost every chunk once; identical layers share one costing."""
+    groups = Groups.of(workload.plan, cluster)
+    cache: dict[int, dict[str, PhaseCost]] = {}
+
+    def phases_of(forward: list[Op]) -> dict[str, PhaseCost]:
+        key = id(forward)
+        if key not in cache:
+            lists = workload.phases(forward)
+            costs = {name: cost_ops(ops, cluster, groups) for name, ops in lists.items()}
+            cache[key] = costs
+        return cache[key]
+
+    out = []
+    for chunk in workload.chunks:
+        total = {name: PhaseCost() for name in ("F", "R", "B", "W")}
+        saved = 0.0
+        parts: list[list[Op]] = []
+        if chunk.has_embedding:
+            parts.append(workload.embedding)
+        parts += [workload.layer_ops(i) for i in range(chunk.first_layer, chunk.first_layer + chunk.num_layers)]
+        if chunk.has_head:
+            parts.append(workload.head)
+        # group identical lists so that each distinct list is costed and summed once
+        counts: dict[int, tuple[list[Op], int]] = {}
+        for ops in parts:
+            counts[id(ops)] = (ops, counts.get(id(ops), (ops, 0))[1] + 1)
+        for ops, times in counts.values():
+            for name, cost in phases_of(ops).items():
+                total[name].add(cost, times)
+            is_layer = ops is not workload.embedding and ops is not workload.head
+            saved += (workload.saved_activation_bytes(ops) if is_layer else sum(op.saved_bytes for op in ops)) * times
+        backward = PhaseCost()
+        for name in ("R", "B", "W"):
+            backward.add(total[name])
+        input_grad = PhaseCost()
+        for name in ("R", "B"):
+            input_grad.add(total[name])
+        dense, expert = workload.chunk_params(chunk)
+        out.append(ChunkCost(chunk, {"F": total["F"], "B": backward, "Bi": input_grad, "W": total["W"]},
+                             saved, dense + expert, dense, expert))
+    return out

@@ -1,0 +1,91 @@
+"""Operators of a training iteration: what runs, with its shape, FLOPs, bytes and saved tensors.
+
+An ``Op`` knows nothing of hardware: the simulator's cost models turn it into seconds.  The
+graph is a list per layer in execution order (forward), from which backward and recomputation
+ops are derived by rule, so that every forward op has exactly its backward counterpart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+KINDS = ("gemm", "attention", "memory", "collective")
+PHASES = ("F", "B", "W", "R", "O")  # forward, input-grad, weight-grad, recompute, optimizer
+
+#: the collective that carries gradients back through a forward collective
+CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
+             "all_to_all": "all_to_all", "none": "none"}
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One kernel or collective of one rank.
+
+    ``gemm`` is (m, n, k) with ``batch`` independent products; ``attention`` is
+    (batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal).  ``bytes`` is the HBM traffic
+    of a memory-bound op; ``comm_bytes`` a collective's buffer size as nccl-tests counts it.
+    ``saved_bytes`` is what the forward op keeps for backward; ``bwd_bytes_factor`` scales a
+    memory op's traffic for its backward (reads input and output-grad, writes input-grad).
+    """
+
+    name: str
+    kind: str
+    phase: str = "F"
+    gemm: tuple[int, int, int] | None = None
+    batch: int = 1
+    attention: tuple[int, int, int, int, int, int, bool] | None = None
+    bytes: float = 0.0
+    dtype: str = "bf16"
+    saved_bytes: float = 0.0
+    collective: str = "none"
+    group: str = ""
+    comm_bytes: float = 0.0
+    has_weight: bool = False  # gemm with a trainable weight: backward has a weight-grad part
+    bwd_bytes_factor: float = 1.5
+    recompute_selective: bool = False  # recomputed under selective recomputation
+
+    @property
+    def flops(self) -> float:
+        """Executed FLOPs (attention: see simulator.costs.compute.attention_flops)."""
+        if self.gemm is not None:
+            m, n, k = self.gemm
+            return 2.0 * m * n * k * self.batch
+        return 0.0
+
+
+def backward_ops(forward: list[Op]) -> tuple[list[Op], list[Op]]:
+    """Input-gradient (B) and weight-gradient (W) ops for a forward op list, in reverse order.
+
+    GEMM Y[m,n] = X[m,k]·W[k,n]: dX = dY·Wᵀ is (m, k, n); dW = Xᵀ·dY is (k, n, m), only for
+    trainable weights (2× forward FLOPs in all).  Attention backward is its own kernel; memory
+    ops move ``bwd_bytes_factor`` times their forward bytes; collectives become their conjugate.
+    """
+    b_ops: list[Op] = []
+    w_ops: list[Op] = []
+    for op in reversed(forward):
+        if op.kind == "gemm":
+            m, n, k = op.gemm
+            b_ops.append(replace(op, name=f"{op.name}.dgrad", phase="B", gemm=(m, k, n), saved_bytes=0.0))
+            if op.has_weight:
+                w_ops.append(replace(op, name=f"{op.name}.wgrad", phase="W", gemm=(k, n, m), saved_bytes=0.0))
+            else:  # both operands are activations (unfused attention's batched products)
+                b_ops.append(replace(op, name=f"{op.name}.dgrad2", phase="B", gemm=(k, n, m), saved_bytes=0.0))
+        elif op.kind == "attention":
+            b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", saved_bytes=0.0))
+        elif op.kind == "memory":
+            b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", bytes=op.bytes * op.bwd_bytes_factor,
+                                 saved_bytes=0.0))
+        elif op.kind == "collective" and op.collective != "none":
+            b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", collective=CONJUGATE[op.collective],
+                                 saved_bytes=0.0))
+    return b_ops, w_ops
+
+
+def recompute_ops(forward: list[Op], policy: str) -> list[Op]:
+    """Forward ops re-run before backward: all of them (full) or the attention core (selective)."""
+    if policy == "full":
+        chosen = forward
+    elif policy == "selective":
+        chosen = [op for op in forward if op.recompute_selective]
+    else:
+        chosen = []
+    return [replace(op, name=f"{op.name}.recompute", phase="R", saved_bytes=0.0) for op in chosen]

@@ -1,0 +1,324 @@
+"""Model + Plan → the operator graph of one training iteration for one rank of each stage.
+
+Per layer (Megatron-LM's tensor-parallel transformer, Shoeybi et al. 2019; sequence
+parallelism per Korthikanti et al. 2022): norm, [all-gather], QKV GEMM, RoPE, attention core,
+output GEMM, all-reduce or [reduce-scatter], residual, norm, [all-gather], MLP GEMMs and
+activation, down GEMM, all-reduce or [reduce-scatter], residual.  MoE layers replace the MLP
+by router, all-to-all dispatch, expert GEMMs and all-to-all combine.  The first stage adds the
+embedding, the last the final norm, logits GEMM and cross-entropy loss.
+
+Saved-tensor accounting follows Korthikanti et al. 2022 §4.1 tensor by tensor (each tensor
+is charged to exactly one op), so that for a GPT layer with dropout the sum is
+s·b·h·(34 + 5·a·s/h) bytes, divided by t with sequence parallelism.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from plansim.workloads.models import ModelSpec
+from plansim.workloads.ops import Op, backward_ops, recompute_ops
+from plansim.workloads.plan import Plan, PlanError
+
+ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 only changes GEMM inputs)
+
+
+def gemm_dtype(plan: Plan) -> str:
+    return "fp8" if plan.precision == "fp8" else "bf16"
+
+
+def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str) -> Op:
+    """The TP collective after a row-parallel GEMM or before a column-parallel one."""
+    if plan.tp == 1:
+        return Op(name, "collective", collective="none", group="tp")
+    if plan.sequence_parallel:
+        return Op(name, "collective", collective=sequence_parallel_op, group="tp", comm_bytes=nbytes)
+    if sequence_parallel_op == "all_gather":  # Megatron's f: identity forward, all-reduce backward
+        return Op(name, "collective", collective="none", group="tp", comm_bytes=nbytes)
+    return Op(name, "collective", collective="all_reduce", group="tp", comm_bytes=nbytes)
+
+
+def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
+    """Forward ops of one transformer layer for one micro-batch on one rank."""
+    t, e = plan.tp, ACT_BYTES
+    b, s = plan.micro_batch, plan.seq_len // plan.cp
+    h, a, g, d = model.hidden, model.num_heads, model.num_kv_heads, model.head_dim
+    tokens = b * s
+    sp = plan.tp > 1 and plan.sequence_parallel
+    tok_sp = tokens / t if sp else tokens  # tokens a rank holds outside the TP region
+    heads = a // t
+    kv_heads = max(1, g // t)
+    q_cols, kv_cols = heads * d, kv_heads * d
+    dtype = gemm_dtype(plan)
+    norm_bytes = (2 if model.norm == "layernorm" else 1)  # scale (+ bias) read is negligible
+    drop = model.dropout
+    full = tokens * h * e  # one [b, s, h] activation, bytes
+
+    ops: list[Op] = [
+        Op("norm1", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e, bwd_bytes_factor=1.5 + 0.5 * (norm_bytes - 1)),
+        _tp_comm("attn.allgather", full, plan, "all_gather"),
+        # with SP the GEMM input is kept sharded and all-gathered again for the weight gradient
+        Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
+           saved_bytes=tok_sp * h * e),
+    ]
+    if model.bias or model.qkv_bias:
+        ops.append(Op("qkv.bias", "memory", bytes=2 * tokens * (q_cols + 2 * kv_cols) * e))
+    if model.position == "rope":
+        ops.append(Op("rope", "memory", bytes=2 * tokens * (q_cols + kv_cols) * e))
+    if plan.attention == "flash":
+        ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
+                      saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4,
+                      recompute_selective=True))
+    else:  # Megatron 2021: batched QKᵀ, fused scale-mask-softmax, dropout, batched ·V
+        scores = b * heads * s * s * plan.cp
+        ops += [
+            Op("scores", "gemm", gemm=(s, s * plan.cp, d), batch=b * heads, dtype=dtype,
+               saved_bytes=2 * tokens * q_cols * e, recompute_selective=True),  # Q and K
+            Op("softmax", "memory", bytes=2 * scores * e, saved_bytes=scores * e, recompute_selective=True),
+        ]
+        if drop:
+            ops.append(Op("attn.dropout", "memory", bytes=scores * (2 * e + 1), saved_bytes=scores * 1,
+                          recompute_selective=True))
+        ops.append(Op("context", "gemm", gemm=(s, d, s * plan.cp), batch=b * heads, dtype=dtype,
+                      saved_bytes=scores * e + tokens * q_cols * e, recompute_selective=True))  # probs and V
+    ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
+                  saved_bytes=tokens * q_cols * e))
+    ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
+    ops.append(Op("residual1", "memory", bytes=(3 * e + (1 if drop else 0) + (2 * e if model.bias else 0)) * tok_sp * h,
+                  saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
+    ops.append(Op("norm2", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e,
+                  bwd_bytes_factor=1.5 + 0.5 * (norm_bytes - 1)))
+    if moe:
+        ops += _moe_ops(model, plan, tokens, full)
+    else:
+        ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
+    ops.append(Op("residual2", "memory", bytes=(3 * e + (1 if drop else 0) + (2 * e if model.bias else 0)) * tok_sp * h,
+                  saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
+    return ops
+
+
+def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,
+             tp_comms: bool = True, saved_input: float | None = None) -> list[Op]:
+    t, e, h = plan.tp, ACT_BYTES, model.hidden
+    f = width / t
+    dtype = gemm_dtype(plan)
+    up_cols = f * (2 if model.mlp == "swiglu" else 1)
+    ops = []
+    if tp_comms:
+        ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather"))
+    ops.append(Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(up_cols), h), dtype=dtype, has_weight=True,
+                  saved_bytes=tokens * h * e if saved_input is None else saved_input))
+    if model.mlp == "swiglu":  # silu(gate)·up: reads both, writes one; saves gate and up
+        ops.append(Op(f"{prefix}.swiglu", "memory", bytes=3 * tokens * f * e, saved_bytes=2 * tokens * f * e,
+                      bwd_bytes_factor=5 / 3))
+    else:  # fused bias-GeLU: saves its input (4h wide)
+        ops.append(Op(f"{prefix}.gelu", "memory", bytes=(2 * tokens * f + (f if model.bias else 0)) * e,
+                      saved_bytes=tokens * f * e))
+    ops.append(Op(f"{prefix}.down", "gemm", gemm=(int(tokens), h, int(f)), dtype=dtype, has_weight=True,
+                  saved_bytes=tokens * f * e))
+    if tp_comms:
+        ops.append(_tp_comm(f"{prefix}.reduce", full, plan, "reduce_scatter"))
+    return ops
+
+
+def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[Op]:
+    """Router, all-to-all dispatch over the EP group, local experts, all-to-all combine.
+
+    Tokens are assumed balanced over experts: each rank processes tokens·top_k expert-tokens.
+    """
+    e, h, k = ACT_BYTES, model.hidden, model.top_k
+    dtype = gemm_dtype(plan)
+    routed = tokens * k
+    ops = [
+        _tp_comm("moe.allgather", full, plan, "all_gather"),
+        Op("router", "gemm", gemm=(int(tokens), model.num_experts, h), dtype=dtype,
+           has_weight=True, saved_bytes=0.0),
+        Op("router.topk", "memory", bytes=tokens * model.num_experts * 4 * 2),
+        Op("moe.dispatch", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
+           comm_bytes=routed * h * e),
+    ]
+    ops += _mlp_ops(model, plan, routed, model.moe_ffn_hidden, full, "experts", tp_comms=False)
+    if model.shared_experts:
+        ops += _mlp_ops(model, plan, tokens, model.moe_ffn_hidden * model.shared_experts, full, "shared",
+                        tp_comms=False)
+    ops += [
+        Op("moe.combine", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
+           comm_bytes=routed * h * e),
+        Op("moe.unpermute", "memory", bytes=3 * routed * h * e),
+        _tp_comm("moe.reduce", full, plan, "reduce_scatter"),
+    ]
+    return ops
+
+
+def embedding_ops(model: ModelSpec, plan: Plan) -> list[Op]:
+    """Vocabulary-parallel embedding lookup (+ learned positions), then the TP reduction."""
+    e, h = ACT_BYTES, model.hidden
+    tokens = plan.micro_batch * plan.seq_len // plan.cp
+    ops = [Op("embedding", "memory", bytes=2 * tokens * h * e, bwd_bytes_factor=2.0)]
+    if model.position == "learned":
+        ops.append(Op("embedding.positions", "memory", bytes=3 * tokens * h * e, bwd_bytes_factor=1.0))
+    if model.dropout:
+        ops.append(Op("embedding.dropout", "memory", bytes=tokens * h * (2 * e + 1),
+                      saved_bytes=tokens * h / (plan.tp if plan.sequence_parallel and plan.tp > 1 else 1)))
+    ops.append(_tp_comm("embedding.reduce", tokens * h * e, plan, "reduce_scatter"))
+    return ops
+
+
+def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
+    """Final norm, vocabulary-parallel logits GEMM and fp32 cross-entropy (Megatron's
+    ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth of passes)."""
+    t, e, h = plan.tp, ACT_BYTES, model.hidden
+    tokens = plan.micro_batch * plan.seq_len // plan.cp
+    sp = plan.tp > 1 and plan.sequence_parallel
+    tok_sp = tokens / t if sp else tokens
+    vocab_local = math.ceil(model.vocab / t)
+    logits = tokens * vocab_local
+    return [
+        Op("final_norm", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e),
+        _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
+        Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype=gemm_dtype(plan), has_weight=True,
+           saved_bytes=tokens * h * e),
+        # cast to fp32 (read 2, write 4), max/sum/log passes, loss; keeps fp32 softmax for backward
+        Op("cross_entropy", "memory", bytes=logits * (e + 4 + 4 + 4), saved_bytes=logits * 4,
+           bwd_bytes_factor=(4 + 4 + e) / (e + 12)),
+    ]
+
+
+def split_layers(num_layers: int, stages: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Layers per (virtual) stage.  Even where possible; otherwise the remainder is taken off the
+    first and last stages, which also hold the embedding and the loss (DESIGN.md, Uneven
+    pipelines; Llama 3 405B: 126 layers on 16 stages as 7 + 14·8 + 7)."""
+    if stages == 1:
+        return [num_layers]
+    if first is not None or last is not None:
+        middle_stages = stages - 2
+        rest = num_layers - (first or 0) - (last or 0)
+        if first is None or last is None:
+            known = first if first is not None else last
+            rest = num_layers - known
+            per = rest / (stages - 1)
+            if per != int(per):
+                raise PlanError(f"first_stage_layers/last_stage_layers: the other {stages - 1} stages cannot share "
+                                f"{rest} layers evenly")
+            per = int(per)
+            return [first if first is not None else per] + [per] * middle_stages + [last if last is not None else per]
+        if middle_stages == 0:
+            if rest:
+                raise PlanError(f"first_stage_layers + last_stage_layers must equal num_layers {num_layers}")
+            return [first, last]
+        if rest < 0 or rest % middle_stages:
+            raise PlanError(f"first_stage_layers/last_stage_layers: {rest} layers do not split over "
+                            f"{middle_stages} middle stages")
+        return [first] + [rest // middle_stages] * middle_stages + [last]
+    per = math.ceil(num_layers / stages)
+    deficit = per * stages - num_layers
+    counts = [per] * stages
+    counts[0] -= math.ceil(deficit / 2)
+    counts[-1] -= deficit // 2
+    if min(counts) < 1:
+        raise PlanError(f"pp: {num_layers} layers cannot fill {stages} pipeline stages")
+    return counts
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One virtual pipeline stage: a contiguous run of layers placed on rank ``rank``."""
+
+    index: int  # virtual stage index, 0 .. pp·vpp - 1
+    rank: int  # pipeline rank holding it
+    first_layer: int
+    num_layers: int
+    has_embedding: bool
+    has_head: bool
+
+
+@dataclass
+class TrainingWorkload:
+    """The op graph of one iteration: per-layer op lists (shared by identical layers) and the
+    pipeline chunking; built once per (model, plan) and costed by the simulator."""
+
+    model: ModelSpec
+    plan: Plan
+    chunks: list[Chunk] = field(init=False)
+
+    def __post_init__(self) -> None:
+        model, plan = self.model, self.plan
+        check_plan_fits_model(model, plan)
+        stages = plan.pp * plan.vpp
+        counts = split_layers(model.num_layers, stages, plan.first_stage_layers, plan.last_stage_layers)
+        chunks, start = [], 0
+        for vs, n in enumerate(counts):
+            chunks.append(Chunk(vs, vs % plan.pp, start, n, vs == 0, vs == stages - 1))
+            start += n
+        self.chunks = chunks
+
+    @cached_property
+    def dense_layer(self) -> list[Op]:
+        return layer_forward_ops(self.model, self.plan, moe=False)
+
+    @cached_property
+    def moe_layer(self) -> list[Op]:
+        return layer_forward_ops(self.model, self.plan, moe=True) if self.model.is_moe else []
+
+    @cached_property
+    def embedding(self) -> list[Op]:
+        return embedding_ops(self.model, self.plan)
+
+    @cached_property
+    def head(self) -> list[Op]:
+        return head_ops(self.model, self.plan)
+
+    def layer_ops(self, layer: int) -> list[Op]:
+        return self.moe_layer if self.model.is_moe_layer(layer) else self.dense_layer
+
+    def phases(self, forward: list[Op]) -> dict[str, list[Op]]:
+        """F, R (recomputation), B and W op lists for a forward list under this plan."""
+        b_ops, w_ops = backward_ops(forward)
+        return {"F": forward, "R": recompute_ops(forward, self.plan.recompute), "B": b_ops, "W": w_ops}
+
+    # --- memory ----------------------------------------------------------------------------
+    def saved_activation_bytes(self, forward: list[Op]) -> float:
+        """Bytes a layer (or embedding/head) keeps per micro-batch until its backward."""
+        if self.plan.recompute == "full":
+            tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
+            sp = self.plan.tp if (self.plan.tp > 1 and self.plan.sequence_parallel) else 1
+            return tokens * self.model.hidden * ACT_BYTES / sp  # the layer input only
+        dropped = {op.name for op in forward if op.recompute_selective} if self.plan.recompute == "selective" else set()
+        kept = sum(op.saved_bytes for op in forward if op.name not in dropped)
+        if self.plan.recompute == "selective" and self.plan.attention == "unfused":
+            # the recomputation needs Q, K, V again: they stay (Korthikanti §5: only the 5as/h term goes)
+            tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
+            kept += 3 * tokens * self.model.hidden * ACT_BYTES / self.plan.tp
+        return kept
+
+    def chunk_params(self, chunk: Chunk) -> tuple[float, float]:
+        """(dense, expert) parameters a rank holds for ``chunk`` (TP-sharded; experts over EP too)."""
+        m, t = self.model, self.plan.tp
+        dense = expert = 0.0
+        for layer in range(chunk.first_layer, chunk.first_layer + chunk.num_layers):
+            if m.is_moe_layer(layer):
+                routed = m.num_experts * m.expert_params
+                expert += routed / (t * self.plan.ep)
+                dense += (m.attention_params + m.moe_mlp_params - routed) / t + m.norm_params * (1 - 1 / t)
+            else:
+                dense += (m.attention_params + m.dense_mlp_params) / t + m.norm_params
+        if chunk.has_embedding:
+            dense += m.embedding_params / t
+        if chunk.has_head:
+            dense += (m.lm_head_params if not m.tied_embeddings else m.vocab * m.hidden) / t + m.final_norm_params
+        return dense, expert
+
+
+def check_plan_fits_model(model: ModelSpec, plan: Plan) -> None:
+    """Divisibility rules between a model and a plan (errors name field, value, allowed)."""
+    if model.num_heads % plan.tp:
+        raise PlanError(f"tp: {plan.tp} must divide the number of attention heads {model.num_heads}")
+    if model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
+        raise PlanError(f"tp: {plan.tp} and the key/value heads {model.num_kv_heads} must divide one another")
+    if plan.ep > 1 and (not model.is_moe or model.num_experts % plan.ep):
+        raise PlanError(f"ep: {plan.ep} must divide the number of experts {model.num_experts}")
+    if plan.pp * plan.vpp > model.num_layers:
+        raise PlanError(f"pp: pp·vpp = {plan.pp * plan.vpp} exceeds the {model.num_layers} layers")
+    if plan.sequence_parallel and plan.tp > 1 and (plan.micro_batch * plan.seq_len // plan.cp) % plan.tp:
+        raise PlanError(f"tp: {plan.tp} must divide the tokens per micro-batch for sequence parallelism")
