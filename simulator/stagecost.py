@@ -112,6 +112,7 @@ class ChunkCost:
     params: float  # parameters held by a rank (dense + expert shard)
     dense_params: float
     expert_params: float
+    recompute_flops: float = 0.0
 
 
 def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCost]:
@@ -154,5 +155,5 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCos
             input_grad.add(total[name])
         dense, expert = workload.chunk_params(chunk)
         out.append(ChunkCost(chunk, {"F": total["F"], "B": backward, "Bi": input_grad, "W": total["W"]},
-                             saved, dense + expert, dense, expert))
+                             saved, dense + expert, dense, expert, total["R"].flops))
     return out

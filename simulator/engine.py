@@ -1,0 +1,394 @@
+"""The SimPy engine for one training iteration.
+
+One process per pipeline rank (data-, tensor- and context-parallel replicas of a stage run
+the same ops at the same time, so one representative each suffices: symmetry keeps 16,384
+GPUs as cheap as 8).  Each rank has a compute stream (its process), a data-parallel
+communication stream and a parameter-gather stream (SimPy resources), a copy stream, and the
+link resources its traffic crosses (NVLink port and NIC share, each direction a
+:class:`~plansim.simulator.flows.FlowLink`), so concurrent tensor-, data- and
+pipeline-parallel transfers slow each other down.
+
+Granularity: one compute event per (chunk, micro-batch, phase) with costs summed from the op
+graph, tensor-parallel communication as a flow after it; data-parallel gradient buckets split
+the last backward of each chunk so that reduction overlaps the remaining backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import simpy
+
+from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
+from plansim.simulator.costs.compute import memory_bound_time
+from plansim.simulator.flows import FlowLink
+from plansim.simulator.hardware import Cluster
+from plansim.simulator.memory import WORKSPACE_BYTES, MemoryTimeline, bytes_per_param, model_state_bytes
+from plansim.simulator.schedules import build_schedule
+from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
+from plansim.workloads.training import ACT_BYTES, TrainingWorkload
+
+MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
+
+
+@dataclass
+class TraceEvent:
+    name: str
+    stream: str
+    rank: int
+    start_s: float
+    duration_s: float
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class RankStats:
+    """What one pipeline rank did: busy times by kind, memory, and its finish time."""
+
+    rank: int
+    compute_s: float = 0.0
+    comm_exposed_s: float = 0.0
+    transfer_exposed_s: float = 0.0
+    end_s: float = 0.0
+    memory: MemoryTimeline | None = None
+    model_state: object = None
+    flops: float = 0.0
+
+
+@dataclass
+class EngineOutput:
+    step_time_s: float
+    ranks: list[RankStats]
+    events: list[TraceEvent]
+    links: list[FlowLink]
+    chunk_costs: list[ChunkCost]
+
+
+class _Rank:
+    """Streams, links and memory of one pipeline rank."""
+
+    def __init__(self, env: simpy.Environment, index: int, cluster: Cluster) -> None:
+        self.index = index
+        self.intra = FlowLink(env, f"rank{index}.nvlink", cluster.intra_node_link.achievable_bw_Bps)
+        nic = cluster.nic_bw_per_gpu_Bps if cluster.inter_node_link is not None else cluster.intra_node_link.achievable_bw_Bps
+        self.inter = FlowLink(env, f"rank{index}.nic", nic)
+        self.host = FlowLink(env, f"rank{index}.pcie", cluster.host_link.achievable_bw_Bps)
+        self.dp_stream = simpy.Resource(env, capacity=1)
+        self.gather_stream = simpy.Resource(env, capacity=1)
+        self.pending: list[simpy.Event] = []
+        self.stats = RankStats(index)
+
+    def link(self, name: str) -> FlowLink:
+        return self.intra if name == "intra" else self.inter
+
+
+class TrainingSimulation:
+    """Simulate one iteration of ``workload`` on ``cluster``."""
+
+    def __init__(self, workload: TrainingWorkload, cluster: Cluster, record_trace: bool = False,
+                 trace_detail: str = "phase") -> None:
+        self.trace_detail = trace_detail
+        self.workload = workload
+        self.plan = workload.plan
+        self.cluster = cluster
+        self.record_trace = record_trace
+        self.costs = cost_workload(workload, cluster)
+        self.groups = Groups.of(self.plan, cluster)
+        gpn = cluster.gpus_per_node
+        plan = self.plan
+        self.grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
+        self.expert_grad_group = Group.contiguous(max(1, plan.dp * plan.cp // plan.ep), plan.tp * plan.ep, gpn)
+        self.events: list[TraceEvent] = []
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _trace(self, rank: _Rank, name: str, stream: str, start: float, end: float, **args) -> None:
+        if self.record_trace and end > start:
+            self.events.append(TraceEvent(name, stream, rank.index, start, end - start, args))
+
+    def _flow(self, env, rank: _Rank, cost: CollectiveCost):
+        """Latency, then the bytes as a flow on the link they cross."""
+        if cost.latency_s:
+            yield env.timeout(cost.latency_s)
+        if cost.volume_bytes and cost.link != "none":
+            yield rank.link(cost.link).transfer(cost.volume_bytes)
+
+    def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
+        """Compute, then the phase's inline (tensor/context/expert-parallel) communication."""
+        start = env.now
+        for s in range(segments):
+            yield env.timeout(cost.compute_s / segments)
+            if on_segment is not None:
+                on_segment(s)
+        rank.stats.compute_s += env.now - start
+        rank.stats.flops += cost.flops
+        compute_end = env.now
+        by_link: dict[str, CollectiveCost] = {}
+        for c in cost.comm:
+            if c.link == "none" and not c.latency_s:
+                continue
+            prev = by_link.get(c.link)
+            by_link[c.link] = c if prev is None else CollectiveCost(prev.latency_s + c.latency_s, c.link,
+                                                                     prev.volume_bytes + c.volume_bytes, c.rate_Bps)
+        for c in by_link.values():
+            yield from self._flow(env, rank, c)
+        rank.stats.comm_exposed_s += env.now - compute_end
+        if self.record_trace:
+            self._trace_ops(rank, cost, label, start, compute_end, env.now)
+
+    def _trace_ops(self, rank: _Rank, cost: PhaseCost, label: str, start: float, compute_end: float, end: float):
+        """One slice per phase, or with ``trace_detail='op'`` one per kernel laid end to end."""
+        self._trace(rank, label, "compute", start, compute_end, flops=cost.flops)
+        if self.trace_detail == "op" and cost.compute_s > 0:
+            scale = (compute_end - start) / cost.compute_s
+            t = start
+            for name, seconds, stream in cost.ops:
+                if stream == "compute":
+                    self._trace(rank, name, "kernels", t, t + seconds * scale)
+                    t += seconds * scale
+        if end > compute_end:
+            self._trace(rank, f"{label} tp/cp/ep comm", "comm:tp", compute_end, end,
+                        ops=sorted({n for n, _, s in cost.ops if s != "compute"}))
+
+    def _collective_async(self, env, rank: _Rank, stream: simpy.Resource, cost: CollectiveCost, name: str,
+                          done: simpy.Event | None = None):
+        def proc():
+            with stream.request() as req:
+                yield req
+                start = env.now
+                yield from self._flow(env, rank, cost)
+                self._trace(rank, name, "comm:dp", start, env.now, bytes=cost.volume_bytes)
+            if done is not None:
+                done.succeed()
+        return env.process(proc())
+
+    # --- the iteration ------------------------------------------------------------------------
+    def run(self) -> EngineOutput:
+        env = simpy.Environment()
+        plan, cluster = self.plan, self.cluster
+        p = plan.pp
+        ranks = [_Rank(env, i, cluster) for i in range(p)]
+        schedule = build_schedule(plan.schedule, p, plan.num_microbatches, plan.vpp)
+        last_vs = len(self.costs) - 1
+        act_ready = {}
+        grad_ready = {}
+        for chunk_cost in self.costs:
+            for mb in range(plan.num_microbatches):
+                act_ready[(mb, chunk_cost.chunk.index)] = env.event()
+                grad_ready[(mb, chunk_cost.chunk.index)] = env.event()
+        p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * self.workload.model.hidden * ACT_BYTES / plan.tp
+
+        # static memory per rank
+        for rank in ranks:
+            params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
+            dense = sum(c.dense_params for c in self.costs if c.chunk.rank == rank.index)
+            expert = params - dense
+            states = model_state_bytes(dense, plan)
+            if expert:
+                e_states = model_state_bytes(expert, plan, shard_over=max(1, plan.dp * plan.cp // plan.ep))
+                states = type(states)(states.params + e_states.params, states.grads + e_states.grads,
+                                      states.optimizer + e_states.optimizer)
+            rank.stats.model_state = states
+            rank.stats.memory = MemoryTimeline(states.total + WORKSPACE_BYTES)
+
+        split_w = plan.schedule == "zero-bubble"
+        final_backward = {}
+        for i, order in enumerate(schedule):
+            for phase, mb, vs in order:
+                if phase == ("W" if split_w else "B"):
+                    final_backward[vs] = mb  # the last micro-batch whose weight grads finish this chunk
+
+        def p2p(src: _Rank, dst_stage: int, event: simpy.Event, name: str, forward: bool):
+            stage = src.index
+            same = self.groups.pp_same_node(min(stage, dst_stage), cluster)
+            cost = collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
+            start = env.now
+            yield from self._flow(env, src, cost)
+            self._trace(src, name, "comm:pp", start, env.now, bytes=p2p_bytes)
+            event.succeed()
+
+        def grad_reduction(rank: _Rank, chunk: ChunkCost):
+            """Bucketed data-parallel reduction of a chunk's gradients (all-reduce, or
+            reduce-scatter under ZeRO ≥ 1), returned as (bucket count, launcher)."""
+            if plan.dp * plan.cp == 1 or plan.zero >= 3:
+                return 1, None
+            grad_b = 4.0 if plan.fp32_grads else 2.0
+            op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
+            bucket = max(MEGATRON_BUCKET_PARAMS, 1_000_000 * plan.dp)
+            n_buckets = max(1, math.ceil(chunk.params / bucket))
+            dense_cost = collective_cost(op, chunk.dense_params * grad_b / n_buckets, self.grad_group, cluster)
+            expert_cost = None
+            if chunk.expert_params and self.expert_grad_group.size > 1:
+                expert_cost = collective_cost(op, chunk.expert_params * grad_b / n_buckets, self.expert_grad_group,
+                                              cluster)
+
+            def launch(_segment: int):
+                for cost in (dense_cost, expert_cost):
+                    if cost is not None:
+                        done = env.event()
+                        self._collective_async(env, rank, rank.dp_stream, cost, f"grad reduce chunk{chunk.chunk.index}", done)
+                        rank.pending.append(done)
+            return n_buckets, launch
+
+        # ZeRO-1/2 all-gather updated parameters; overlapped with the next forward (Megatron's
+        # overlap_param_gather) when gradient reduction is overlapped, else exposed at the end.
+        def param_gather_cost(chunk: ChunkCost) -> CollectiveCost | None:
+            if plan.zero not in (1, 2) or plan.dp * plan.cp == 1:
+                return None
+            return collective_cost("all_gather", chunk.params * 2.0, self.grad_group, cluster)
+
+        def zero3_gather_cost(chunk: ChunkCost) -> CollectiveCost | None:
+            if plan.zero < 3 or plan.dp * plan.cp == 1:
+                return None
+            return collective_cost("all_gather", chunk.params * 2.0, self.grad_group, cluster)
+
+        chunk_gathered = {}
+        for rank in ranks:
+            for c in self.costs:
+                if c.chunk.rank != rank.index:
+                    continue
+                cost = param_gather_cost(c)
+                if cost is not None and plan.overlap_grad_reduce:
+                    ev = env.event()
+                    self._collective_async(env, rank, rank.gather_stream, cost, f"param gather chunk{c.chunk.index}", ev)
+                    chunk_gathered[c.chunk.index] = ev
+
+        transient_f = {c.chunk.index: self._transient(c, "F") for c in self.costs}
+        transient_b = {c.chunk.index: self._transient(c, "B") for c in self.costs}
+
+        def zero3_phase(rank: _Rank, c: ChunkCost, phase_cost: PhaseCost, label: str, with_reduce: bool):
+            """FSDP: prefetched all-gather of the chunk's parameters alongside its compute; the
+            first layer's share is exposed.  Backward reduce-scatters gradients afterwards."""
+            gather = zero3_gather_cost(c)
+            first_share = 1.0 / max(1, c.chunk.num_layers)
+            wait_start = env.now
+            first = CollectiveCost(gather.latency_s, gather.link, gather.volume_bytes * first_share, gather.rate_Bps)
+            yield from self._flow(env, rank, first)
+            rest_done = env.event()
+            rest = CollectiveCost(0.0, gather.link, gather.volume_bytes * (1 - first_share), gather.rate_Bps)
+            self._collective_async(env, rank, rank.gather_stream, rest, f"fsdp gather {label}", rest_done)
+            rank.stats.comm_exposed_s += env.now - wait_start
+            yield from self._run_phase(env, rank, phase_cost, label)
+            wait_start = env.now
+            yield rest_done
+            rank.stats.comm_exposed_s += env.now - wait_start
+            if with_reduce:
+                grad_b = 4.0 if plan.fp32_grads else 2.0
+                cost = collective_cost("reduce_scatter", c.params * grad_b, self.grad_group, cluster)
+                done = env.event()
+                self._collective_async(env, rank, rank.dp_stream, cost, f"fsdp reduce {label}", done)
+                rank.pending.append(done)
+
+        def pipeline_rank(rank: _Rank):
+            mem = rank.stats.memory
+            for phase, mb, vs in schedule[rank.index]:
+                c = self.costs[vs]
+                label = f"{phase} mb{mb} chunk{vs}"
+                if phase == "F":
+                    if vs > 0:
+                        wait = env.now
+                        yield act_ready[(mb, vs)]
+                        self._trace(rank, f"wait act mb{mb}", "bubble", wait, env.now)
+                    if vs in chunk_gathered:
+                        wait = env.now
+                        yield chunk_gathered.pop(vs)
+                        rank.stats.comm_exposed_s += env.now - wait
+                    if plan.zero >= 3 and plan.dp * plan.cp > 1:
+                        yield from zero3_phase(rank, c, c.phases["F"], label, with_reduce=False)
+                    else:
+                        yield from self._run_phase(env, rank, c.phases["F"], label)
+                    mem.allocate(env.now, c.saved_bytes, transient_f[vs])
+                    if vs < last_vs:
+                        env.process(p2p(rank, vs + 1, act_ready[(mb, vs + 1)], f"send act mb{mb}", True))
+                elif phase == "B":
+                    if vs < last_vs:
+                        wait = env.now
+                        yield grad_ready[(mb, vs)]
+                        self._trace(rank, f"wait grad mb{mb}", "bubble", wait, env.now)
+                    cost = c.phases["Bi"] if split_w else c.phases["B"]
+                    segments, launch = (1, None)
+                    if not split_w and final_backward[vs] == mb and plan.overlap_grad_reduce:
+                        segments, launch = grad_reduction(rank, c)
+                    if plan.zero >= 3 and plan.dp * plan.cp > 1:
+                        yield from zero3_phase(rank, c, cost, label, with_reduce=not split_w)
+                    else:
+                        yield from self._run_phase(env, rank, cost, label, segments, launch)
+                    mem.free(env.now, c.saved_bytes * (0.5 if split_w else 1.0), transient_b[vs])
+                    if vs > 0:
+                        env.process(p2p(rank, vs - 1, grad_ready[(mb, vs - 1)], f"send grad mb{mb}", False))
+                else:  # W
+                    segments, launch = (1, None)
+                    if final_backward[vs] == mb and plan.overlap_grad_reduce:
+                        segments, launch = grad_reduction(rank, c)
+                    yield from self._run_phase(env, rank, c.phases["W"], label, segments, launch)
+                    mem.free(env.now, c.saved_bytes * 0.5)
+            # gradients not reduced during backward are reduced now
+            if not plan.overlap_grad_reduce:
+                for c in self.costs:
+                    if c.chunk.rank == rank.index:
+                        n, launch = grad_reduction(rank, c)
+                        if launch is not None:
+                            for s in range(n):
+                                launch(s)
+            wait = env.now
+            for ev in rank.pending:
+                yield ev
+            rank.stats.comm_exposed_s += env.now - wait
+            self._trace(rank, "wait grad reduction", "comm:dp", wait, env.now)
+            yield from self._optimizer(env, rank)
+            if not plan.overlap_grad_reduce:
+                for c in self.costs:
+                    cost = param_gather_cost(c) if c.chunk.rank == rank.index else None
+                    if cost is not None:
+                        start = env.now
+                        yield from self._flow(env, rank, cost)
+                        rank.stats.comm_exposed_s += env.now - start
+            rank.stats.end_s = env.now
+
+        for rank in ranks:
+            env.process(pipeline_rank(rank))
+        env.run()
+        step = max(r.stats.end_s for r in ranks)
+        links = [l for r in ranks for l in (r.intra, r.inter, r.host)]
+        return EngineOutput(step, [r.stats for r in ranks], self.events, links, self.costs)
+
+    def _transient(self, c: ChunkCost, phase: str) -> float:
+        """Working memory live during a chunk's phase on top of what is kept."""
+        plan, model = self.plan, self.workload.model
+        tokens = plan.micro_batch * plan.seq_len // plan.cp
+        layer = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES * 2 / plan.tp
+        out = layer
+        if c.chunk.has_head:
+            logits = tokens * math.ceil(model.vocab / plan.tp)
+            out = max(out, logits * (ACT_BYTES + 4))  # bf16 logits and their fp32 copy
+        if phase == "B":
+            out += 2 * tokens * model.hidden * ACT_BYTES
+            if plan.recompute == "full" and c.chunk.num_layers:
+                dense = self.workload.dense_layer
+                out += sum(op.saved_bytes for op in dense)  # one layer's activations, recomputed
+            if c.chunk.has_head:
+                out += tokens * math.ceil(model.vocab / plan.tp) * 4  # fp32 logits gradient
+        if plan.zero >= 3 and c.chunk.num_layers:
+            out += 2 * c.params * 2.0 / c.chunk.num_layers  # gathered layer and the prefetched next
+        return out
+
+    def _optimizer(self, env, rank: _Rank):
+        """AdamW over the rank's shard: memory-bound on the GPU, or on the CPU when offloaded."""
+        plan, cluster = self.plan, self.cluster
+        params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
+        shard = params / (plan.dp * plan.cp) if plan.zero >= 1 else params
+        start = env.now
+        if plan.offload.get("optimizer", "gpu") == "cpu":
+            _, g_b, _ = bytes_per_param(plan)
+            yield rank.host.transfer(shard * g_b)  # gradients down
+            yield env.timeout(shard / cluster.host.cpu_adam_params_per_s)
+            yield rank.host.transfer(shard * 2.0)  # updated bf16 parameters up
+            rank.stats.transfer_exposed_s += env.now - start
+            self._trace(rank, "optimizer (cpu)", "copy", start, env.now)
+            return
+        if plan.precision == "bf16-pure":
+            per_param = 14.0  # read p, g, m, v (bf16); write p, m, v
+        else:
+            per_param = 26.0 + (4.0 if plan.fp32_grads else 2.0)  # fp32 master, m, v r/w; grad; bf16 param
+        yield env.timeout(float(memory_bound_time(shard * per_param, cluster.device)))
+        rank.stats.compute_s += env.now - start
+        self._trace(rank, "optimizer step", "compute", start, env.now)
