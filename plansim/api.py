@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from plansim.simulator.calibration import apply_calibration
+from plansim.simulator.calibration import apply_calibration, calibrate_cluster
 from plansim.simulator.costs.collectives import Group, collective_cost, nccl_tests_bandwidths
 from plansim.simulator.costs import compute
 from plansim.simulator.engine import TrainingSimulation
@@ -29,10 +29,7 @@ def resolve_cluster(hardware: str | None = None, cluster: str | Cluster | None =
         base = build_cluster(hardware, cluster, nodes, gpus_per_node, nics_per_node, nic_gbps)
     if not calibrated:
         return base, None
-    device, source = apply_calibration(base.device)
-    if source is None:
-        return base, None
-    return base.model_copy(update={"device": device}), source
+    return calibrate_cluster(base)
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
@@ -112,7 +109,7 @@ def predict_op(kind: str, hardware: str, *, calibrated: bool = True, **shape: An
         return {"time_s": t, "bandwidth_GBps": moved / t / 1e9, "calibrated_profile": source}
     if kind in ("h2d", "d2h"):
         from plansim.simulator.costs.transfers import host_transfer_time
-        cluster = build_cluster(hardware)
+        cluster, _ = resolve_cluster(hardware, calibrated=calibrated)
         t = float(host_transfer_time(shape["bytes"], cluster.host_link, pinned=not shape.get("pageable", False)))
         return {"time_s": t, "bandwidth_GBps": shape["bytes"] / t / 1e9, "calibrated_profile": source}
     raise ValueError(f"kind: {kind!r} is not one of gemm, attention, memcpy, elementwise, h2d, d2h")

@@ -8,6 +8,9 @@
       achievable_gemm_fraction: 0.78
       gemm_k_overhead: 96.0
       ...
+    links:                           # optional: Link fields per link profile name, in SI units
+      nvlink4-nvswitch: {achievable_bw_Bps: 3.4e11, latency_s: 2.1e-6}
+      pcie5-x16: {achievable_bw_Bps: 5.1e10, latency_s: 1.5e-6, pageable_fraction: 0.4}
 
 Calibration moves predictions only through these parameters: the same cost-model code
 serves datasheet and calibrated profiles.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from plansim.simulator.hardware import Device, ProfileError
+from plansim.simulator.hardware import Cluster, Device, Link, ProfileError
 
 CALIBRATED_DIR = "calibrated"
 
@@ -33,21 +36,71 @@ def calibrated_path(device_name: str) -> Path | None:
 
 
 @lru_cache(maxsize=64)
-def apply_calibration(device: Device) -> tuple[Device, str | None]:
-    """``device`` with its calibrated parameters applied, and the file they came from."""
-    path = calibrated_path(device.name)
-    if path is None:
-        return device, None
+def read_calibration(path: Path) -> dict:
+    """The calibrated profile at ``path`` as a dict (``device``, ``fitted_on``, ``parameters``, ``links``)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    params = data.get("parameters", {})
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping with device, fitted_on, parameters")
+    return data
+
+
+def _source(path: Path, data: dict) -> str:
+    return f"calibrated: {Path(path).name} fitted on {', '.join(map(str, data.get('fitted_on', [])))}"
+
+
+def calibrate_device(device: Device, data: dict, path: Path) -> Device:
+    """``device`` with the ``parameters`` of a calibrated profile (``data``, read from ``path``)."""
+    params = data.get("parameters") or {}
     unknown = sorted(set(params) - set(type(device).model_fields))
     if unknown:
         raise ProfileError(f"{path}: parameters: unknown field {unknown[0]!r}")
     sources = dict(device.sources)
     for key in params:
-        sources[key] = f"calibrated: {path.name} fitted on {', '.join(map(str, data.get('fitted_on', [])))}"
-    calibrated = Device.model_validate({**device.model_dump(), **params, "sources": sources})
+        sources[key] = _source(path, data)
+    return Device.model_validate({**device.model_dump(), **params, "sources": sources})
+
+
+def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
+    """``link`` with the fields its calibrated profile lists under ``links: {link name: {...}}``."""
+    if link is None:
+        return None
+    fields = (data.get("links") or {}).get(link.name)
+    if not fields:
+        return link
+    unknown = sorted(set(fields) - set(Link.model_fields))
+    if unknown:
+        raise ProfileError(f"{path}: links.{link.name}: unknown field {unknown[0]!r}")
+    sources = dict(link.sources)
+    for key in fields:
+        sources[key] = _source(path, data)
+    return Link.model_validate({**link.model_dump(), **fields, "sources": sources})
+
+
+@lru_cache(maxsize=64)
+def apply_calibration(device: Device) -> tuple[Device, str | None]:
+    """``device`` with its calibrated parameters applied, and the file they came from."""
+    path = calibrated_path(device.name)
+    if path is None:
+        return device, None
+    calibrated = calibrate_device(device, read_calibration(path), path)
     return calibrated, f"hardware_profiles/{CALIBRATED_DIR}/{path.name}"
+
+
+def calibrate_cluster(cluster: Cluster, path: Path | None = None) -> tuple[Cluster, str | None]:
+    """``cluster`` with its device's calibrated profile applied: the device's ``parameters`` and
+    the ``links`` fitted on that device's hosts (NVLink, PCIe).  ``path`` overrides the built-in
+    ``hardware_profiles/calibrated/<device>.yaml``; returns the cluster and the profile's name."""
+    path = path or calibrated_path(cluster.device.name)
+    if path is None:
+        return cluster, None
+    data = read_calibration(Path(path))
+    update = {"device": calibrate_device(cluster.device, data, path),
+              "intra_node_link": calibrate_link(cluster.intra_node_link, data, path),
+              "inter_node_link": calibrate_link(cluster.inter_node_link, data, path),
+              "host_link": calibrate_link(cluster.host_link, data, path)}
+    name = f"hardware_profiles/{CALIBRATED_DIR}/{Path(path).name}" if calibrated_path(cluster.device.name) == path \
+        else str(path)
+    return cluster.model_copy(update=update), name

@@ -139,6 +139,11 @@ class Device(_Profile):
     l2_bytes: PositiveFloat
     kernel_launch_s: PositiveFloat  # fixed cost per kernel seen by an eager framework
     attention_fraction: float = Field(gt=0, le=1)  # flash-attention fwd FLOP rate / peak
+    # shape-efficiency parameters of the cost models (simulator/costs/compute.py); None: the
+    # model's default.  Calibrated profiles (hardware_profiles/calibrated/) set them.
+    gemm_k_overhead: PositiveFloat | None = None  # K elements' worth of per-tile fixed work
+    attention_seq_half: PositiveFloat | None = None  # sequence length at half the attention rate
+    attention_bwd_ratio: PositiveFloat | None = None  # backward / forward attention FLOP rate
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
 
@@ -180,6 +185,7 @@ class Link(_Profile):
     latency_s: PositiveFloat  # per hop, as NCCL-style collectives see it
     switched: bool = True  # all-to-all reachable through a switch (NVSwitch, IB fabric)
     ports: PositiveInt = 1  # peer links per endpoint (meaningful for meshes)
+    pageable_fraction: float | None = Field(default=None, gt=0, le=1)  # pageable / pinned host-copy rate
 
     @model_validator(mode="after")
     def _achievable_below_peak(self):
