@@ -1,0 +1,46 @@
+"""Megatron-LM's Table 1 (Narayanan et al., SC'21) predicted by ``plansim simulate``.
+
+Each published row becomes a plan as the authors ran it (``run_table_1.sh``): GPT with
+dropout, fp16 mixed precision with fp32 gradient accumulation and all-reduce (Megatron's
+``main_grad``; gradient reduction after the backward, not overlapped, as in the 2021 code),
+full activation recomputation, unfused attention (fused scale-mask-softmax; no flash attention
+then), no sequence parallelism, the interleaved schedule where the row names virtual stages.
+The achieved TFLOP/s per GPU follows the paper's own count, which includes the recomputation
+forward: F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pandas as pd
+
+from plansim.api import simulate
+from plansim.validation.reference_data import load_megatron_table1, megatron_flops_per_iteration, megatron_gpt_spec
+
+
+def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan of one Table 1 row, as the authors' script set it."""
+    lpvs = row.get("layers_per_virtual_stage")
+    vpp = 1 if pd.isna(lpvs) else int(row["layers"]) // (int(row["pp"]) * int(lpvs))
+    return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
+                global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
+                sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
+                precision="bf16-mixed", fp32_grads=True, overlap_grad_reduce=False, attention="unfused")
+
+
+def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:
+    """Predicted vs published TFLOP/s per GPU for every row, with the signed error."""
+    rows = []
+    for _, row in load_megatron_table1().iterrows():
+        gpus = int(row["gpus"])
+        result = simulate(megatron_gpt_spec(row), hardware, plan=megatron_plan(row), nodes=gpus // 8,
+                          gpus_per_node=8, calibrated=calibrated)
+        predicted = megatron_flops_per_iteration(row) / result.step_time_s / gpus / 1e12
+        published = float(row["tflops_per_gpu"])
+        rows.append({"params_b": row["params_b"], "gpus": gpus, "tp": row["tp"], "pp": row["pp"], "dp": row["dp"],
+                     "published_tflops": published, "predicted_tflops": predicted,
+                     "error": (predicted - published) / published, "step_time_s": result.step_time_s,
+                     "bubble_s": result.time_breakdown["pipeline_bubble"],
+                     "exposed_comm_s": result.time_breakdown["exposed_communication"],
+                     "fits": result.fits, "peak_memory_gib": result.peak_memory_bytes / 2**30})
+    return pd.DataFrame(rows)
