@@ -280,14 +280,14 @@ class Cluster(BaseModel):
     def num_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    @cached_property
+    @property  # not cached: model_copy(update=...) would carry a stale value over
     def nic_bw_per_gpu_Bps(self) -> float:
         """Achievable inter-node bandwidth available to one GPU (its share of the node's NICs)."""
         if self.inter_node_link is None:
             return 0.0
         return self.inter_node_link.achievable_bw_Bps * self.nics_per_node / self.gpus_per_node
 
-    @cached_property
+    @property
     def intra_node_bw_per_gpu_Bps(self) -> float:
         """Achievable bandwidth out of one GPU to its node peers, one direction.
 
