@@ -40,6 +40,7 @@ class Op:
     group: str = ""
     comm_bytes: float = 0.0
     has_weight: bool = False  # gemm with a trainable weight: backward has a weight-grad part
+    bias_grad_bytes: float = 0.0  # gemm with a bias: its gradient is a reduction over dY's rows
     bwd_bytes_factor: float = 1.5
     recompute_selective: bool = False  # recomputed under selective recomputation
 
@@ -56,7 +57,8 @@ def backward_ops(forward: list[Op]) -> tuple[list[Op], list[Op]]:
     """Input-gradient (B) and weight-gradient (W) ops for a forward op list, in reverse order.
 
     GEMM Y[m,n] = X[m,k]·W[k,n]: dX = dY·Wᵀ is (m, k, n); dW = Xᵀ·dY is (k, n, m), only for
-    trainable weights (2× forward FLOPs in all).  Attention backward is its own kernel; memory
+    trainable weights (2× forward FLOPs in all), plus a bias gradient (a row reduction of dY)
+    where the layer has a bias; the forward bias add is fused into the GEMM or the next kernel.  Attention backward is its own kernel; memory
     ops move ``bwd_bytes_factor`` times their forward bytes; collectives become their conjugate.
     """
     b_ops: list[Op] = []
@@ -67,6 +69,8 @@ def backward_ops(forward: list[Op]) -> tuple[list[Op], list[Op]]:
             b_ops.append(replace(op, name=f"{op.name}.dgrad", phase="B", gemm=(m, k, n), saved_bytes=0.0))
             if op.has_weight:
                 w_ops.append(replace(op, name=f"{op.name}.wgrad", phase="W", gemm=(k, n, m), saved_bytes=0.0))
+            if op.bias_grad_bytes:
+                w_ops.append(Op(f"{op.name}.bias_grad", "memory", phase="W", bytes=op.bias_grad_bytes))
             else:  # both operands are activations (unfused attention's batched products)
                 b_ops.append(replace(op, name=f"{op.name}.dgrad2", phase="B", gemm=(k, n, m), saved_bytes=0.0))
         elif op.kind == "attention":

@@ -60,10 +60,9 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         _tp_comm("attn.allgather", full, plan, "all_gather"),
         # with SP the GEMM input is kept sharded and all-gathered again for the weight gradient
         Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
-           saved_bytes=tok_sp * h * e),
+           saved_bytes=tok_sp * h * e,
+           bias_grad_bytes=tokens * (q_cols + 2 * kv_cols) * e if (model.bias or model.qkv_bias) else 0.0),
     ]
-    if model.bias or model.qkv_bias:
-        ops.append(Op("qkv.bias", "memory", bytes=2 * tokens * (q_cols + 2 * kv_cols) * e))
     if model.position == "rope":
         ops.append(Op("rope", "memory", bytes=2 * tokens * (q_cols + kv_cols) * e))
     if plan.attention == "flash":
@@ -83,9 +82,9 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         ops.append(Op("context", "gemm", gemm=(s, d, s * plan.cp), batch=b * heads, dtype=dtype,
                       saved_bytes=scores * e + tokens * q_cols * e, recompute_selective=True))  # probs and V
     ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
-                  saved_bytes=tokens * q_cols * e))
+                  saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
-    ops.append(Op("residual1", "memory", bytes=(3 * e + (1 if drop else 0) + (2 * e if model.bias else 0)) * tok_sp * h,
+    ops.append(Op("residual1", "memory", bytes=(3 * e + (1 if drop else 0)) * tok_sp * h,
                   saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
     ops.append(Op("norm2", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e,
                   bwd_bytes_factor=1.5 + 0.5 * (norm_bytes - 1)))
@@ -93,7 +92,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         ops += _moe_ops(model, plan, tokens, full)
     else:
         ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
-    ops.append(Op("residual2", "memory", bytes=(3 * e + (1 if drop else 0) + (2 * e if model.bias else 0)) * tok_sp * h,
+    ops.append(Op("residual2", "memory", bytes=(3 * e + (1 if drop else 0)) * tok_sp * h,
                   saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
     return ops
 
@@ -108,7 +107,8 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     if tp_comms:
         ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather"))
     ops.append(Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(up_cols), h), dtype=dtype, has_weight=True,
-                  saved_bytes=tokens * h * e if saved_input is None else saved_input))
+                  saved_bytes=tokens * h * e if saved_input is None else saved_input,
+                  bias_grad_bytes=tokens * up_cols * e if model.bias else 0.0))
     if model.mlp == "swiglu":  # silu(gate)·up: reads both, writes one; saves gate and up
         ops.append(Op(f"{prefix}.swiglu", "memory", bytes=3 * tokens * f * e, saved_bytes=2 * tokens * f * e,
                       bwd_bytes_factor=5 / 3))
@@ -116,7 +116,7 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
         ops.append(Op(f"{prefix}.gelu", "memory", bytes=(2 * tokens * f + (f if model.bias else 0)) * e,
                       saved_bytes=tokens * f * e))
     ops.append(Op(f"{prefix}.down", "gemm", gemm=(int(tokens), h, int(f)), dtype=dtype, has_weight=True,
-                  saved_bytes=tokens * f * e))
+                  saved_bytes=tokens * f * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     if tp_comms:
         ops.append(_tp_comm(f"{prefix}.reduce", full, plan, "reduce_scatter"))
     return ops
