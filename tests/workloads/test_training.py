@@ -1,0 +1,271 @@
+"""The training op graph against closed forms: FLOPs, model-state and activation memory.
+
+* FLOPs: Megatron-LM's ``num_floating_point_operations`` (Narayanan et al. SC'21, appendix):
+  per token 6·(weight-matrix parameters) + 12·L·s·h for the attention scores, i.e. "6·N
+  plus attention terms".  The op graph's GEMMs (forward of every layer and the head, ×3 for
+  backward) must add up to exactly that for a GPT with tp = 1.
+* Model states: ZeRO (Rajbhandari et al., arXiv:1910.02054 §3.1, Fig. 1): 2Ψ + 2Ψ + 12Ψ,
+  sharded per stage over N_d; Megatron's fp32 main grads (18Ψ; distributed optimizer
+  6Ψ + 12Ψ/N_d); bf16-pure 8Ψ (DESIGN.md).
+* Activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4, Eq. 1-2 and §5 for a GPT layer
+  with dropout, unfused attention: s·b·h·(34 + 5·a·s/h) and its TP, SP, selective and full
+  recomputation variants.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from plansim.simulator.memory import model_state_bytes
+from plansim.workloads.model_io import load_model
+from plansim.workloads.models import ModelSpec
+from plansim.workloads.ops import backward_ops, recompute_ops
+from plansim.workloads.plan import Plan, PlanError
+from plansim.workloads.training import TrainingWorkload, split_layers
+
+REL = 1e-9
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+def _matrix_params(m: ModelSpec) -> float:
+    """Parameters that sit in GEMMs a token passes through (no biases, norms, embedding lookup;
+    the logits matrix once, tied or not; MoE: top-k routed + shared experts and the router)."""
+    total = 0.0
+    for layer in range(m.num_layers):
+        total += m.hidden * (m.q_dim + 2 * m.kv_dim) + m.q_dim * m.hidden
+        if m.is_moe_layer(layer):
+            width = m.moe_ffn_hidden * (m.top_k + m.shared_experts)
+            total += m.mlp_matrices * m.hidden * width + m.hidden * m.num_experts
+        else:
+            total += m.mlp_matrices * m.hidden * m.ffn_hidden
+    return total + m.vocab * m.hidden
+
+
+@pytest.mark.parametrize("name", ["gpt3-175b", "llama3-8b", "llama3-70b", "llama2-7b", "mixtral-8x7b",
+                                  "qwen2-7b"])
+@pytest.mark.parametrize("seq_len", [1024, 2048, 8192])
+def test_flops_per_token_is_6n_plus_attention(name, seq_len):
+    m = load_model(name)
+    attention = 12.0 * m.num_layers * seq_len * m.q_dim  # QKᵀ and ·V, fwd + bwd, no causal halving
+    assert m.model_flops_per_token(seq_len) == pytest.approx(6.0 * _matrix_params(m) + attention, rel=REL)
+
+
+def test_6n_dominates_for_a_large_model():
+    """GPT-3 175B at s = 2048: 6·N is the bulk, attention a few percent (Kaplan et al. 2020)."""
+    m = load_model("gpt3-175b")
+    ratio = m.model_flops_per_token(2048) / (6.0 * m.num_params)
+    assert 1.0 < ratio < 1.1
+
+
+def _gpt(layers=4, hidden=512, heads=8, vocab=5000, seq=1024) -> ModelSpec:
+    return ModelSpec(name="gpt-test", num_layers=layers, hidden=hidden, num_heads=heads, num_kv_heads=heads,
+                     ffn_hidden=4 * hidden, vocab=vocab, mlp="gelu", norm="layernorm", position="learned",
+                     bias=True, dropout=True, max_seq_len=seq, tied_embeddings=True)
+
+
+def _forward_gemm_flops(w: TrainingWorkload) -> float:
+    layers = sum(op.flops for i in range(w.model.num_layers) for op in w.layer_ops(i))
+    return layers + sum(op.flops for op in w.head) + sum(op.flops for op in w.embedding)
+
+
+@pytest.mark.parametrize("model", [_gpt(), _gpt(layers=3, hidden=768, heads=12, vocab=50257),
+                                   load_model("gpt3-175b")], ids=["gpt-small", "gpt-768", "gpt3-175b"])
+@pytest.mark.parametrize("b, s", [(1, 1024), (2, 512), (4, 2048)])
+def test_op_graph_gemm_flops_equal_model_flops(model, b, s):
+    """Forward GEMMs of all layers + head, ×3, per token == ModelSpec.model_flops_per_token
+    (unfused attention: the scores and ·V are GEMMs of the graph)."""
+    plan = Plan(tp=1, micro_batch=b, global_batch=b, seq_len=s, attention="unfused")
+    w = TrainingWorkload(model, plan)
+    tokens = b * s
+    assert 3.0 * _forward_gemm_flops(w) / tokens == pytest.approx(model.model_flops_per_token(s), rel=REL)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_backward_is_twice_forward_and_recompute_adds_forward(recompute):
+    model = _gpt()
+    plan = Plan(micro_batch=2, global_batch=2, seq_len=512, attention="unfused", recompute=recompute)
+    w = TrainingWorkload(model, plan)
+    fwd = w.dense_layer
+    b_ops, w_ops = backward_ops(fwd)
+    f_flops = sum(op.flops for op in fwd)
+    assert sum(op.flops for op in b_ops + w_ops) == pytest.approx(2 * f_flops, rel=REL)
+    r_flops = sum(op.flops for op in recompute_ops(fwd, recompute))
+    if recompute == "none":
+        assert r_flops == 0
+    elif recompute == "full":
+        assert r_flops == pytest.approx(f_flops, rel=REL)
+    else:  # the attention core only: QKᵀ and ·V, 4·b·s²·h
+        assert r_flops == pytest.approx(4.0 * 2 * 512 ** 2 * model.hidden, rel=REL)
+
+
+def test_tp_splits_layer_gemm_flops_evenly():
+    model = _gpt(hidden=1024, heads=16)
+    one = TrainingWorkload(model, Plan(seq_len=1024, attention="unfused"))
+    for t in (2, 4, 8):
+        w = TrainingWorkload(model, Plan(tp=t, seq_len=1024, attention="unfused"))
+        assert sum(op.flops for op in w.dense_layer) * t == pytest.approx(sum(op.flops for op in one.dense_layer),
+                                                                         rel=REL)
+
+
+# --- model states (ZeRO) -------------------------------------------------------------------------
+PSI = 1_234_567_891.0
+
+
+def _states(nd: int, **kw) -> float:
+    plan = Plan(dp=nd, global_batch=nd, **kw)
+    return model_state_bytes(PSI, plan).total
+
+
+@pytest.mark.parametrize("nd", [1, 2, 8, 64, 1024])
+def test_zero_stages_per_zero_paper(nd):
+    assert _states(nd, zero=0) == pytest.approx(16 * PSI, rel=REL)
+    assert _states(nd, zero=1) == pytest.approx(4 * PSI + 12 * PSI / nd, rel=REL)
+    assert _states(nd, zero=2) == pytest.approx(2 * PSI + 14 * PSI / nd, rel=REL)
+    assert _states(nd, zero=3) == pytest.approx(16 * PSI / nd, rel=REL)
+
+
+@pytest.mark.parametrize("nd", [1, 4, 64])
+def test_megatron_fp32_grads_and_bf16_pure(nd):
+    assert _states(nd, fp32_grads=True) == pytest.approx(18 * PSI, rel=REL)
+    assert _states(nd, zero=1, fp32_grads=True) == pytest.approx(6 * PSI + 12 * PSI / nd, rel=REL)
+    assert _states(nd, precision="bf16-pure") == pytest.approx(8 * PSI, rel=REL)
+    assert _states(nd, precision="fp8") == pytest.approx(16 * PSI, rel=REL)  # fp8 GEMMs, bf16-mixed storage
+
+
+def test_zero_breakdown_and_context_parallel_sharding():
+    """The distributed optimizer shards over dp·cp together (Megatron)."""
+    plan = Plan(dp=4, cp=2, zero=1, global_batch=4, seq_len=2048)
+    s = model_state_bytes(PSI, plan)
+    assert (s.params, s.grads, s.optimizer) == pytest.approx((2 * PSI, 2 * PSI, 12 * PSI / 8), rel=REL)
+
+
+def test_offloaded_states_leave_the_device():
+    plan = Plan(offload={"optimizer": "cpu"})
+    s = model_state_bytes(PSI, plan)
+    assert s.optimizer == 0 and s.total == pytest.approx(4 * PSI, rel=REL)
+
+
+# --- activations (Korthikanti et al. 2022) -----------------------------------------------------------
+def _korthikanti_model(hidden=1024, heads=16, layers=4) -> ModelSpec:
+    return ModelSpec(name="gpt-korthikanti", num_layers=layers, hidden=hidden, num_heads=heads,
+                     num_kv_heads=heads, ffn_hidden=4 * hidden, vocab=51200, dropout=True, mlp="gelu",
+                     norm="layernorm", position="learned", bias=True, max_seq_len=4096)
+
+
+def _saved(model: ModelSpec, **plan_kw) -> float:
+    plan = Plan(attention="unfused", **plan_kw)
+    w = TrainingWorkload(model, plan)
+    return w.saved_activation_bytes(w.dense_layer)
+
+
+SHAPES = [(1024, 16, 1, 2048), (2048, 32, 2, 1024), (4096, 32, 1, 4096), (768, 12, 4, 512)]
+
+
+@pytest.mark.parametrize("h, a, b, s", SHAPES)
+def test_activation_bytes_no_parallelism(h, a, b, s):
+    model = _korthikanti_model(h, a)
+    assert _saved(model, micro_batch=b, global_batch=b, seq_len=s) == pytest.approx(
+        s * b * h * (34 + 5 * a * s / h), rel=REL)
+
+
+@pytest.mark.parametrize("h, a, b, s", SHAPES)
+@pytest.mark.parametrize("t", [2, 4])
+def test_activation_bytes_tp_without_sp(h, a, b, s, t):
+    model = _korthikanti_model(h, a)
+    got = _saved(model, tp=t, sequence_parallel=False, micro_batch=b, global_batch=b, seq_len=s)
+    assert got == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)), rel=REL)
+
+
+@pytest.mark.parametrize("h, a, b, s", SHAPES)
+@pytest.mark.parametrize("t", [2, 4])
+def test_activation_bytes_tp_with_sp(h, a, b, s, t):
+    model = _korthikanti_model(h, a)
+    got = _saved(model, tp=t, sequence_parallel=True, micro_batch=b, global_batch=b, seq_len=s)
+    assert got == pytest.approx(s * b * h * (34 + 5 * a * s / h) / t, rel=REL)
+
+
+@pytest.mark.parametrize("h, a, b, s", SHAPES)
+@pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_selective_recompute_drops_the_attention_term(h, a, b, s, t, sp):
+    model = _korthikanti_model(h, a)
+    got = _saved(model, tp=t, sequence_parallel=sp, micro_batch=b, global_batch=b, seq_len=s, recompute="selective")
+    if sp:
+        expected = s * b * h * 34 / t
+    else:
+        expected = s * b * h * (10 + 24 / t)
+    assert got == pytest.approx(expected, rel=REL)
+
+
+@pytest.mark.parametrize("h, a, b, s", SHAPES)
+@pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_full_recompute_keeps_the_layer_input(h, a, b, s, t, sp):
+    model = _korthikanti_model(h, a)
+    got = _saved(model, tp=t, sequence_parallel=sp, micro_batch=b, global_batch=b, seq_len=s, recompute="full")
+    assert got == pytest.approx(2 * s * b * h / (t if sp else 1), rel=REL)
+
+
+def test_flash_attention_saves_no_s_squared_tensor():
+    """Flash attention keeps Q, K, V, O and the log-sum-exp: no 5·a·s²·b term, so the saved
+    bytes grow linearly in s where the unfused layer grows quadratically."""
+    model = _korthikanti_model()
+    def flash(s):
+        w = TrainingWorkload(model, Plan(seq_len=s))
+        return w.saved_activation_bytes(w.dense_layer)
+    assert flash(4096) / flash(2048) == pytest.approx(2.0, rel=1e-9)
+    assert flash(2048) < _saved(model, seq_len=2048)
+
+
+def test_recomputation_never_increases_saved_bytes():
+    for model in (_korthikanti_model(), load_model("llama3-8b")):
+        for attention in ("flash", "unfused"):
+            saved = [TrainingWorkload(model, Plan(seq_len=2048, attention=attention, recompute=r))
+                     for r in ("none", "selective", "full")]
+            values = [w.saved_activation_bytes(w.dense_layer) for w in saved]
+            assert values[0] >= values[1] >= values[2] > 0
+
+
+# --- pipeline split ----------------------------------------------------------------------------
+def test_split_llama3_405b_layers_like_meta():
+    assert split_layers(126, 16) == [7] + [8] * 14 + [7]
+
+
+@pytest.mark.parametrize("layers, stages", [(32, 4), (80, 8), (96, 8), (126, 16), (61, 4), (10, 3), (7, 7)])
+def test_split_covers_every_layer_and_is_even_in_the_middle(layers, stages):
+    counts = split_layers(layers, stages)
+    assert sum(counts) == layers and len(counts) == stages and min(counts) >= 1
+    middle = counts[1:-1]
+    assert len(set(middle)) <= 1
+    assert all(c <= max(counts) for c in (counts[0], counts[-1]))
+
+
+def test_split_overrides():
+    assert split_layers(126, 16, first=7, last=7) == [7] + [8] * 14 + [7]
+    assert split_layers(30, 4, first=6) == [6, 8, 8, 8]
+    assert split_layers(30, 4, last=6) == [8, 8, 8, 6]
+    with pytest.raises(PlanError, match="first_stage_layers"):
+        split_layers(30, 4, first=5, last=6)
+    with pytest.raises(PlanError, match="pp"):
+        split_layers(3, 4)
+
+
+def test_workload_chunks_follow_the_split_and_interleave_ranks():
+    model = dataclasses.replace(load_model("llama3-8b"))
+    w = TrainingWorkload(model, Plan(pp=4, vpp=2, schedule="interleaved", global_batch=8, dp=1))
+    assert [c.num_layers for c in w.chunks] == split_layers(32, 8)
+    assert [c.rank for c in w.chunks] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert w.chunks[0].has_embedding and w.chunks[-1].has_head
+    assert sum(c.has_embedding for c in w.chunks) == sum(c.has_head for c in w.chunks) == 1
+    starts = [c.first_layer for c in w.chunks]
+    assert starts == sorted(starts) and starts[0] == 0
+
+
+def test_chunk_params_add_up_to_the_model():
+    """Per-rank parameter shards over all chunks × tp == the model's parameters (norms are
+    replicated over TP, so with tp = 1 the sum is exact)."""
+    for name in ("llama3-8b", "gpt3-175b"):
+        m = load_model(name)
+        w = TrainingWorkload(m, Plan(pp=4, dp=1, global_batch=4))
+        total = sum(sum(w.chunk_params(c)) for c in w.chunks)
+        extra = m.vocab * m.hidden if m.tied_embeddings else 0  # the head's copy of a tied embedding
+        assert total == pytest.approx(m.num_params + extra, rel=REL)
