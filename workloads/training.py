@@ -65,6 +65,9 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     ]
     if model.position == "rope":
         ops.append(Op("rope", "memory", bytes=2 * tokens * (q_cols + kv_cols) * e))
+    if plan.cp > 1:  # context parallelism: gather K and V of the whole sequence (Llama 3, arXiv:2407.21783)
+        ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
+                      comm_bytes=2 * b * s * plan.cp * kv_cols * e))
     if plan.attention == "flash":
         ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
                       saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4,
