@@ -1,0 +1,187 @@
+"""Cost models: properties every kernel and collective cost must have, whatever the constants.
+
+No number here is a tuned prediction: the tests check conventions (nccl-tests' bus factors),
+conservation (bytes sent = bytes received), bounds (never faster than the datasheet roofline
+or the link) and monotonicity (more work never takes less time).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from plansim.simulator.costs.collectives import (OPS, Group, bus_factor, collective_cost, collective_time,
+                                                 nccl_tests_bandwidths, traffic_bytes)
+from plansim.simulator.costs.compute import (attention_flops, attention_time, elementwise_time, gemm_efficiency,
+                                             gemm_time, memcpy_time, memory_bound_time, roofline_time)
+from plansim.simulator.costs.transfers import host_transfer_time
+from plansim.simulator.hardware import build_cluster, load_device
+
+DEVICES = ["h100-sxm", "h200", "a100-80gb", "b200", "mi300x", "ascend-910b"]
+
+
+# --- collectives ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 4, 8, 64, 1024])
+def test_bus_factors_follow_nccl_tests(n):
+    assert bus_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
+    for op in ("all_gather", "reduce_scatter", "all_to_all"):
+        assert bus_factor(op, n) == pytest.approx((n - 1) / n)
+    assert bus_factor("broadcast", n) == 1.0
+    assert all(bus_factor(op, 1) == 0.0 for op in OPS)
+    with pytest.raises(ValueError, match="op: 'gather' is not one of"):
+        bus_factor("gather", n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(op=st.sampled_from(OPS), nbytes=st.floats(0, 1e12), n=st.integers(1, 4096))
+def test_bytes_sent_equal_bytes_received(op, nbytes, n):
+    sent, received = traffic_bytes(op, nbytes, n)
+    assert sent == received >= 0
+    if n > 1 and nbytes > 0 and op not in ("broadcast", "send_recv"):
+        assert sent == pytest.approx(n * bus_factor(op, n) * nbytes)
+
+
+def test_nccl_tests_bandwidth_definitions():
+    algbw, busbw = nccl_tests_bandwidths("all_reduce", 1e9, 8, 0.01)
+    assert algbw == pytest.approx(1e11) and busbw == pytest.approx(1e11 * 2 * 7 / 8)
+    _, busbw = nccl_tests_bandwidths("broadcast", 1e9, 8, 0.01)
+    assert busbw == pytest.approx(1e11)
+
+
+CLUSTERS = [dict(hardware="h100-sxm", nodes=1), dict(hardware="h100-sxm", nodes=4),
+            dict(hardware="a100-80gb", nodes=16), dict(hardware="mi300x", nodes=2),
+            dict(hardware="h200", nodes=2, nics_per_node=4)]
+
+
+def _groups(cluster):
+    gpn, nodes = cluster.gpus_per_node, cluster.nodes
+    out = [Group(n, n) for n in (2, 4, gpn) if n <= gpn]
+    if nodes > 1:
+        out += [Group(nodes, 1), Group(gpn * nodes, gpn), Group(2 * nodes, 2)]
+    return out
+
+
+@pytest.mark.parametrize("kw", CLUSTERS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_collectives_are_positive_monotone_and_bounded_by_the_link(kw):
+    cluster = build_cluster(**kw)
+    peak_link = max(cluster.intra_node_link.bw_Bps,
+                    cluster.inter_node_link.bw_Bps if cluster.inter_node_link else 0.0)
+    for group in _groups(cluster):
+        for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"):
+            sizes = [2.0 ** k for k in range(10, 36, 3)]
+            times = [collective_time(op, s, group, cluster) for s in sizes]
+            assert all(t > 0 for t in times)
+            assert all(b >= a for a, b in zip(times, times[1:])), (op, group)
+            for s, t in zip(sizes, times):
+                _, busbw = nccl_tests_bandwidths(op, s, group.size, t)
+                # no rank pushes bytes faster than its links' peak (all NICs of a node together)
+                limit = peak_link * max(1, cluster.nics_per_node) if group.nodes > 1 else cluster.intra_node_link.bw_Bps
+                assert busbw <= limit * (1 + 1e-9)
+            c = collective_cost(op, 1e9, group, cluster)
+            assert c.latency_s > 0 and c.volume_bytes >= 0 and c.rate_Bps > 0
+            assert c.link in ("intra", "inter")
+
+
+def test_trivial_collectives_cost_nothing():
+    cluster = build_cluster("h100-sxm")
+    assert collective_cost("all_reduce", 1e9, Group(1, 1), cluster).time_s == 0.0
+    assert collective_cost("all_reduce", 0.0, Group(8, 8), cluster).time_s == 0.0
+    with pytest.raises(ValueError, match="algorithm"):
+        collective_cost("all_reduce", 1e9, Group(8, 8), cluster, algorithm="butterfly")
+    with pytest.raises(ValueError, match="group"):
+        Group(4, 8)
+
+
+def test_tree_and_ring_pick_the_faster_latency_for_all_reduce():
+    cluster = build_cluster("h100-sxm", nodes=16)
+    g = Group(128, 8)
+    auto = collective_time("all_reduce", 1024, g, cluster)
+    assert auto <= collective_time("all_reduce", 1024, g, cluster, "ring") + 1e-15
+    assert auto <= collective_time("all_reduce", 1024, g, cluster, "tree") + 1e-15
+
+
+def test_fewer_nics_make_inter_node_collectives_slower():
+    """Regression: the per-GPU NIC share was a cached_property that survived model_copy, so a
+    cluster built with fewer NICs kept the bandwidth of the base cluster."""
+    base = build_cluster("h100-sxm")
+    assert base.nic_bw_per_gpu_Bps > 0  # read it first: this is what the cache used to keep
+    fewer = build_cluster("h100-sxm", nics_per_node=2)
+    assert fewer.nic_bw_per_gpu_Bps == pytest.approx(base.nic_bw_per_gpu_Bps * 2 / base.nics_per_node)
+    link = base.inter_node_link
+    faster = base.model_copy(update={"inter_node_link": link.model_copy(
+        update={"bw_Bps": 4 * link.bw_Bps, "achievable_bw_Bps": 4 * link.achievable_bw_Bps})})
+    assert faster.nic_bw_per_gpu_Bps == pytest.approx(4 * base.nic_bw_per_gpu_Bps)
+    two = build_cluster("h100-sxm", nodes=2)
+    two_few = build_cluster("h100-sxm", nodes=2, nics_per_node=2)
+    g = Group(16, 8)
+    assert collective_time("all_reduce", 1e9, g, two_few) > collective_time("all_reduce", 1e9, g, two)
+
+
+# --- kernels ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 65536), n=st.integers(1, 65536), k=st.integers(1, 65536),
+       dtype=st.sampled_from(["bf16", "fp16", "fp8", "fp32"]))
+def test_gemm_never_beats_the_roofline(name, m, n, k, dtype):
+    device = load_device(name)
+    try:
+        device.flops(dtype)
+    except KeyError:  # a dtype the device has no peak for (its own error names the allowed ones)
+        return
+    t = float(gemm_time(m, n, k, dtype, device))
+    flops = 2.0 * m * n * k
+    elem = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    traffic = (m * k + k * n + m * n) * elem
+    assert t > 0 and t >= float(roofline_time(flops, traffic, device, dtype)) * (1 - 1e-12)
+    e = float(gemm_efficiency(m, n, k, device))
+    assert 0 < e <= 1
+
+
+@pytest.mark.parametrize("name", DEVICES)
+def test_gemm_time_grows_with_each_dimension(name):
+    device = load_device(name)
+    sizes = np.array([256, 512, 1024, 2048, 4096, 8192, 16384])
+    base = 4096
+    for axis in range(3):
+        dims = [np.full_like(sizes, base) for _ in range(3)]
+        dims[axis] = sizes
+        times = gemm_time(*dims, "bf16", device)
+        assert np.all(np.diff(times) >= -1e-15)
+
+
+@pytest.mark.parametrize("name", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_roofline_and_phases(name, causal):
+    device = load_device(name)
+    for s in (512, 2048, 8192, 32768):
+        fwd = float(attention_time(1, 32, 8, 128, s, s, causal, "forward", device))
+        bwd = float(attention_time(1, 32, 8, 128, s, s, causal, "backward", device))
+        both = float(attention_time(1, 32, 8, 128, s, s, causal, "both", device))
+        assert 0 < fwd < bwd and both == pytest.approx(fwd + bwd, rel=1e-12)
+        executed = float(attention_flops(1, 32, 128, s, s, causal, "both"))
+        assert both >= executed / device.flops("bf16")
+    # causal masking skips work: never slower than the full product
+    assert float(attention_time(1, 32, 8, 128, 8192, 8192, True, "both", device)) <= \
+        float(attention_time(1, 32, 8, 128, 8192, 8192, False, "both", device))
+
+
+@pytest.mark.parametrize("name", DEVICES)
+def test_memory_bound_ops_never_beat_peak_bandwidth(name):
+    device = load_device(name)
+    for nbytes in (1.0, 1e3, 1e6, 1e9, 1e11):
+        assert float(memory_bound_time(nbytes, device)) >= nbytes / device.hbm_bw_Bps
+        assert float(memcpy_time(nbytes, device)) >= 2 * nbytes / device.hbm_bw_Bps
+        assert float(elementwise_time(nbytes, device)) >= 3 * nbytes / device.hbm_bw_Bps
+        assert float(memory_bound_time(2 * nbytes, device)) > float(memory_bound_time(nbytes, device))
+
+
+def test_host_transfers_pageable_slower_than_pinned_and_bounded_by_pcie():
+    cluster = build_cluster("h100-sxm")
+    link = cluster.host_link
+    for nbytes in (1e3, 1e6, 1e9):
+        pinned = float(host_transfer_time(nbytes, link))
+        pageable = float(host_transfer_time(nbytes, link, pinned=False))
+        assert pageable > pinned >= nbytes / link.bw_Bps
+    assert math.isfinite(float(host_transfer_time(0, link)))
