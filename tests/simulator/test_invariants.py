@@ -1,0 +1,175 @@
+"""Invariants of the training simulation, as property tests over random small models, plans
+and clusters (hypothesis).  Whatever the cost constants, a simulation must:
+
+* never produce a negative duration, time or memory;
+* move as many bytes into every link and collective as come out of it;
+* never use more than 100% of anything (mfu ≤ hfu ≤ 1, link busy time ≤ step time);
+* never be faster than the compute roofline (the FLOPs a GPU executes at datasheet peak);
+* never get slower when links get faster;
+* give the same output for the same input;
+* keep each (rank, compute stream) a sequence: one kernel at a time, time never running back.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from plansim.simulator.costs.collectives import traffic_bytes
+from plansim.simulator.engine import TrainingSimulation
+from plansim.simulator.hardware import build_cluster
+from plansim.simulator.result import build_result
+from plansim.workloads.models import ModelSpec
+from plansim.workloads.plan import Plan, PlanError
+from plansim.workloads.training import TrainingWorkload, gemm_dtype
+
+SETTINGS = dict(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EPS = 1e-9
+
+
+@st.composite
+def models(draw) -> ModelSpec:
+    heads = draw(st.sampled_from([2, 4, 8]))
+    hidden = heads * draw(st.sampled_from([32, 64]))
+    kv = draw(st.sampled_from([d for d in (1, 2, 4, 8) if heads % d == 0]))
+    moe = draw(st.booleans()) and draw(st.booleans())  # a quarter of the models are MoE
+    gpt = draw(st.booleans())
+    return ModelSpec(
+        name="rand", num_layers=draw(st.integers(2, 8)), hidden=hidden, num_heads=heads, num_kv_heads=kv,
+        ffn_hidden=hidden * draw(st.sampled_from([2, 3, 4])), vocab=draw(st.integers(200, 4000)),
+        mlp="gelu" if gpt else "swiglu", norm="layernorm" if gpt else "rmsnorm",
+        position="learned" if gpt else "rope", bias=gpt, dropout=gpt and draw(st.booleans()),
+        tied_embeddings=draw(st.booleans()), max_seq_len=1024,
+        num_experts=4 if moe else 0, top_k=draw(st.sampled_from([1, 2])) if moe else 1,
+    )
+
+
+@st.composite
+def cases(draw):
+    model = draw(models())
+    tp = draw(st.sampled_from([1, 2, 4]))
+    pp = draw(st.sampled_from([1, 2, 4]))
+    dp = draw(st.sampled_from([1, 2, 4]))
+    cp = draw(st.sampled_from([1, 1, 2]))
+    ep = draw(st.sampled_from([1, 2])) if model.is_moe else 1
+    schedule = draw(st.sampled_from(["1f1b", "gpipe", "zero-bubble", "interleaved"]))
+    vpp = 2 if schedule == "interleaved" else 1
+    mb = draw(st.integers(1, 2))
+    m = draw(st.integers(1, 6))
+    if schedule == "interleaved":
+        m = pp * draw(st.integers(1, 2))
+    offload = {"optimizer": "cpu"} if draw(st.integers(0, 4)) == 0 else {}
+    try:
+        plan = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, zero=draw(st.integers(0, 3)), micro_batch=mb,
+                    global_batch=dp * mb * m, seq_len=draw(st.sampled_from([128, 256, 512])),
+                    recompute=draw(st.sampled_from(["none", "selective", "full"])),
+                    sequence_parallel=draw(st.booleans()), schedule=schedule, vpp=vpp,
+                    precision=draw(st.sampled_from(["bf16-mixed", "bf16-pure", "fp8"])),
+                    offload=offload, overlap_grad_reduce=draw(st.booleans()), fp32_grads=draw(st.booleans()),
+                    attention=draw(st.sampled_from(["flash", "unfused"])))
+        workload = TrainingWorkload(model, plan)
+    except PlanError:
+        assume(False)
+    world = plan.world_size
+    gpn = draw(st.sampled_from([g for g in (1, 2, 4, 8) if world % g == 0 and g <= world]))
+    hardware = draw(st.sampled_from(["h100-sxm", "a100-80gb", "mi300x"]))
+    cluster = build_cluster(hardware, nodes=world // gpn, gpus_per_node=gpn)
+    return workload, cluster
+
+
+def _run(workload, cluster, trace=True):
+    output = TrainingSimulation(workload, cluster, record_trace=trace).run()
+    result = build_result(output, model=workload.model, plan=workload.plan, cluster=cluster, calibrated=None)
+    return output, result
+
+
+def _scaled(cluster, factor: float):
+    """The cluster with every network link ``factor`` times as fast (peak and achievable)."""
+    def faster(link):
+        return link.model_copy(update={"bw_Bps": link.bw_Bps * factor,
+                                       "achievable_bw_Bps": link.achievable_bw_Bps * factor})
+    update = {"intra_node_link": faster(cluster.intra_node_link), "host_link": faster(cluster.host_link)}
+    if cluster.inter_node_link is not None:
+        update["inter_node_link"] = faster(cluster.inter_node_link)
+    return cluster.model_copy(update=update)
+
+
+@settings(**SETTINGS)
+@given(case=cases())
+def test_simulation_invariants(case):
+    workload, cluster = case
+    plan, device = workload.plan, cluster.device
+    output, result = _run(workload, cluster)
+    step = result.step_time_s
+    assert step > 0
+
+    # no negative durations or memory
+    for e in output.events:
+        assert e.duration_s >= 0 and e.start_s >= 0
+        assert e.start_s + e.duration_s <= step * (1 + EPS) + 1e-12
+    for samples in result.memory_samples:
+        assert all(t >= 0 and b >= 0 for t, b in samples)
+        assert all(t <= step * (1 + EPS) for t, _ in samples)
+    assert all(v >= 0 for v in result.memory_breakdown.values())
+    assert all(v >= 0 for v in result.time_breakdown.values())
+    for r in output.ranks:
+        assert r.compute_s >= 0 and r.comm_exposed_s >= -1e-12 and r.transfer_exposed_s >= 0
+        assert 0 <= r.end_s <= step * (1 + EPS)
+        assert r.memory.peak_bytes >= max(b for _, b in r.memory.samples) * (1 - EPS)
+        assert r.compute_s <= r.end_s * (1 + EPS) + 1e-12
+    assert result.peak_memory_bytes == max(r.memory.peak_bytes for r in output.ranks)
+    assert result.fits == (result.peak_memory_bytes <= result.device_memory_bytes)
+
+    # bytes in = bytes out: every link, every collective of the op graph
+    for link in output.links:
+        assert link.bytes_carried == pytest.approx(link.bytes_offered, rel=1e-6, abs=1e-3)
+        assert link.active_flows == 0
+        assert link.busy_time_s <= step * (1 + EPS) + 1e-12
+    sizes = {"tp": plan.tp, "cp": plan.cp, "dp": plan.dp, "ep": plan.ep}
+    for forward in (workload.dense_layer, workload.moe_layer, workload.embedding, workload.head):
+        for ops in workload.phases(forward).values():
+            for op in ops:
+                if op.kind == "collective" and op.collective != "none":
+                    sent, received = traffic_bytes(op.collective, op.comm_bytes, sizes[op.group])
+                    assert sent == received >= 0
+
+    # utilization ≤ 100%; never faster than the compute roofline
+    peak = device.flops(gemm_dtype(plan))
+    bf16 = device.flops("bf16")
+    assert 0 < result.mfu <= result.hfu * (1 + EPS)
+    assert result.hfu <= peak / bf16 * (1 + EPS)
+    for r in output.ranks:
+        assert r.flops / peak <= step * (1 + EPS)
+    model_flops_per_gpu = workload.model.model_flops_per_token(plan.seq_len) * plan.tokens_per_step / plan.world_size
+    assert model_flops_per_gpu / peak <= step * (1 + EPS)
+
+    # one kernel at a time on each rank's compute stream; time never runs backwards
+    by_stream: dict[tuple[int, str], list] = {}
+    for e in output.events:
+        by_stream.setdefault((e.rank, e.stream), []).append(e)
+    for (rank, stream), events in by_stream.items():
+        if stream in ("compute", "kernels"):
+            events.sort(key=lambda e: e.start_s)
+            for a, b in zip(events, events[1:]):
+                assert b.start_s >= a.start_s + a.duration_s - 1e-12 * max(1.0, step), (rank, stream, a, b)
+
+
+@settings(**SETTINGS)
+@given(case=cases(), factor=st.sampled_from([1.5, 2.0, 10.0]))
+def test_more_bandwidth_never_makes_a_step_slower(case, factor):
+    workload, cluster = case
+    _, slow = _run(workload, cluster, trace=False)
+    _, fast = _run(workload, _scaled(cluster, factor), trace=False)
+    assert fast.step_time_s <= slow.step_time_s * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_deterministic(case):
+    workload, cluster = case
+    _, a = _run(workload, cluster)
+    # a fresh workload and simulation from equal inputs
+    _, b = _run(TrainingWorkload(workload.model, workload.plan), cluster)
+    assert a.to_json() == b.to_json()
+    assert json.dumps(a.chrome_trace(), sort_keys=True) == json.dumps(b.chrome_trace(), sort_keys=True)
