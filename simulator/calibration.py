@@ -60,7 +60,7 @@ def calibrate_device(device: Device, data: dict, path: Path) -> Device:
     sources = dict(device.sources)
     for key in params:
         sources[key] = _source(path, data)
-    return Device.model_validate({**device.model_dump(), **params, "sources": sources})
+    return Device.model_validate({**device.model_dump(exclude_unset=True), **params, "sources": sources})
 
 
 def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
@@ -76,7 +76,7 @@ def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
     sources = dict(link.sources)
     for key in fields:
         sources[key] = _source(path, data)
-    return Link.model_validate({**link.model_dump(), **fields, "sources": sources})
+    return Link.model_validate({**link.model_dump(exclude_unset=True), **fields, "sources": sources})
 
 
 @lru_cache(maxsize=64)

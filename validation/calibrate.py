@@ -1,0 +1,255 @@
+"""Fit cost-model parameters to the calibration split (``plansim calibrate``).
+
+For each device measured under ``validation/data/<gpu>-x<count>/`` this fits, by bounded least
+squares on log(predicted / measured) (``scipy.optimize.least_squares``, soft-L1 loss so that a
+few odd kernels do not pull the rest), the parameters of the cost models' physical forms:
+
+* device (simulator/costs/compute.py), from ``kernels.csv``: ``achievable_gemm_fraction``,
+  ``gemm_k_overhead`` (per-tile prologue/epilogue in K elements), ``kernel_launch_s``,
+  ``achievable_hbm_bw_Bps``, ``attention_fraction``, ``attention_seq_half``,
+  ``attention_bwd_ratio`` — all bounded to physical ranges (fractions ≤ 1, bandwidth ≤ datasheet);
+* host link (simulator/costs/transfers.py), from ``transfers.csv``: PCIe ``achievable_bw_Bps``
+  and ``latency_s`` on pinned copies, then ``pageable_fraction`` on pageable ones;
+* intra-node link (simulator/costs/collectives.py), from ``collectives.csv``: NVLink
+  ``achievable_bw_Bps`` from cases of 1 MiB and more, ``latency_s`` from the smaller ones
+  (alternating, three rounds), for the group size measured (2 GPUs on the H200 host).
+
+Only rows with ``split == calibration`` are used; the case ids are written into the profile
+(``case_ids``) so that ``validate`` can prove it never scores them.  The result is
+``hardware_profiles/calibrated/<device>.yaml`` (format: simulator/calibration.py).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import least_squares
+
+from plansim.simulator.hardware import Cluster, Device, Link
+from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
+                                        base_cluster, data_folders, device_for_folder, load_suite,
+                                        predict_collective, predict_kernel, predict_transfer, rel)
+
+#: (field, lower bound, upper bound); a callable bound takes the datasheet device
+KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
+    # field, lower, upper, kernel kinds that identify it
+    ("achievable_gemm_fraction", 0.2, 1.0, ("gemm",)),
+    ("gemm_k_overhead", 1.0, 4096.0, ("gemm",)),
+    ("kernel_launch_s", 0.2e-6, 30e-6, KERNEL_KINDS),
+    ("achievable_hbm_bw_Bps", lambda d: 0.3 * d.hbm_bw_Bps, lambda d: d.hbm_bw_Bps, ("memcpy", "elementwise",
+                                                                                    "rmsnorm", "layernorm")),
+    ("attention_fraction", 0.05, 1.0, ("attention",)),
+    ("attention_seq_half", 1.0, 16384.0, ("attention",)),
+    ("attention_bwd_ratio", 0.1, 2.0, ("attention",)),
+)
+DEFAULTS = {"gemm_k_overhead": 64.0, "attention_seq_half": 256.0, "attention_bwd_ratio": 0.8}
+
+
+def _fit_log(residual: Callable[[dict], np.ndarray], names: Sequence[str], start: dict, lo: dict, hi: dict) -> dict:
+    """Bounded least squares over log-parameters; returns the fitted values."""
+    names = list(names)
+    if not names:
+        return {}
+    lo_v = np.log([lo[n] for n in names])
+    hi_v = np.log([hi[n] for n in names])
+    x0 = np.clip(np.log([start[n] for n in names]), lo_v + 1e-9, hi_v - 1e-9)
+
+    def fun(x):
+        return residual(dict(zip(names, np.exp(x))))
+
+    sol = least_squares(fun, x0, bounds=(lo_v, hi_v), loss="soft_l1", f_scale=0.05, x_scale=1.0)
+    return {n: float(v) for n, v in zip(names, np.exp(sol.x))}
+
+
+def _log_ratio(pred: Iterable[float], meas: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(list(pred), float), 1e-30) / meas)
+
+
+def _stats(res: np.ndarray) -> dict:
+    err = np.expm1(res)
+    return {"rows": int(len(err)), "median_abs_error": round(float(np.median(np.abs(err))), 4),
+            "p90_abs_error": round(float(np.percentile(np.abs(err), 90)), 4)}
+
+
+def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
+    """Device parameters fitted on calibration kernels: (parameters, fit statistics)."""
+    rows = [r for r in kernels.to_dict("records") if r["kind"] in KERNEL_KINDS]
+    if not rows:
+        return {}, {}
+    kinds = {r["kind"] for r in rows}
+    meas = np.array([float(r["time_s"]) for r in rows])
+    names, lo, hi, start = [], {}, {}, {}
+    for name, low, high, needs in KERNEL_PARAMETERS:
+        if not kinds & set(needs):
+            continue
+        names.append(name)
+        lo[name] = low(device) if callable(low) else low
+        hi[name] = high(device) if callable(high) else high
+        value = getattr(device, name, None)
+        start[name] = float(value if value is not None else DEFAULTS[name])
+
+    def residual(params: dict) -> np.ndarray:
+        trial = device.model_copy(update=params)
+        return _log_ratio((predict_kernel(r, trial) for r in rows), meas)
+
+    params = _fit_log(residual, names, start, lo, hi)
+    return params, {"kernels": _stats(residual(params))}
+
+
+def fit_host_link(link: Link, transfers: pd.DataFrame) -> tuple[dict, dict]:
+    """PCIe achievable bandwidth and latency (pinned copies), then the pageable fraction."""
+    rows = [r for r in transfers.to_dict("records") if r["kind"] in TRANSFER_KINDS]
+    pinned = [r for r in rows if r["memory"] == "pinned"]
+    pageable = [r for r in rows if r["memory"] == "pageable"]
+    cluster_link: dict = {}
+    stats: dict = {}
+    if pinned:
+        meas = np.array([float(r["time_s"]) for r in pinned])
+
+        def res_pinned(p):
+            trial = link.model_copy(update=p)
+            return _log_ratio((_host(r, trial) for r in pinned), meas)
+
+        cluster_link = _fit_log(res_pinned, ["achievable_bw_Bps", "latency_s"],
+                                {"achievable_bw_Bps": link.achievable_bw_Bps, "latency_s": link.latency_s},
+                                {"achievable_bw_Bps": 0.05 * link.bw_Bps, "latency_s": 0.1e-6},
+                                {"achievable_bw_Bps": link.bw_Bps, "latency_s": 100e-6})
+        stats["transfers pinned"] = _stats(res_pinned(cluster_link))
+    if pageable:
+        base = link.model_copy(update=cluster_link)
+        meas = np.array([float(r["time_s"]) for r in pageable])
+
+        def res_pageable(p):
+            trial = base.model_copy(update=p)
+            return _log_ratio((_host(r, trial) for r in pageable), meas)
+
+        got = _fit_log(res_pageable, ["pageable_fraction"], {"pageable_fraction": 0.5},
+                       {"pageable_fraction": 0.02}, {"pageable_fraction": 1.0})
+        cluster_link.update(got)
+        stats["transfers pageable"] = _stats(res_pageable(got))
+    return cluster_link, stats
+
+
+def _host(row, link: Link) -> float:
+    from plansim.simulator.costs.transfers import host_transfer_time
+    return float(host_transfer_time(float(row["bytes"]), link, pinned=row["memory"] == "pinned"))
+
+
+def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame, rounds: int = 3) -> tuple[dict, dict]:
+    """NVLink achievable bandwidth (cases ≥ 1 MiB) and per-hop latency (smaller cases)."""
+    rows = [r for r in collectives.to_dict("records") if int(r["group_size"]) > 1]
+    if not rows:
+        return {}, {}
+    big = [r for r in rows if float(r["bytes"]) >= MiB]
+    small = [r for r in rows if float(r["bytes"]) < MiB]
+    link = cluster.intra_node_link
+    params = {"achievable_bw_Bps": link.achievable_bw_Bps, "latency_s": link.latency_s}
+
+    def residual_on(part):
+        meas = np.array([float(r["time_s"]) for r in part])
+
+        def res(p):
+            trial = cluster.model_copy(update={"intra_node_link": link.model_copy(update={**params, **p})})
+            return _log_ratio((predict_collective(r, trial) for r in part), meas)
+        return res
+
+    for _ in range(rounds):
+        if big:
+            params.update(_fit_log(residual_on(big), ["achievable_bw_Bps"], params,
+                                   {"achievable_bw_Bps": 0.05 * link.bw_Bps}, {"achievable_bw_Bps": link.bw_Bps}))
+        if small:
+            params.update(_fit_log(residual_on(small), ["latency_s"], params,
+                                   {"latency_s": 0.05e-6}, {"latency_s": 200e-6}))
+    stats = {}
+    if big:
+        stats["collectives >= 1 MiB"] = _stats(residual_on(big)({}))
+    if small:
+        stats["collectives < 1 MiB"] = _stats(residual_on(small)({}))
+    return params, stats
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = None,
+              out_dir: Path | str = CALIBRATED_DIR) -> dict[str, Path]:
+    """Fit every device measured under ``data_dir`` (or only ``devices``) on the calibration
+    split and write ``<out_dir>/<device>.yaml``; returns device -> written path."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    by_device: dict[str, list[Path]] = {}
+    for folder in data_folders(data_dir, devices):
+        by_device.setdefault(device_for_folder(folder), []).append(folder)
+    if devices:
+        missing = sorted(set(devices) - set(by_device))
+        if missing:
+            raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
+    written: dict[str, Path] = {}
+    for name, folders in sorted(by_device.items()):
+        written[name] = _calibrate_device(name, folders, out_dir)
+    return written
+
+
+def _calibrate_device(name: str, folders: list[Path], out_dir: Path) -> Path:
+    def gather(suite: str, kinds=None):
+        parts = []
+        for folder in folders:
+            part = load_suite(folder, suite, "calibration")
+            if not part.empty and kinds is not None:
+                part = part[part["kind"].isin(kinds)]
+            if not part.empty:
+                parts.append(part.assign(_folder=folder.name))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    cluster = base_cluster(folders[0])
+    kernels = gather("kernels", KERNEL_KINDS)
+    transfers = gather("transfers", TRANSFER_KINDS)
+    collectives = gather("collectives")
+    if not collectives.empty:
+        collectives = collectives[collectives["group_size"].astype(int) > 1]
+
+    params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
+    device = cluster.device.model_copy(update=params)
+    links: dict[str, dict] = {}
+    if not transfers.empty:
+        host, s = fit_host_link(cluster.host_link, transfers)
+        links[cluster.host_link.name] = host
+        stats.update(s)
+    if not collectives.empty:
+        multi = [f for f in folders if (f / "collectives.csv").is_file()]
+        machine = base_cluster(multi[0]).model_copy(update={"device": device})
+        intra, s = fit_intra_link(machine, collectives)
+        links[machine.intra_node_link.name] = intra
+        stats.update(s)
+
+    used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}
+    fitted_on, case_ids = [], {}
+    for folder in folders:
+        for suite, frame in used.items():
+            if frame.empty:
+                continue
+            ids = sorted(frame.loc[frame["_folder"] == folder.name, "case_id"].astype(str))
+            if ids:
+                fitted_on.append(f"{rel(folder / (suite + '.csv'))} (split=calibration, {len(ids)} rows)")
+                case_ids.setdefault(folder.name, {})[suite] = ids
+    profile = {
+        "device": name,
+        "description": f"{name} cost-model parameters fitted by plansim calibrate "
+                       f"({_dt.date.today().isoformat()}); SI units",
+        "fitted_on": fitted_on,
+        "parameters": {k: _sig(v) for k, v in params.items()},
+        "links": {ln: {k: _sig(v) for k, v in fields.items()} for ln, fields in links.items() if fields},
+        "fit": stats,
+        "case_ids": case_ids,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(profile, sort_keys=False, width=120))
+    return path
+
+
+__all__ = ["calibrate", "fit_device", "fit_host_link", "fit_intra_link"]
