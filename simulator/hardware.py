@@ -165,7 +165,8 @@ class Device(_Profile):
         fallback = {"fp8": "bf16", "tf32": "fp32", "fp16": "bf16"}.get(dtype)
         if fallback and fallback in self.peak_flops:
             return self.peak_flops[fallback]
-        raise KeyError(f"dtype: {dtype!r} not supported by {self.name}; allowed: {', '.join(self.peak_flops)}")
+        # a ProfileError (not KeyError) so that `plansim op --dtype` reports it as bad input, exit 2
+        raise ProfileError(f"dtype: {dtype!r} not supported by {self.name}; allowed: {', '.join(self.peak_flops)}")
 
 
 class Link(_Profile):
