@@ -1,0 +1,280 @@
+"""The ``plansim`` command line: the JSON contracts of DESIGN.md, Chrome traces, and bad input
+(one line on stderr naming the problem and what is allowed, exit code 2, no traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plansim.cli import main
+
+SMALL = ["--model", "llama3-8b", "--hardware", "h100-sxm", "--nodes", "1", "--gpus-per-node", "8"]
+
+
+def _bad(capsys, argv: list[str]) -> str:
+    """Run the CLI on bad input; return its one stderr line after checking the contract."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("error: ")
+    assert out == ""
+    return lines[0]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    paths = {
+        "bad.json": '{"hidden_size": 4096,',
+        "bad.yaml": "tp: [1, 2\n",
+        "list.yaml": "- 1\n- 2\n",
+        "unknown.yaml": "tp: 2\ntensor_parallel: 2\n",
+        "partial.json": '{"model_type": "llama", "hidden_size": 128}',
+        "badhw.yaml": "name: x\npeak_flops: [\n",
+        "plan.yaml": "tp: 2\npp: 2\nglobal_batch: 8\nrecompute: selective\n",
+    }
+    out = {}
+    for name, text in paths.items():
+        (tmp_path / name).write_text(text)
+        out[name] = str(tmp_path / name)
+    out["missing"] = str(tmp_path / "missing.yaml")
+    return out
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_unknown_model_names_the_built_ins(capsys):
+    line = _bad(capsys, ["simulate", "--model", "gpt-5"])
+    assert "'gpt-5'" in line and "llama3-8b" in line and "gpt3-175b" in line
+
+
+def test_unknown_hardware_and_cluster_name_the_allowed_ones(capsys):
+    line = _bad(capsys, ["simulate", "--hardware", "tpu-v9"])
+    assert "'tpu-v9'" in line and "h100-sxm" in line and "mi300x" in line
+    line = _bad(capsys, ["simulate", "--cluster", "nowhere"])
+    assert "'nowhere'" in line and "dgx-h100" in line
+    line = _bad(capsys, ["op", "--kind", "gemm", "--m", "1", "--n", "1", "--k", "1", "--hardware", "tpu-v9"])
+    assert "'tpu-v9'" in line and "h100-sxm" in line
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["simulate", "--tp", "0"], "--tp", "'0'"),
+    (["simulate", "--micro-batch", "-1"], "--micro-batch", "'-1'"),
+    (["simulate", "--global-batch", "0"], "--global-batch", "'0'"),
+    (["simulate", "--nodes", "0"], "--nodes", "'0'"),
+    (["simulate", "--seq-len", "abc"], "--seq-len", "'abc'"),
+    (["op", "--kind", "memcpy", "--bytes", "0"], "--bytes", "'0'"),
+    (["collective", "--op", "all_reduce", "--bytes", "-1"], "--bytes", "'-1'"),
+])
+def test_non_positive_sizes(capsys, argv, flag, value):
+    line = _bad(capsys, argv)
+    assert flag in line and value in line and "positive" in line
+
+
+def test_non_positive_nic_rate(capsys):
+    line = _bad(capsys, ["simulate", "--nic-gbps", "-5"])
+    assert "nic_gbps" in line and "positive" in line and "-5" in line
+
+
+@pytest.mark.parametrize("argv, heads", [
+    (["simulate", "--model", "llama3-8b", "--tp", "3", "--nodes", "1", "--gpus-per-node", "3"], "32"),
+    (["simulate", "--model", "gpt3-175b", "--tp", "64", "--nodes", "8"], "96"),
+])
+def test_tp_not_dividing_heads(capsys, argv, heads):
+    line = _bad(capsys, argv)
+    assert "tp:" in line and "attention heads" in line and heads in line
+
+
+def test_gpu_count_not_the_product_of_degrees(capsys):
+    line = _bad(capsys, ["simulate", *SMALL, "--tp", "2", "--pp", "2", "--dp", "3"])
+    assert "2·2·3·1 = 12" in line and "8 GPUs" in line
+    line = _bad(capsys, ["simulate", *SMALL, "--tp", "2", "--pp", "3"])
+    assert "8 GPUs" in line and "tp·pp·cp = 6" in line
+
+
+def test_unreadable_model_files(capsys, files):
+    line = _bad(capsys, ["simulate", "--model", files["bad.json"]])
+    assert files["bad.json"] in line and "not valid JSON" in line
+    line = _bad(capsys, ["simulate", "--model", files["partial.json"]])
+    assert files["partial.json"] in line and "num_hidden_layers" in line
+    line = _bad(capsys, ["simulate", "--model", files["list.yaml"]])
+    assert files["list.yaml"] in line and "mapping" in line
+    line = _bad(capsys, ["simulate", "--model", files["missing"].replace(".yaml", ".json")])
+    assert "not found" in line
+
+
+def test_unreadable_plan_files(capsys, files):
+    line = _bad(capsys, ["simulate", "--plan", files["bad.yaml"]])
+    assert files["bad.yaml"] in line and "not valid YAML" in line
+    line = _bad(capsys, ["simulate", "--plan", files["list.yaml"]])
+    assert "mapping of plan fields" in line
+    line = _bad(capsys, ["simulate", "--plan", files["missing"]])
+    assert files["missing"] in line and "cannot read" in line
+    line = _bad(capsys, ["simulate", "--plan", files["unknown.yaml"]])
+    assert "'tensor_parallel'" in line and "allowed:" in line and "tp" in line
+
+
+def test_unreadable_hardware_file(capsys, files):
+    line = _bad(capsys, ["simulate", "--hardware", files["badhw.yaml"]])
+    assert files["badhw.yaml"] in line and "YAML" in line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["simulate", "--recompute", "some"], ["--recompute", "'some'", "selective", "full"]),
+    (["simulate", "--zero", "5"], ["--zero", "0, 1, 2, 3"]),
+    (["simulate", "--schedule", "pipedream"], ["--schedule", "1f1b", "interleaved"]),
+    (["simulate", "--offload", "optimizer=tape"], ["offload.optimizer", "'tape'", "cpu", "nvme"]),
+    (["simulate", "--offload", "optimizer"], ["--offload", "WHAT=TIER"]),
+    (["simulate", "--global-batch", "3", "--dp", "2", "--tp", "4"], ["global_batch", "3", "dp·micro_batch"]),
+    (["simulate", "--pp", "64", "--nodes", "8"], ["pp", "64", "32 layers"]),
+    (["collective", "--op", "gather", "--bytes", "1"], ["--op", "'gather'", "all_reduce"]),
+    (["op", "--kind", "gemm", "--m", "4"], ["--n", "--k", "missing"]),
+    (["op", "--kind", "gemm", "--m", "1", "--n", "1", "--k", "1", "--dtype", "fp32", "--hardware", "ascend-910b"],
+     ["'fp32'", "ascend-910b", "bf16"]),
+    (["frobnicate"], ["invalid choice", "simulate"]),
+])
+def test_other_bad_input(capsys, argv, words):
+    line = _bad(capsys, argv)
+    for w in words:
+        assert w in line, (w, line)
+
+
+# --- results ----------------------------------------------------------------------------------
+CONTRACT = {"step_time_s", "tokens_per_s", "mfu", "fits", "peak_memory_bytes", "memory_breakdown",
+            "time_breakdown", "plan"}
+
+
+def test_simulate_json_has_every_contract_field(capsys):
+    assert main(["simulate", *SMALL, "--tp", "2", "--pp", "2", "--global-batch", "8", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert CONTRACT <= set(out)
+    assert set(out["memory_breakdown"]) >= {"params", "grads", "optimizer", "activations", "other"}
+    assert set(out["time_breakdown"]) >= {"compute", "exposed_communication", "exposed_transfers",
+                                          "pipeline_bubble"}
+    assert isinstance(out["fits"], bool)
+    for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes"):
+        assert isinstance(out[key], (int, float)) and out[key] > 0
+    # the resolved plan: defaults filled in (dp from the GPU count, SP on with tp > 1)
+    plan = out["plan"]
+    assert (plan["tp"], plan["pp"], plan["dp"], plan["global_batch"]) == (2, 2, 2, 8)
+    assert plan["sequence_parallel"] is True and plan["schedule"] == "1f1b"
+    assert out["tokens_per_s"] == pytest.approx(8 * plan["seq_len"] / out["step_time_s"])
+
+
+def test_simulate_plan_file_and_flags_override_it(capsys, files):
+    assert main(["simulate", *SMALL, "--plan", files["plan.yaml"], "--pp", "1", "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["tp"], plan["pp"], plan["dp"], plan["recompute"]) == (2, 1, 4, "selective")
+
+
+def test_simulate_table_is_readable(capsys):
+    assert main(["simulate", *SMALL, "--tp", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "step time" in out and "MFU" in out and "peak memory" in out
+
+
+def _trace(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert isinstance(data["traceEvents"], list) and data["traceEvents"]
+    for e in data["traceEvents"]:
+        assert e["ph"] in ("X", "M", "C") and "pid" in e and "name" in e
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and e["ts"] >= 0 and isinstance(e["tid"], int)
+    return data
+
+
+def test_trace_has_compute_and_comm_streams(capsys, tmp_path):
+    path = tmp_path / "trace.json"
+    assert main(["simulate", *SMALL, "--tp", "2", "--pp", "2", "--global-batch", "8",
+                 "--trace", str(path), "--format", "json"]) == 0
+    capsys.readouterr()
+    data = _trace(path)
+    cats = {e.get("cat") for e in data["traceEvents"] if e["ph"] == "X"}
+    assert "compute" in cats
+    assert {"comm:tp", "comm:dp", "comm:pp"} <= cats
+    threads = {e["args"]["name"] for e in data["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"compute", "copy"} <= threads and any(t.startswith("comm") for t in threads)
+    pids = {e["pid"] for e in data["traceEvents"] if e["ph"] == "X"}
+    assert pids == {0, 1}  # one process per pipeline stage
+
+
+def test_trace_with_offload_has_a_copy_stream(capsys, tmp_path):
+    path = tmp_path / "trace.json"
+    assert main(["simulate", *SMALL, "--tp", "8", "--offload", "optimizer=cpu", "--trace", str(path)]) == 0
+    capsys.readouterr()
+    cats = {e.get("cat") for e in _trace(path)["traceEvents"] if e["ph"] == "X"}
+    assert {"compute", "comm:tp", "copy"} <= cats
+
+
+def test_trace_detail_op_lists_kernels(capsys, tmp_path):
+    path = tmp_path / "trace.json"
+    assert main(["simulate", *SMALL, "--tp", "8", "--trace", str(path), "--trace-detail", "op"]) == 0
+    capsys.readouterr()
+    names = {e["name"] for e in _trace(path)["traceEvents"] if e.get("cat") == "kernels"}
+    assert {"qkv", "mlp.down", "logits"} <= names
+
+
+@pytest.mark.parametrize("argv, rate", [
+    (["--kind", "gemm", "--m", "4096", "--n", "4096", "--k", "4096"], "tflops"),
+    (["--kind", "gemm", "--m", "4096", "--n", "4096", "--k", "4096", "--dtype", "fp8"], "tflops"),
+    (["--kind", "attention", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--head-dim", "128",
+      "--seq-len", "4096", "--causal", "--phase", "both"], "tflops"),
+    (["--kind", "memcpy", "--bytes", "1GiB"], "bandwidth_GBps"),
+    (["--kind", "elementwise", "--bytes", "64MiB"], "bandwidth_GBps"),
+    (["--kind", "h2d", "--bytes", "1GiB"], "bandwidth_GBps"),
+    (["--kind", "d2h", "--bytes", "1GiB", "--pageable"], "bandwidth_GBps"),
+])
+def test_op_json(capsys, argv, rate):
+    assert main(["op", *argv, "--hardware", "h100-sxm", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["time_s"] > 0 and out[rate] > 0
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"])
+def test_collective_json(capsys, op):
+    assert main(["collective", "--op", op, "--bytes", "1GiB", "--hardware", "h200", "--nodes", "1",
+                 "--gpus-per-node", "4", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"time_s", "algbw_gbps", "busbw_gbps"} <= set(out)
+    assert out["time_s"] > 0 and out["algbw_gbps"] > 0 and out["busbw_gbps"] > 0
+    assert out["algbw_gbps"] == pytest.approx(2**30 / out["time_s"] / 1e9)
+    factor = {"all_reduce": 2 * 3 / 4, "broadcast": 1.0}.get(op, 3 / 4)
+    assert out["busbw_gbps"] == pytest.approx(out["algbw_gbps"] * factor)
+
+
+def test_lists(capsys):
+    assert main(["hardware", "list", "--format", "json"]) == 0
+    names = {row["name"] for row in json.loads(capsys.readouterr().out)}
+    assert {"h100-sxm", "h200", "a100-80gb", "a100-40gb", "b200", "mi300x", "mi250x-gcd", "ascend-910b"} <= names
+    assert main(["models", "list", "--format", "json"]) == 0
+    names = {row["name"] for row in json.loads(capsys.readouterr().out)}
+    assert {"llama2-7b", "llama2-70b", "llama3-8b", "llama3-70b", "llama3-405b", "gpt3-175b", "mixtral-8x7b"} <= names
+
+
+# --- end to end -----------------------------------------------------------------------------------
+def _console_script() -> str:
+    script = Path(sys.executable).parent / ("plansim.exe" if os.name == "nt" else "plansim")
+    if not script.exists():
+        pytest.skip("the plansim console script is not installed next to this interpreter")
+    return str(script)
+
+
+def test_installed_console_script_end_to_end(tmp_path):
+    trace = tmp_path / "t.json"
+    proc = subprocess.run([_console_script(), "simulate", "--model", "llama3-8b", "--hardware", "h100-sxm",
+                           "--tp", "2", "--pp", "2", "--global-batch", "8", "--format", "json",
+                           "--trace", str(trace)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert CONTRACT <= set(out) and out["step_time_s"] > 0
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_installed_console_script_bad_input():
+    proc = subprocess.run([_console_script(), "simulate", "--tp", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
