@@ -28,6 +28,13 @@ DEFAULT_ATTENTION_SEQ_HALF = 256.0  # sequence length at which attention reaches
 DEFAULT_ATTENTION_BWD_RATIO = 0.8  # backward FLOP rate relative to forward
 
 
+MIN_GEMM_TILE = 64.0  # smallest CTA tile edge cuBLAS/CUTLASS use for a short GEMM dimension
+
+
+def _next_pow2(x):
+    return np.exp2(np.ceil(np.log2(np.maximum(x, 1.0))))
+
+
 def _param(device: Device, name: str, default: float) -> float:
     value = getattr(device, name, None)
     return default if value is None else float(value)
@@ -36,7 +43,11 @@ def _param(device: Device, name: str, default: float) -> float:
 def gemm_efficiency(m, n, k, device: Device):
     """Fraction of the achievable GEMM rate a (m, n, k) product reaches (0 < e ≤ 1)."""
     m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
-    tm, tn = float(device.gemm_tile_m), float(device.gemm_tile_n)
+    # libraries carry smaller tile shapes for skinny problems (cuBLAS/CUTLASS heuristics pick the
+    # smallest tile that covers a short dimension, down to MIN_GEMM_TILE): a decode GEMM with
+    # m = 1 is not charged a full 128- or 256-row tile
+    tm = np.minimum(float(device.gemm_tile_m), np.maximum(MIN_GEMM_TILE, _next_pow2(m)))
+    tn = np.minimum(float(device.gemm_tile_n), np.maximum(MIN_GEMM_TILE, _next_pow2(n)))
     tiles_m, tiles_n = np.ceil(m / tm), np.ceil(n / tn)
     tile_eff = (m * n) / (tiles_m * tm * tiles_n * tn)
     tiles = tiles_m * tiles_n
