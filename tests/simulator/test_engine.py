@@ -1,0 +1,184 @@
+"""The event engine and the Result it produces: accounting identities and the directions in
+which plan changes must move time and memory.  No tuned numbers: only relations that hold
+for any cost constants."""
+from __future__ import annotations
+
+import pytest
+
+from plansim.api import simulate
+from plansim.simulator.engine import TrainingSimulation
+from plansim.simulator.hardware import build_cluster
+from plansim.simulator.memory import WORKSPACE_BYTES
+from plansim.simulator.result import build_result
+from plansim.workloads.model_io import load_model
+from plansim.workloads.plan import Plan
+from plansim.workloads.training import TrainingWorkload
+
+REL = 1e-9
+
+
+def _run(model: str, plan: Plan, nodes: int = 1, gpn: int = 8, hardware: str = "h100-sxm", trace: bool = False):
+    spec = load_model(model)
+    cluster = build_cluster(hardware, nodes=nodes, gpus_per_node=gpn)
+    workload = TrainingWorkload(spec, plan)
+    output = TrainingSimulation(workload, cluster, record_trace=trace).run()
+    return output, build_result(output, model=spec, plan=plan, cluster=cluster, calibrated=None)
+
+
+PLAN = Plan(tp=2, pp=2, dp=2, global_batch=16, seq_len=2048)
+
+
+def test_step_time_is_the_last_rank_and_breakdown_adds_up():
+    output, result = _run("llama3-8b", PLAN)
+    assert result.step_time_s == max(r.end_s for r in output.ranks)
+    tb = result.time_breakdown
+    assert sum(tb.values()) == pytest.approx(result.step_time_s, rel=1e-9)
+    assert result.tokens_per_s == pytest.approx(PLAN.tokens_per_step / result.step_time_s, rel=REL)
+    assert len(result.per_stage) == PLAN.pp
+
+
+def test_mfu_follows_its_definition():
+    spec = load_model("llama3-8b")
+    _, result = _run("llama3-8b", PLAN)
+    device = build_cluster("h100-sxm").device
+    model_flops = spec.model_flops_per_token(PLAN.seq_len) * PLAN.tokens_per_step
+    assert result.mfu == pytest.approx(model_flops / (result.step_time_s * 8 * device.flops("bf16")), rel=REL)
+    assert result.hfu == pytest.approx(result.mfu, rel=1e-9)  # no recomputation
+
+
+def test_executed_flops_are_the_op_graph_times_micro_batches():
+    output, _ = _run("llama3-8b", PLAN)
+    per_mb = sum(c.phases["F"].flops + c.phases["B"].flops for c in output.chunk_costs)
+    assert sum(r.flops for r in output.ranks) == pytest.approx(per_mb * PLAN.num_microbatches, rel=REL)
+
+
+def test_memory_breakdown_adds_up_and_activations_are_all_freed():
+    output, result = _run("llama3-8b", PLAN)
+    mb = result.memory_breakdown
+    assert sum(mb.values()) == pytest.approx(result.peak_memory_bytes, rel=1e-9)
+    for r in output.ranks:
+        assert r.memory.activations == 0.0  # everything saved for backward was released
+        assert r.memory.samples[-1][1] == pytest.approx(r.memory.static_bytes, rel=REL)
+        assert r.memory.static_bytes == pytest.approx(r.model_state.total + WORKSPACE_BYTES, rel=REL)
+
+
+@pytest.mark.parametrize("pp, m", [(2, 8), (4, 8), (4, 2)])
+def test_1f1b_first_stage_holds_p_micro_batches(pp, m):
+    """Korthikanti et al. 2022 §4.2.3: under 1F1B the first stage keeps p micro-batches in flight."""
+    plan = Plan(tp=2, pp=pp, dp=1, global_batch=m, seq_len=2048)
+    output, _ = _run("llama3-8b", plan, gpn=2 * pp)
+    stage0 = output.ranks[0].memory
+    saved = sum(c.saved_bytes for c in output.chunk_costs if c.chunk.rank == 0)
+    assert stage0.peak_activations == pytest.approx(min(pp, m) * saved, rel=1e-9)
+
+
+def test_symmetry_data_parallel_replicas_do_the_same_compute():
+    """dp only adds gradient reduction: per-rank compute is that of one replica."""
+    one = Plan(tp=2, pp=2, dp=1, global_batch=8, seq_len=2048)
+    many = Plan(tp=2, pp=2, dp=16, global_batch=128, seq_len=2048)
+    o1, r1 = _run("llama3-8b", one, gpn=4)
+    o2, r2 = _run("llama3-8b", many, nodes=8)
+    for a, b in zip(o1.ranks, o2.ranks):
+        assert a.flops == pytest.approx(b.flops, rel=REL)
+    assert r2.step_time_s >= r1.step_time_s * (1 - 1e-9)
+    assert r2.tokens_per_s > r1.tokens_per_s
+
+
+def test_zero_stages_shrink_memory_monotonically():
+    peaks, states = [], []
+    for zero in (0, 1, 2, 3):
+        _, r = _run("llama3-8b", Plan(dp=8, zero=zero, global_batch=8, seq_len=2048))
+        mb = r.memory_breakdown
+        peaks.append(r.peak_memory_bytes)
+        states.append(mb["params"] + mb["grads"] + mb["optimizer"])
+    assert states[0] > states[1] > states[2] > states[3]
+    assert peaks[0] > peaks[1] > peaks[2] > peaks[3]
+
+
+def test_recomputation_trades_memory_for_time():
+    results = {rc: _run("llama3-8b", PLAN.replace(recompute=rc))[1] for rc in ("none", "selective", "full")}
+    acts = [results[rc].memory_breakdown["activations"] for rc in ("none", "selective", "full")]
+    assert acts[0] > acts[1] > acts[2]
+    assert results["full"].step_time_s > results["none"].step_time_s
+    assert results["full"].hfu > results["full"].mfu
+    assert results["selective"].hfu >= results["selective"].mfu
+
+
+def test_cpu_optimizer_offload_frees_device_memory_and_costs_transfers():
+    base = Plan(tp=8, global_batch=4, seq_len=2048)
+    _, on_gpu = _run("llama3-8b", base)
+    out, off = _run("llama3-8b", base.replace(offload={"optimizer": "cpu"}), trace=True)
+    assert off.memory_breakdown["optimizer"] == 0 < on_gpu.memory_breakdown["optimizer"]
+    assert off.peak_memory_bytes < on_gpu.peak_memory_bytes
+    assert off.time_breakdown["exposed_transfers"] > 0
+    assert any(e.stream == "copy" for e in out.events)
+    assert all(link.bytes_carried == pytest.approx(link.bytes_offered, rel=1e-6) for link in out.links)
+
+
+def test_more_micro_batches_take_longer_but_amortise_the_bubble():
+    steps = {}
+    for m in (4, 8, 16):
+        _, r = _run("llama3-8b", Plan(tp=2, pp=4, dp=1, global_batch=m, seq_len=2048))
+        steps[m] = r
+    assert steps[4].step_time_s < steps[8].step_time_s < steps[16].step_time_s
+    assert steps[4].mfu < steps[8].mfu < steps[16].mfu
+    frac = {m: r.time_breakdown["pipeline_bubble"] / r.step_time_s for m, r in steps.items()}
+    assert frac[4] > frac[8] > frac[16]
+
+
+def test_overlapping_gradient_reduction_never_hurts():
+    base = Plan(tp=1, pp=1, dp=8, global_batch=16, seq_len=2048)
+    _, overlapped = _run("llama3-8b", base)
+    _, exposed = _run("llama3-8b", base.replace(overlap_grad_reduce=False))
+    assert exposed.step_time_s >= overlapped.step_time_s
+    assert exposed.time_breakdown["exposed_communication"] >= overlapped.time_breakdown["exposed_communication"]
+
+
+def test_slower_network_exposes_more_communication():
+    plan = Plan(tp=8, pp=1, dp=4, global_batch=8, seq_len=2048)
+    spec = load_model("llama3-8b")
+    fast = build_cluster("h100-sxm", nodes=4)
+    slow = build_cluster("h100-sxm", nodes=4, nic_gbps=25)
+    w = TrainingWorkload(spec, plan)
+    r_fast = build_result(TrainingSimulation(w, fast).run(), model=spec, plan=plan, cluster=fast, calibrated=None)
+    r_slow = build_result(TrainingSimulation(w, slow).run(), model=spec, plan=plan, cluster=slow, calibrated=None)
+    assert r_slow.step_time_s > r_fast.step_time_s
+    assert r_slow.time_breakdown["exposed_communication"] > r_fast.time_breakdown["exposed_communication"]
+
+
+def test_trace_streams_follow_the_plan():
+    out, _ = _run("llama3-8b", PLAN, trace=True)
+    streams = {e.stream for e in out.events}
+    assert {"compute", "comm:tp", "comm:pp", "comm:dp"} <= streams
+    out, _ = _run("llama3-8b", Plan(tp=8, global_batch=2, seq_len=2048), trace=True)
+    streams = {e.stream for e in out.events}
+    assert "comm:pp" not in streams and "comm:dp" not in streams
+    out, _ = _run("llama3-8b", PLAN, trace=False)
+    assert out.events == []
+
+
+def test_out_of_memory_is_reported_not_raised():
+    r = simulate("llama3-70b", "h100-sxm", plan=dict(tp=1, pp=1, dp=8, global_batch=8, seq_len=2048),
+                 nodes=1, gpus_per_node=8)
+    assert r.fits is False and r.peak_memory_bytes > r.device_memory_bytes
+    assert "out of memory" in r.infeasible_reason
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model="mixtral-8x7b", plan=dict(tp=2, pp=2, dp=4, ep=4, global_batch=16, seq_len=2048), nodes=2),
+    dict(model="llama3-8b", plan=dict(tp=2, cp=2, pp=2, dp=1, global_batch=4, seq_len=8192), nodes=1),
+    dict(model="llama3-8b", plan=dict(tp=2, pp=2, dp=2, global_batch=8, schedule="interleaved", vpp=2), nodes=1),
+    dict(model="llama3-8b", plan=dict(tp=2, pp=4, dp=1, global_batch=8, schedule="zero-bubble"), nodes=1),
+    dict(model="gpt3-175b", plan=dict(tp=8, pp=8, dp=2, global_batch=32, precision="fp8", zero=1), nodes=16),
+])
+def test_parallelism_mixes_run(kw):
+    r = simulate(kw["model"], "h100-sxm", plan=kw["plan"], nodes=kw["nodes"], gpus_per_node=8)
+    assert r.step_time_s > 0 and 0 < r.mfu <= r.hfu < 2 and r.peak_memory_bytes > 0
+
+
+def test_uneven_pipeline_split_is_accepted():
+    r = simulate("llama3-8b", "h100-sxm", plan=dict(pp=3, tp=1, dp=1, global_batch=6), nodes=1, gpus_per_node=3)
+    assert r.step_time_s > 0
+    r2 = simulate("llama3-8b", "h100-sxm", plan=dict(pp=4, tp=2, dp=1, global_batch=8, first_stage_layers=7,
+                                                      last_stage_layers=7), nodes=1, gpus_per_node=8)
+    assert r2.step_time_s > 0
