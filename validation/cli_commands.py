@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+SUITES = ("kernels", "transfers", "collectives", "steps", "vidur")  # compare.SUITES
 
 
 def _fail(message: str) -> int:
@@ -91,9 +92,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_parsers(subparsers, parser_class=argparse.ArgumentParser) -> None:
-    """Register ``calibrate`` and ``validate`` on the CLI's subparsers."""
-    from plansim.validation.compare import SUITES
-
+    """Register ``calibrate`` and ``validate`` on the CLI's subparsers (imports nothing heavy:
+    pandas and scipy load only when a command runs)."""
     p = subparsers.add_parser("calibrate", help="fit calibrated hardware profiles to the calibration split")
     p.add_argument("--data", help="measurement folder (default: validation/data)")
     p.add_argument("--device", action="append", default=[], help="fit only this device (repeatable)")

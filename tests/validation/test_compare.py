@@ -123,3 +123,8 @@ def test_step_plan_maps_runner_strategies():
     assert pp.schedule == "gpipe" and pp.num_microbatches == 8
     tp = step_plan({**base, "strategy": "tp", "tp": 2, "dp": 1, "global_batch": 2})
     assert tp.sequence_parallel is False and tp.precision == "bf16-pure"
+
+
+def test_cli_suites_match_compare():
+    from plansim.validation import cli_commands, compare
+    assert cli_commands.SUITES == compare.SUITES
