@@ -182,3 +182,15 @@ def test_uneven_pipeline_split_is_accepted():
     r2 = simulate("llama3-8b", "h100-sxm", plan=dict(pp=4, tp=2, dp=1, global_batch=8, first_stage_layers=7,
                                                       last_stage_layers=7), nodes=1, gpus_per_node=8)
     assert r2.step_time_s > 0
+
+
+@pytest.mark.parametrize("p, v", [(4, 2), (4, 4), (2, 2), (8, 2)])
+def test_interleaved_first_stage_memory_factor(p, v):
+    """Korthikanti et al. 2022 §4.2.3: interleaving multiplies the first stage's activation
+    memory by 1 + (p − 1)/(p·v) against 1F1B (equal layers per chunk, nothing on the embedding)."""
+    m = 2 * p
+    base = Plan(tp=1, pp=p, dp=1, global_batch=m, seq_len=1024)
+    o1, _ = _run("llama3-8b", base, gpn=p)
+    o2, _ = _run("llama3-8b", base.replace(schedule="interleaved", vpp=v), gpn=p)
+    ratio = o2.ranks[0].memory.peak_activations / o1.ranks[0].memory.peak_activations
+    assert ratio == pytest.approx(1 + (p - 1) / (p * v), rel=1e-9)
