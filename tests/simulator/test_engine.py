@@ -194,3 +194,20 @@ def test_interleaved_first_stage_memory_factor(p, v):
     o2, _ = _run("llama3-8b", base.replace(schedule="interleaved", vpp=v), gpn=p)
     ratio = o2.ranks[0].memory.peak_activations / o1.ranks[0].memory.peak_activations
     assert ratio == pytest.approx(1 + (p - 1) / (p * v), rel=1e-9)
+
+
+def test_data_parallel_traffic_per_zero_stage():
+    """Bytes each rank puts on its links in one step (one micro-batch, pure DP): ZeRO-1/2 (and
+    Megatron's distributed optimizer) reduce-scatter gradients and all-gather parameters, the
+    volume of one all-reduce; ZeRO-3/FSDP gathers parameters in forward and again in backward
+    and reduce-scatters gradients: 1.5× (ZeRO paper §7; modelling reference)."""
+    n = 8
+    volume = {}
+    for zero in (0, 1, 2, 3):
+        out, _ = _run("llama3-8b", Plan(dp=n, zero=zero, global_batch=n, seq_len=1024))
+        volume[zero] = sum(link.bytes_offered for link in out.links)
+    params = sum(c.params for c in out.chunk_costs)
+    assert volume[0] == pytest.approx(2 * (n - 1) / n * 2 * params, rel=1e-6)  # bf16 gradients, ring all-reduce
+    assert volume[1] == pytest.approx(volume[0], rel=1e-6)
+    assert volume[2] == pytest.approx(volume[0], rel=1e-6)
+    assert volume[3] == pytest.approx(1.5 * volume[0], rel=1e-6)
