@@ -1,0 +1,228 @@
+"""``plansim search``: the argument parser and the command (a thin shell over :func:`search`).
+
+Registered by ``plansim/cli.py``::
+
+    from plansim.planner.cli_commands import add_search_parser
+    add_search_parser(sub, _Parser)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from plansim.workloads.plan import PRECISIONS, PlanError
+
+TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
+                 ("cp", "cp"), ("ep", "ep"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
+                 ("recompute", "recompute"), ("schedule", "schedule"), ("step_time_s", "step s"),
+                 ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peak_memory_bytes", "peak mem"),
+                 ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tokens(text: str) -> float:
+    """Token counts: ``2e12``, ``15T``, ``300B``, ``500M``."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 2e12 or 15T, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive token count, got {text!r}")
+    return value
+
+
+def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argparse.ArgumentParser:
+    """Register ``plansim search`` on ``subparsers`` (the CLI's ``add_subparsers`` object, which
+    already makes parsers of the CLI's class; ``parser_class`` is accepted for symmetry)."""
+    p = subparsers.add_parser(
+        "search", help="search training plans (parallelism, memory, hardware) and rank them",
+        description="Enumerate training plans, prune the infeasible, rank the rest by an analytic estimate and "
+                    "confirm the best with the event simulation.")
+    p.add_argument("--model", required=True, help="built-in name (plansim models list) or config.json/YAML path")
+    p.add_argument("--hardware", default="h100-sxm",
+                   help="device name(s), comma-separated to choose among them (h100-sxm,h200,b200,mi300x)")
+    p.add_argument("--cluster", help="cluster name or YAML path (default: each device's default cluster)")
+    p.add_argument("--gpus", help="GPU count(s): 512, 256,512, 256..2048 (doubling) or 256..2048:256 (step)")
+    p.add_argument("--nodes", type=_positive_int)
+    p.add_argument("--gpus-per-node", type=_positive_int)
+    p.add_argument("--nics-per-node", type=_positive_int)
+    p.add_argument("--nic-gbps", type=float)
+    batch = p.add_mutually_exclusive_group(required=True)
+    batch.add_argument("--global-batch", type=_positive_int, help="sequences per step, fixed")
+    batch.add_argument("--max-global-batch", type=_positive_int,
+                       help="each plan takes the largest multiple of dp × micro-batch not above this")
+    p.add_argument("--seq-len", type=_positive_int, default=2048)
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
+    p.add_argument("--objective", default="throughput",
+                   help="throughput | mfu | cost | time-to-train (default throughput)")
+    p.add_argument("--tokens", type=_tokens, help="tokens to train on, for time-to-train (e.g. 15T)")
+    p.add_argument("--top", type=_positive_int, default=10, help="plans to show (default 10)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--out", metavar="FILE.parquet|csv", help="also write the shown plans to a file")
+    p.add_argument("--explain", action="store_true", help="why the winner beats the runner-up")
+    p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
+                   help="repeatable: tp<=8, pp=1, zero>=1, schedule!=zero-bubble, max-memory=70GiB")
+    p.add_argument("--pareto", metavar="A,B", help="keep the non-dominated plans on these metrics "
+                                                   "(throughput, cost, memory, mfu, time-to-train)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the plans and the Pareto front")
+    p.add_argument("--executor", default="local", help="local (process pool) | ray")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--workers", type=_positive_int, help="worker processes (default: CPU count, at most 8)")
+    p.add_argument("--price", action="append", default=None, metavar="NAME=USD|FILE.yaml",
+                   help="price per GPU-hour override, repeatable (built-in: the devices' list prices)")
+    p.add_argument("--list-infeasible", action="store_true", help="also list the pruned plans with their reason")
+    p.add_argument("--confirm", type=int, default=None,
+                   help="event-simulate at least this many of the best estimates (default: max(top, 5))")
+    p.add_argument("--no-calibration", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
+    return p
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from plansim.planner.search import explain, search
+    frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
+                   global_batch=args.global_batch, max_global_batch=args.max_global_batch, seq_len=args.seq_len,
+                   objective=args.objective, tokens=args.tokens, top=args.top, constraints=args.constraint,
+                   pareto=args.pareto, executor=args.executor, workers=args.workers, address=args.address,
+                   prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
+                   progress=not args.no_progress and args.format == "table",
+                   list_infeasible=args.list_infeasible, precision=args.precision)
+    summary = frame.attrs["summary"]
+    if args.out:
+        write_frame(frame, args.out)
+    if args.plot:
+        plot_frame(frame, args.plot, args.pareto)
+    if args.format == "json":
+        out = {"plans": json.loads(frame.to_json(orient="records")), "summary": summary}
+        if args.list_infeasible:
+            out["infeasible"] = frame.attrs.get("infeasible", [])
+        if frame.empty:
+            out["why_empty"] = frame.attrs.get("why_empty")
+        print(json.dumps(out, indent=2, default=str))
+    elif args.format == "csv":
+        print(csv_frame(frame).to_csv(index=False), end="")
+        if args.list_infeasible:
+            import pandas as pd
+            print(pd.DataFrame(frame.attrs.get("infeasible", [])).to_csv(index=False), end="", file=sys.stderr)
+    else:
+        _print_table(frame, summary)
+        if args.list_infeasible:
+            _print_infeasible(frame.attrs.get("infeasible", []))
+        if args.explain and len(frame) >= 2:
+            print(explain(frame))
+    if frame.empty:
+        print(f"plansim search: {frame.attrs.get('why_empty')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def csv_frame(frame):
+    """The frame with its dict columns as JSON strings (for CSV)."""
+    out = frame.copy()
+    for col in ("memory_breakdown", "time_breakdown", "plan"):
+        out[col] = out[col].map(lambda d: json.dumps(d, sort_keys=True))
+    return out
+
+
+def write_frame(frame, path: str) -> None:
+    if path.endswith(".parquet"):
+        frame_out = frame.copy()
+        frame_out["plan"] = frame_out["plan"].map(lambda d: json.dumps(d, sort_keys=True))
+        frame_out.attrs = {}
+        frame_out.to_parquet(path, index=False)
+    elif path.endswith(".csv"):
+        csv_frame(frame).to_csv(path, index=False)
+    else:
+        raise PlanError(f"out: {path!r} must end in .parquet or .csv")
+
+
+def plot_frame(frame, path: str, pareto: str | None) -> None:
+    """Scatter of the shown plans on two metrics (the --pareto pair, else throughput vs memory)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plansim.planner.search import PARETO_METRICS, pareto_front
+    metrics = [m.strip() for m in (pareto or "throughput,memory").split(",")][:2]
+    (xc, _), (yc, _) = PARETO_METRICS[metrics[0]], PARETO_METRICS[metrics[1]]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if not frame.empty:
+        ax.scatter(frame[xc], frame[yc], s=18, alpha=0.5, label="plans")
+        front = pareto_front(frame, metrics).sort_values(xc)
+        ax.plot(front[xc], front[yc], "o-", color="C3", label="Pareto front")
+    ax.set_xlabel(xc)
+    ax.set_ylabel(yc)
+    ax.legend()
+    ax.set_title("plansim search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(col: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if col == "peak_memory_bytes":
+        return f"{v / 2**30:.1f} GiB"
+    if col == "mfu":
+        return f"{v:.1%}"
+    if col == "tokens_per_s":
+        return f"{v:,.0f}"
+    if col == "schedule":
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_table(frame, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    cols = [(c, h) for c, h in TABLE_COLUMNS
+            if c in frame.columns and not (c == "time_to_train_days" and frame[c].isna().all())]
+    table = Table(title=f"plansim search: top {len(frame)} by {summary['objective']}")
+    for _, header in cols:
+        table.add_column(header, justify="left" if header in ("hardware", "recompute", "schedule", "by") else "right")
+    for rec in frame.to_dict("records"):
+        cells = []
+        for c, _ in cols:
+            v = rec[c]
+            if c == "schedule" and rec["vpp"] > 1:
+                v = f"{v} v={rec['vpp']}"
+            cells.append(_fmt(c, v))
+        table.add_row(*cells)
+    console = Console(width=220)
+    console.print(table)
+    reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(summary["pruned_by_reason"].items(), key=lambda kv: -kv[1]))
+    console.print(f"{summary['explored']:,} plans explored on {', '.join(summary['targets'])}: "
+                  f"{summary['pruned']:,} pruned ({reasons or 'none'}), {summary['estimated']:,} estimated, "
+                  f"{summary['simulated']} simulated; {summary['elapsed_s']:.1f} s", highlight=False)
+
+
+def _print_infeasible(items: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"infeasible plans ({sum(i['count'] for i in items):,})")
+    keys = ["hardware", "num_gpus", "tp", "cp", "pp", "dp", "ep", "micro_batch", "schedule", "vpp", "zero",
+            "recompute", "count", "reason"]
+    for k in keys:
+        table.add_column(k)
+    for item in items:
+        table.add_row(*[str(item.get(k, "*")) for k in keys])
+    Console(width=220).print(table)

@@ -1,0 +1,305 @@
+"""The plan space: enumerate training plans for a model on a cluster and prune the impossible.
+
+A search space is the product of the degrees (tp, cp, pp, dp, ep), ZeRO stage, micro-batch,
+recomputation and pipeline schedule (with virtual stages).  Enumeration walks it as a tree
+(tp → cp → pp → ep → micro-batch → schedule → ZeRO → recomputation) so a rule that fails high up
+prunes the whole subtree at once, and every pruned subtree is kept as a :class:`Pruned` record
+with its reason and the number of plans it stood for.  The rules are Megatron-LM's and the
+core's (:func:`~plansim.workloads.training.check_plan_fits_model`, :class:`Plan` validation):
+heads % tp, kv-heads and tp divide one another, tp inside one NVLink domain (a node) unless
+asked otherwise, seq % cp, experts % ep and ep | dp·cp, layers over pp·vpp (interleaving needs
+an even split; plain pipelines may take the remainder off the first and last stages),
+gpus = tp·pp·dp·cp, and the global batch a multiple of dp·micro-batch (with ``max_global_batch``
+each plan takes the largest such multiple not above it, as Calculon does).
+
+Constraints (``tp<=8``, ``pp=1``, ``schedule!=zero-bubble``, ``max-memory=70GiB``) are parsed
+here; the plan-field ones prune during enumeration, ``max-memory`` when memory is known.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+from plansim.simulator.hardware import Cluster
+from plansim.simulator.units import UnitError, parse_quantity
+from plansim.workloads.models import ModelSpec
+from plansim.workloads.plan import RECOMPUTE, SCHEDULES, Plan, PlanError
+from plansim.workloads.training import check_plan_fits_model, split_layers
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
+        "<": operator.lt, ">": operator.gt}
+INT_KEYS = ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "vpp", "global_batch", "num_gpus")
+STR_KEYS = ("recompute", "schedule", "hardware", "precision")
+MEMORY_KEYS = ("max_memory", "memory")
+CONSTRAINT_KEYS = INT_KEYS + STR_KEYS + MEMORY_KEYS
+_ALIASES = {"gpus": "num_gpus", "mb": "micro_batch", "gbs": "global_batch", "peak_memory": "memory"}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``key op value`` on a plan field, the GPU count, the hardware or the peak memory."""
+
+    key: str
+    op: str
+    value: Any
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraint":
+        match = re.fullmatch(r"\s*([A-Za-z_-]+)\s*(<=|>=|!=|==|=|<|>)\s*(\S+)\s*", text)
+        if not match:
+            raise PlanError(f"constraint: {text!r} must be KEY OP VALUE with OP one of <=, >=, <, >, =, != "
+                            f"(e.g. tp<=8, pp=1, max-memory=70GiB)")
+        raw_key, op, raw = match.groups()
+        key = raw_key.replace("-", "_").lower()
+        key = _ALIASES.get(key, key)
+        if key not in CONSTRAINT_KEYS:
+            raise PlanError(f"constraint: unknown key {raw_key!r} in {text!r}; allowed: "
+                            f"{', '.join(k.replace('_', '-') for k in CONSTRAINT_KEYS)}")
+        if key == "max_memory":
+            if op not in ("=", "==", "<="):
+                raise PlanError(f"constraint: {text!r}: max-memory takes '=' (e.g. max-memory=70GiB)")
+            key, op = "memory", "<="
+        if key == "memory":
+            try:
+                value: Any = parse_quantity(raw, "bytes")
+            except UnitError as exc:
+                raise PlanError(f"constraint: {text!r}: {exc}") from None
+        elif key in INT_KEYS:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise PlanError(f"constraint: {text!r}: {key} takes an integer, got {raw!r}") from None
+        else:
+            if op not in ("=", "==", "!="):
+                raise PlanError(f"constraint: {text!r}: {key} takes '=' or '!='")
+            allowed = {"recompute": RECOMPUTE, "schedule": SCHEDULES}.get(key)
+            if allowed and raw not in allowed:
+                raise PlanError(f"constraint: {text!r}: {key} must be one of {', '.join(allowed)}")
+            value = raw
+        return cls(key, op, value, text.strip())
+
+    def admits(self, value: Any) -> bool:
+        return _OPS[self.op](value, self.value)
+
+
+def parse_constraints(items: list[str] | tuple[str, ...] | None) -> list[Constraint]:
+    out = []
+    for item in items or ():
+        for part in str(item).split(","):  # "tp<=8,pp=1" is accepted as well as repeated flags
+            if part.strip():
+                out.append(Constraint.parse(part))
+    return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which values each dimension may take (``None``: chosen from the model and cluster)."""
+
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    cp: tuple[int, ...] | None = None  # default: 1, and powers of two up to 8 for seq ≥ 8192
+    ep: tuple[int, ...] | None = None
+    micro_batch: tuple[int, ...] = (1, 2, 4, 8, 16)
+    recompute: tuple[str, ...] = RECOMPUTE
+    schedules: tuple[str, ...] = ("1f1b", "interleaved", "zero-bubble")
+    zero: tuple[int, ...] = (0, 1, 2, 3)
+    max_vpp: int = 16
+    tp_within_node: bool = True
+    even_layers: bool = False  # only plans whose layers split evenly over pp (uneven: Megatron-style)
+    plan_defaults: dict[str, Any] = field(default_factory=dict)  # precision, attention, fp32_grads, ...
+
+
+@dataclass
+class Pruned:
+    """A pruned plan or subtree: the fields fixed so far, why, and how many plans it stood for."""
+
+    hardware: str
+    num_gpus: int
+    fields: dict[str, Any]
+    reason: str
+    count: int = 1
+
+    @property
+    def category(self) -> str:
+        return self.reason.split(":")[0]
+
+
+@dataclass
+class Enumeration:
+    plans: list[Plan]
+    pruned: list[Pruned]
+    explored: int
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pow2_upto(limit: int) -> list[int]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, seq_len: int,
+                    global_batch: int | None = None, max_global_batch: int | None = None,
+                    constraints: list[Constraint] = (), hardware: str | None = None) -> Enumeration:
+    """All well-formed plans for ``model`` on ``cluster`` (memory not yet checked), and the pruned."""
+    if (global_batch is None) == (max_global_batch is None):
+        raise PlanError("global_batch: give exactly one of global_batch and max_global_batch")
+    n, gpn = cluster.num_gpus, cluster.gpus_per_node
+    hw = hardware or cluster.device.name
+    plans: list[Plan] = []
+    pruned: list[Pruned] = []
+    explored = 0
+    plan_constraints = [c for c in constraints if c.key not in MEMORY_KEYS]
+    defaults = dict(space.plan_defaults)
+
+    def prune(fields: dict[str, Any], reason: str, count: int = 1) -> None:
+        pruned.append(Pruned(hw, n, dict(fields), reason, count))
+
+    def violated(fields: dict[str, Any]) -> Constraint | None:
+        values = dict(fields, num_gpus=n, hardware=hw, precision=defaults.get("precision", "bf16-mixed"))
+        for c in plan_constraints:
+            if c.key in values and not c.admits(values[c.key]):
+                return c
+        return None
+
+    tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
+    cps = space.cp or ([d for d in _pow2_upto(8)] if seq_len >= 8192 else [1])
+    for tp in tps:
+        f_tp = {"tp": tp}
+        if n % tp:
+            prune(f_tp, f"tp: {tp} does not divide the {n} GPUs")
+            continue
+        if space.tp_within_node and tp > gpn:
+            prune(f_tp, f"tp: {tp} exceeds the {gpn} GPUs of one NVLink domain")
+            continue
+        if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+            prune(f_tp, f"tp: {tp} does not divide the {model.num_heads} heads / {model.num_kv_heads} kv-heads")
+            continue
+        for cp in cps:
+            f_cp = dict(f_tp, cp=cp)
+            if (n // tp) % cp:
+                continue  # not a factorisation of the GPU count: not a plan at all
+            if seq_len % cp:
+                prune(f_cp, f"cp: {cp} does not divide seq_len {seq_len}")
+                continue
+            pps = space.pp or [d for d in _divisors(n // (tp * cp)) if d <= model.num_layers]
+            for pp in pps:
+                f_pp = dict(f_cp, pp=pp)
+                if (n // (tp * cp)) % pp:
+                    continue
+                dp = n // (tp * cp * pp)
+                f_pp["dp"] = dp
+                if model.num_layers % pp and (space.even_layers or pp == 1):
+                    prune(f_pp, f"pp: {pp} does not divide the {model.num_layers} layers evenly")
+                    continue
+                try:
+                    split_layers(model.num_layers, pp)
+                except PlanError as exc:
+                    prune(f_pp, str(exc))
+                    continue
+                eps = space.ep or ([d for d in _divisors(model.num_experts) if (dp * cp) % d == 0]
+                                   if model.is_moe else [1])
+                for ep in eps:
+                    f_ep = dict(f_pp, ep=ep)
+                    if (dp * cp) % ep or (ep > 1 and (not model.is_moe or model.num_experts % ep)):
+                        prune(f_ep, f"ep: {ep} must divide dp·cp = {dp * cp} and the {model.num_experts} experts")
+                        continue
+                    for mb in space.micro_batch:
+                        f_mb = dict(f_ep, micro_batch=mb)
+                        yield_base = list(_schedules(model, pp, space))
+                        subtree = sum(len(_zeros(space, dp, cp)) * len(space.recompute) for _ in yield_base)
+                        if global_batch is not None:
+                            if global_batch % (dp * mb):
+                                explored += subtree
+                                prune(f_mb, f"global_batch: {global_batch} is not a multiple of dp·micro_batch = "
+                                            f"{dp}·{mb}", subtree)
+                                continue
+                            gb = global_batch
+                        else:
+                            gb = (max_global_batch // (dp * mb)) * dp * mb
+                            if gb == 0:
+                                explored += subtree
+                                prune(f_mb, f"global_batch: max_global_batch {max_global_batch} is below dp·micro_batch = "
+                                            f"{dp}·{mb}", subtree)
+                                continue
+                        if (mb * seq_len // cp) % tp and tp > 1:
+                            explored += subtree
+                            prune(f_mb, f"tp: {tp} must divide the tokens per micro-batch for sequence parallelism",
+                                  subtree)
+                            continue
+                        for schedule, vpp in yield_base:
+                            gbs = gb
+                            m = gbs // (dp * mb)
+                            f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
+                            zeros = _zeros(space, dp, cp)
+                            count = len(zeros) * len(space.recompute)
+                            if schedule == "interleaved" and m % pp:
+                                if max_global_batch is not None and m >= pp:
+                                    m = (m // pp) * pp
+                                    gbs = m * dp * mb
+                                    f_s["global_batch"] = gbs
+                                else:
+                                    explored += count
+                                    prune(f_s, f"global_batch: the interleaved schedule needs micro-batches ({m}) "
+                                               f"to be a multiple of pp ({pp})", count)
+                                    continue
+                            for zero in zeros:
+                                for recompute in space.recompute:
+                                    explored += 1
+                                    fields = dict(f_s, zero=zero, recompute=recompute)
+                                    bad = violated(fields)
+                                    if bad is not None:
+                                        prune(fields, f"constraint: {bad.text}")
+                                        continue
+                                    try:
+                                        plan = Plan(**{**defaults, **fields, "seq_len": seq_len})
+                                        check_plan_fits_model(model, plan)
+                                    except PlanError as exc:
+                                        prune(fields, str(exc))
+                                        continue
+                                    plans.append(plan)
+    return Enumeration(plans, pruned, len(plans) + sum(p.count for p in pruned))
+
+
+def _zeros(space: SearchSpace, dp: int, cp: int) -> tuple[int, ...]:
+    return space.zero if dp * cp > 1 else (0,)
+
+
+def _schedules(model: ModelSpec, pp: int, space: SearchSpace) -> Iterator[tuple[str, int]]:
+    """(schedule, vpp) pairs: one for pp = 1 (schedules coincide), else each allowed schedule;
+    interleaving with every vpp ≥ 2 that splits the layers evenly over pp·vpp chunks."""
+    if pp == 1:
+        yield "1f1b", 1
+        return
+    for name in space.schedules:
+        if name == "interleaved":
+            for vpp in range(2, space.max_vpp + 1):
+                if model.num_layers % (pp * vpp) == 0:
+                    yield name, vpp
+        else:
+            yield name, 1
+
+
+def check_constraints_satisfiable(enums: list[tuple[str, int, Enumeration]], constraints: list[Constraint]) -> None:
+    """Raise one line for a plan-field constraint that excluded every otherwise valid plan."""
+    for c in constraints:
+        if c.key in MEMORY_KEYS:
+            continue
+        hit = [p for _, _, e in enums for p in e.pruned if p.reason == f"constraint: {c.text}"]
+        if hit and not any(e.plans for _, _, e in enums):
+            values = sorted({str(p.fields.get(c.key, p.num_gpus if c.key == 'num_gpus' else p.hardware))
+                             for p in hit if c.key in p.fields or c.key in ('num_gpus', 'hardware')})
+            raise PlanError(f"constraint: {c.text!r} excludes every plan; {c.key} can be "
+                            f"{', '.join(values) or 'nothing else'} here")
+
+
+def with_fields(plan: Plan, **changes: Any) -> Plan:
+    return replace(plan, **changes)

@@ -1,0 +1,439 @@
+"""A fast estimate of one training step: closed-form pipeline time, exact memory.
+
+The planner ranks thousands of plans with this before it spends event simulations on the few
+that can still win (DESIGN.md, What the engine costs).  It reads the *same* numbers as the event
+engine, so the two agree wherever nothing contends:
+
+* per micro-batch phase costs (F, B, Bi, W: compute plus inline TP/CP/EP communication) come
+  from :func:`~plansim.simulator.stagecost.cost_workload`, run once per distinct layer shape on
+  *pieces* of the model (the embedding, one dense layer, one MoE layer, the head); a chunk's cost
+  is the sum of its pieces, which is exactly how ``cost_workload`` sums a chunk;
+* collectives (pipeline p2p, data-parallel buckets, ZeRO gathers) are priced by
+  :func:`~plansim.simulator.costs.collectives.collective_cost` with the engine's groups;
+* static memory is :func:`~plansim.simulator.memory.model_state_bytes`, working memory the
+  engine's own ``TrainingSimulation._transient``, and the optimizer step the engine's own
+  ``TrainingSimulation._optimizer``; the activation peak replays the schedule's allocation order
+  (:func:`~plansim.simulator.schedules.build_schedule`), so peak memory is exact, not estimated.
+
+What is approximated is only the timeline.  With per-rank work per micro-batch
+``R_r = Σ_chunks (F + B + 2·p2p)``, ``m`` micro-batches and ``v`` virtual stages per rank,
+
+    T_pipeline = m · max_r R_r + (Σ_r R_r − max_r R_r) / v · β
+
+which is ``(m + p − 1)(F + B)`` for equal stages under 1F1B/GPipe (Narayanan et al. SC'21,
+§2.2.1), the bubble shrunk by ``v`` for the interleaved schedule (§2.2.2), and for zero-bubble
+ZB-H1 ``β = (F + Bi − W)/(F + Bi + W)`` (Qi et al. 2023, §3: bubble (p−1)(T_F + T_B − T_W)),
+otherwise ``β = 1``.  Each rank then waits for its last data-parallel gradient buckets (launched
+as the last backward computes, as the engine does) and runs the optimizer; the step ends when the
+last rank does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import SimpleNamespace
+
+import numpy as np
+import simpy
+
+from plansim.simulator.costs.collectives import Group, collective_cost
+from plansim.simulator.engine import MEGATRON_BUCKET_PARAMS, RankStats, TrainingSimulation
+from plansim.simulator.flows import FlowLink
+from plansim.simulator.hardware import Cluster
+from plansim.simulator.memory import WORKSPACE_BYTES, model_state_bytes
+from plansim.simulator.schedules import build_schedule
+from plansim.simulator.stagecost import cost_workload
+from plansim.workloads.models import ModelSpec
+from plansim.workloads.plan import Plan
+from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, split_layers
+
+
+# columns of the per-piece / per-chunk cost vectors (per micro-batch)
+F, FC, B, BC, BI, W, WC, FLOPS, RFLOPS, SAVED, DENSE, EXPERT = range(12)
+_PIECES = ("embedding", "dense", "moe", "head")
+
+
+def _piece_vector(cc) -> np.ndarray:
+    """A ChunkCost as the vector of the columns above."""
+    f, b, bi, w = cc.phases["F"], cc.phases["B"], cc.phases["Bi"], cc.phases["W"]
+    return np.array([f.time_s, f.compute_s, b.time_s, b.compute_s, bi.time_s, w.time_s, w.compute_s,
+                     f.flops + b.flops, cc.recompute_flops, cc.saved_bytes, cc.dense_params, cc.expert_params])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a plan's layers fall into chunks: per chunk the count of each piece, its rank, its layers."""
+
+    counts: np.ndarray  # chunks × 4 (embedding, dense layers, MoE layers, head)
+    ranks: np.ndarray
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass
+class Estimate:
+    """The analytic counterpart of :class:`~plansim.simulator.result.Result` for one plan."""
+
+    plan: Plan
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    hfu: float
+    fits: bool
+    peak_memory_bytes: float
+    device_memory_bytes: float
+    memory_breakdown: dict[str, float]
+    time_breakdown: dict[str, float]
+    peak_stage: int
+    infeasible_reason: str | None = None
+    per_stage_memory: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Memory:
+    """Peak bytes per pipeline rank, and at the peak rank the model states and activations."""
+
+    peaks: np.ndarray
+    states: object
+    activations: float
+
+    @property
+    def peak(self) -> float:
+        return float(self.peaks.max())
+
+    @property
+    def stage(self) -> int:
+        return int(self.peaks.argmax())
+
+
+def _layer_key(plan: Plan) -> tuple:
+    """The plan fields that per-layer, per-micro-batch costs depend on (not pp, dp, zero, batch)."""
+    return (plan.tp, plan.cp, plan.ep, plan.micro_batch, plan.seq_len, plan.recompute, plan.sequence_parallel,
+            plan.precision, plan.attention)
+
+
+class AnalyticModel:
+    """Analytic estimates for one model on one cluster; per-layer costs are cached by shape."""
+
+    def __init__(self, model: ModelSpec, cluster: Cluster) -> None:
+        self.model = model
+        self.cluster = cluster
+        self._pieces: dict[tuple, tuple[TrainingWorkload, np.ndarray]] = {}
+        self._layouts: dict[tuple, Layout] = {}
+        self._memo: dict[tuple, float] = {}
+        first_moe = next((i for i in range(model.num_layers) if model.is_moe_layer(i)), None)
+        first_dense = next((i for i in range(model.num_layers) if not model.is_moe_layer(i)), None)
+        self._probe_layers = {"dense": first_dense, "moe": first_moe}
+
+    # --- costs of the pieces ------------------------------------------------------------------
+    def pieces(self, plan: Plan) -> tuple[TrainingWorkload, np.ndarray]:
+        """cost_workload on pseudo-chunks holding one piece each: a 4 × 12 matrix (rows embedding,
+        dense layer, MoE layer, head).  Raises PlanError if the plan does not fit the model."""
+        key = _layer_key(plan)
+        hit = self._pieces.get(key)
+        if hit is not None:
+            return hit
+        base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch,
+                            zero=0, first_stage_layers=None, last_stage_layers=None, offload={})
+        workload = TrainingWorkload(self.model, base)
+        rows, chunks = [0], [Chunk(0, 0, 0, 0, True, False)]
+        for row, kind in ((1, "dense"), (2, "moe")):
+            layer = self._probe_layers[kind]
+            if layer is not None:
+                rows.append(row)
+                chunks.append(Chunk(len(chunks), 0, layer, 1, False, False))
+        rows.append(3)
+        chunks.append(Chunk(len(chunks), 0, 0, 0, False, True))
+        workload.chunks = chunks
+        matrix = np.zeros((4, 12))
+        for row, cc in zip(rows, cost_workload(workload, self.cluster)):
+            matrix[row] = _piece_vector(cc)
+        self._pieces[key] = (workload, matrix)
+        return workload, matrix
+
+    def layout(self, plan: Plan) -> Layout:
+        """Chunks with their piece counts, as TrainingWorkload splits the layers."""
+        key = (plan.pp, plan.vpp, plan.first_stage_layers, plan.last_stage_layers)
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        model = self.model
+        stages = plan.pp * plan.vpp
+        split = split_layers(model.num_layers, stages, plan.first_stage_layers, plan.last_stage_layers)
+        counts, chunks, start = np.zeros((stages, 4)), [], 0
+        for vs, n in enumerate(split):
+            moe = sum(model.is_moe_layer(i) for i in range(start, start + n)) if model.is_moe else 0
+            chunk = Chunk(vs, vs % plan.pp, start, n, vs == 0, vs == stages - 1)
+            counts[vs] = (chunk.has_embedding, n - moe, moe, chunk.has_head)
+            chunks.append(chunk)
+            start += n
+        out = Layout(counts, np.arange(stages) % plan.pp, tuple(chunks))
+        self._layouts[key] = out
+        return out
+
+    def chunk_costs(self, plan: Plan) -> tuple[TrainingWorkload, Layout, np.ndarray]:
+        """Per chunk (virtual stage) the sum of its pieces: chunks × 12."""
+        workload, matrix = self.pieces(plan)
+        layout = self.layout(plan)
+        return workload, layout, layout.counts @ matrix
+
+    # --- the engine's own helpers -------------------------------------------------------------
+    def optimizer_time_s(self, plan: Plan, params_on_rank: float) -> float:
+        """The engine's optimizer step (``TrainingSimulation._optimizer``) for one rank."""
+        key = ("opt", params_on_rank, plan.zero, plan.dp * plan.cp, plan.precision, plan.fp32_grads,
+               plan.offload.get("optimizer", "gpu"))
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        env = simpy.Environment()
+        owner = SimpleNamespace(plan=plan, cluster=self.cluster, _trace=lambda *a, **k: None,
+                                costs=[SimpleNamespace(chunk=SimpleNamespace(rank=0), params=params_on_rank)])
+        rank = SimpleNamespace(index=0, stats=RankStats(0),
+                               host=FlowLink(env, "pcie", self.cluster.host_link.achievable_bw_Bps))
+        env.process(TrainingSimulation._optimizer(owner, env, rank))
+        env.run()
+        self._memo[key] = float(env.now)
+        return self._memo[key]
+
+    def transient_bytes(self, workload: TrainingWorkload, plan: Plan, chunk: Chunk, params: float,
+                        phase: str) -> float:
+        """The engine's working memory of a chunk's phase (``TrainingSimulation._transient``)."""
+        key = ("tr", _layer_key(plan), plan.zero >= 3, chunk.has_head, chunk.num_layers,
+               params if plan.zero >= 3 else 0.0, phase)
+        hit = self._memo.get(key)
+        if hit is None:
+            owner = SimpleNamespace(plan=plan, workload=SimpleNamespace(model=workload.model,
+                                                                       dense_layer=workload.dense_layer))
+            hit = self._memo[key] = TrainingSimulation._transient(owner, SimpleNamespace(chunk=chunk, params=params),
+                                                                  phase)
+        return hit
+
+    def _collective(self, op: str, nbytes: float, group: Group) -> float:
+        key = ("coll", op, nbytes, group)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = collective_cost(op, nbytes, group, self.cluster).time_s
+        return hit
+
+    # --- memory -------------------------------------------------------------------------------
+    def memory(self, plan: Plan, workload: TrainingWorkload, layout: Layout, costs: np.ndarray) -> Memory:
+        """Peak bytes per pipeline rank, exactly as the engine's MemoryTimeline records them."""
+        p = plan.pp
+        dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
+        expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
+        shard_experts = max(1, plan.dp * plan.cp // plan.ep)
+        m_eff = plan.num_microbatches if plan.schedule == "gpipe" else min(plan.num_microbatches, 2 * p)
+        peaks = np.zeros(p)
+        details = []
+        params = costs[:, DENSE] + costs[:, EXPERT]
+        t_f = np.array([self.transient_bytes(workload, plan, c, params[i], "F") for i, c in enumerate(layout.chunks)])
+        t_b = np.array([self.transient_bytes(workload, plan, c, params[i], "B") for i, c in enumerate(layout.chunks)])
+        for r in range(p):
+            skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
+                    plan.precision, plan.fp32_grads)
+            states = self._memo.get(skey)
+            if states is None:
+                states = model_state_bytes(float(dense_r[r]), plan)
+                if expert_r[r]:
+                    e = model_state_bytes(float(expert_r[r]), plan, shard_over=shard_experts)
+                    states = type(states)(states.params + e.params, states.grads + e.grads,
+                                          states.optimizer + e.optimizer)
+                self._memo[skey] = states
+            static = states.total + WORKSPACE_BYTES
+            local, matrix, kind, stage = _observations(plan.schedule, p, m_eff, plan.vpp, r)
+            act = matrix @ costs[local, SAVED] / 2.0
+            total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
+            j = int(total.argmax())
+            peaks[r] = static + max(0.0, float(total[j]))
+            details.append((states, float(act[j]) if total[j] > 0 else 0.0))
+        stage = int(peaks.argmax())
+        return Memory(peaks, details[stage][0], details[stage][1])
+
+    def memory_of(self, plan: Plan) -> tuple[Memory, str | None]:
+        """Peak memory and the out-of-memory reason (None if it fits): the pruning test."""
+        workload, layout, costs = self.chunk_costs(plan)
+        mem = self.memory(plan, workload, layout, costs)
+        return mem, self._oom_reason(mem)
+
+    def peak_memory(self, plan: Plan) -> tuple[float, str | None]:
+        """(peak bytes, out-of-memory reason or None) without the time estimate."""
+        mem, reason = self.memory_of(plan)
+        return mem.peak, reason
+
+    def _oom_reason(self, mem: Memory) -> str | None:
+        capacity = self.cluster.device.hbm_bytes
+        if mem.peak <= capacity:
+            return None
+        return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB on stage {mem.stage}"
+
+    # --- the estimate -------------------------------------------------------------------------
+    def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
+        """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known."""
+        cluster, model = self.cluster, self.model
+        workload, layout, costs = self.chunk_costs(plan)
+        p, v, m = plan.pp, plan.vpp, plan.num_microbatches
+        n_chunks = len(layout.chunks)
+        ranks = layout.ranks
+        gpn = cluster.gpus_per_node
+        grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
+        expert_group = Group.contiguous(max(1, plan.dp * plan.cp // plan.ep), plan.tp * plan.ep, gpn)
+        n_dp = plan.dp * plan.cp
+        split_w = plan.schedule == "zero-bubble"
+        grad_b = 4.0 if plan.fp32_grads else 2.0
+        params = costs[:, DENSE] + costs[:, EXPERT]
+
+        f = costs[:, F].copy()
+        b = costs[:, B].copy()
+        if p > 1:  # pipeline point-to-point (the engine: source rank index vs destination virtual stage)
+            p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * model.hidden * ACT_BYTES / plan.tp
+            same = self._collective("send_recv", p2p_bytes, Group(2, 2))
+            cross = self._collective("send_recv", p2p_bytes, Group(2, 1))
+            stride = plan.tp * plan.cp * plan.dp
+            idx = np.arange(n_chunks)
+
+            def hop(stage: np.ndarray) -> np.ndarray:
+                return np.where((stage * stride) // gpn == ((stage + 1) * stride) // gpn, same, cross)
+            f[:-1] += hop(np.minimum(ranks, idx + 1))[:-1]
+            b[1:] += hop(np.minimum(ranks, idx - 1))[1:]
+        z3 = np.zeros(n_chunks)
+        if plan.zero >= 3 and n_dp > 1:  # FSDP: first layer's gather exposed, the rest overlapped
+            for i, chunk in enumerate(layout.chunks):
+                g = collective_cost("all_gather", params[i] * 2.0, grad_group, cluster)
+                share = 1.0 / max(1, chunk.num_layers)
+                vol = g.volume_bytes / g.rate_Bps if g.volume_bytes else 0.0
+                first, rest = g.latency_s + vol * share, vol * (1 - share)
+                exposed_f = first + max(0.0, rest - costs[i, F])
+                exposed_b = first + max(0.0, rest - (costs[i, BI] if split_w else costs[i, B]))
+                z3[i] = exposed_f + exposed_b
+                f[i] += exposed_f
+                b[i] += exposed_b
+        per_rank = np.bincount(ranks, weights=f + b, minlength=p)
+        r_max = float(per_rank.max())
+        beta = 1.0
+        if split_w and p > 1:
+            fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
+            beta = max(0.0, (fw + bi - w) / (fw + bi + w)) if fw + bi + w > 0 else 1.0
+        t_pipe = m * r_max + (float(per_rank.sum()) - r_max) / v * beta
+
+        # ZeRO-1/2 parameter all-gather, launched at t = 0 and overlapped with the first forwards
+        start_delay = 0.0
+        if plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce:
+            arrival = np.concatenate(([0.0], np.cumsum(f[:p])[:-1]))
+            gathers = np.array([self._collective("all_gather", params[r] * 2.0, grad_group) for r in range(p)])
+            start_delay = max(0.0, float((gathers - arrival).max()))
+
+        params_r = np.bincount(ranks, weights=params, minlength=p)
+        offsets = np.zeros(p) if split_w else np.concatenate(([0.0], np.cumsum(b[:p])[:-1]))
+        ends, dp_exposed, opt_times = np.zeros(p), np.zeros(p), np.zeros(p)
+        for r in range(p):
+            exposed = 0.0
+            if n_dp > 1 and plan.zero < 3:
+                op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
+                if plan.overlap_grad_reduce:  # buckets of the rank's last backward (chunk r)
+                    n_b = max(1, math.ceil(params[r] / max(MEGATRON_BUCKET_PARAMS, 1_000_000 * plan.dp)))
+                    bucket = self._collective(op, costs[r, DENSE] * grad_b / n_b, grad_group)
+                    if costs[r, EXPERT] and expert_group.size > 1:
+                        bucket += self._collective(op, costs[r, EXPERT] * grad_b / n_b, expert_group)
+                    compute = costs[r, WC] if split_w else costs[r, BC]
+                    after = (costs[r, W] if split_w else costs[r, B]) - compute
+                    seg = compute / n_b
+                    done = 0.0
+                    for k in range(1, n_b + 1):
+                        done = max(done, k * seg) + bucket
+                    exposed = max(0.0, done - (n_b * seg + after))
+                else:
+                    for i in np.flatnonzero(ranks == r):
+                        exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)
+                        if costs[i, EXPERT] and expert_group.size > 1:
+                            exposed += self._collective(op, costs[i, EXPERT] * grad_b, expert_group)
+            elif n_dp > 1:  # ZeRO-3 reduce-scatter after each backward, queued on the DP stream
+                rs = self._collective("reduce_scatter", params[r] * grad_b, grad_group)
+                span = max(0.0, t_pipe - float(f[:p].sum()))
+                exposed = max(rs, m * v * rs - span)
+            if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
+                exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
+                               for i in np.flatnonzero(ranks == r))
+            opt_times[r] = self.optimizer_time_s(plan, float(params_r[r]))
+            dp_exposed[r] = exposed
+            ends[r] = start_delay + t_pipe - offsets[r] + exposed + opt_times[r]
+        last = int(ends.argmax())
+        step = float(ends[last])
+
+        # metrics, with build_result's definitions
+        tokens = plan.tokens_per_step
+        peak_bf16 = cluster.device.flops("bf16")
+        fkey = ("flops", plan.seq_len)
+        per_token = self._memo.get(fkey)
+        if per_token is None:
+            per_token = self._memo[fkey] = model.model_flops_per_token(plan.seq_len)
+        mfu = per_token * tokens / (step * plan.world_size * peak_bf16) if step > 0 else 0.0
+        executed = float(costs[:, FLOPS].sum())
+        useful = executed - float(costs[:, RFLOPS].sum())
+        hfu = mfu * executed / useful if useful else mfu
+        mine = ranks == last
+        compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + opt_times[last]
+        comm = m * float(((costs[mine, F] - costs[mine, FC]) + (costs[mine, B] - costs[mine, BC]) + z3[mine]).sum())
+        comm += dp_exposed[last] + start_delay
+        bubble = max(0.0, step - compute - comm)
+
+        mem = memory if memory is not None else self.memory(plan, workload, layout, costs)
+        states = mem.states
+        peak = mem.peak
+        capacity = cluster.device.hbm_bytes
+        reason = self._oom_reason(mem)
+        return Estimate(
+            plan=plan, step_time_s=step, tokens_per_s=tokens / step if step else 0.0, mfu=mfu, hfu=hfu,
+            fits=reason is None, peak_memory_bytes=peak, device_memory_bytes=capacity,
+            memory_breakdown={"params": states.params, "grads": states.grads, "optimizer": states.optimizer,
+                              "activations": mem.activations,
+                              "other": max(0.0, peak - states.total - mem.activations)},
+            time_breakdown={"compute": compute, "exposed_communication": comm, "exposed_transfers": 0.0,
+                            "pipeline_bubble": bubble},
+            peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist())
+
+
+@lru_cache(maxsize=8192)
+def _observations(schedule: str, p: int, m: int, v: int, rank: int) -> tuple[np.ndarray, ...]:
+    """The memory observations of one rank that can be its peak, in the engine's order.
+
+    The engine observes memory after a forward allocates (with the forward's working memory),
+    before a backward frees (with the backward's) and before a weight-gradient pass frees its half
+    (without).  Each observation is a vector of in-flight micro-batches per local chunk (in
+    halves: zero-bubble frees half at B and half at W) plus its (kind, virtual stage); for each
+    (kind, stage) only the elementwise-maximal vectors can be the peak, since saved bytes are
+    non-negative.  Returns (local chunks, observations × local chunks matrix, kind per observation
+    (0 F, 1 B, 2 W), virtual stage per observation).
+    From m = 2p on, the maximal states no longer change with m (1F1B, interleaved, ZB-H1), so
+    callers pass min(m, 2p).
+    """
+    order = build_schedule(schedule, p, m, v)[rank]
+    split_w = schedule == "zero-bubble"
+    local = tuple(sorted({vs for _, _, vs in order}))
+    pos = {vs: i for i, vs in enumerate(local)}
+    live = [0] * len(local)
+    seen: dict[tuple[str, int], set[tuple[int, ...]]] = {}
+    for phase, _mb, vs in order:
+        i = pos[vs]
+        if phase == "F":
+            live[i] += 2
+            seen.setdefault(("F", vs), set()).add(tuple(live))
+        elif phase == "B":
+            seen.setdefault(("B", vs), set()).add(tuple(live))
+            live[i] -= 1 if split_w else 2
+        else:
+            seen.setdefault(("W", vs), set()).add(tuple(live))
+            live[i] -= 1
+    rows, kinds, stages = [], [], []
+    for (kind, vs), vecs in seen.items():
+        for a in vecs:
+            if not any(b != a and all(y >= x for x, y in zip(a, b)) for b in vecs):
+                rows.append(a)
+                kinds.append("FBW".index(kind))
+                stages.append(vs)
+    return (np.array(local), np.array(rows, dtype=float).reshape(len(rows), len(local)), np.array(kinds),
+            np.array(stages))
+
+
+def estimate(model: ModelSpec, plan: Plan, cluster: Cluster) -> Estimate:
+    """The analytic estimate of one plan (see the module docstring)."""
+    return AnalyticModel(model, cluster).estimate(plan)
