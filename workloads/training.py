@@ -278,7 +278,11 @@ class TrainingWorkload:
     def phases(self, forward: list[Op]) -> dict[str, list[Op]]:
         """F, R (recomputation), B and W op lists for a forward list under this plan."""
         b_ops, w_ops = backward_ops(forward)
-        return {"F": forward, "R": recompute_ops(forward, self.plan.recompute), "B": b_ops, "W": w_ops}
+        # activation checkpointing wraps the transformer layers only (Megatron's full and
+        # selective recomputation): the embedding and the output layer + loss are not re-run
+        is_layer = forward is not self.embedding and forward is not self.head
+        policy = self.plan.recompute if is_layer else "none"
+        return {"F": forward, "R": recompute_ops(forward, policy), "B": b_ops, "W": w_ops}
 
     # --- memory ----------------------------------------------------------------------------
     def saved_activation_bytes(self, forward: list[Op]) -> float:

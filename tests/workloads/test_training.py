@@ -269,3 +269,16 @@ def test_chunk_params_add_up_to_the_model():
         total = sum(sum(w.chunk_params(c)) for c in w.chunks)
         extra = m.vocab * m.hidden if m.tied_embeddings else 0  # the head's copy of a tied embedding
         assert total == pytest.approx(m.num_params + extra, rel=REL)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_recomputation_covers_the_transformer_layers_only(recompute):
+    """Megatron checkpoints transformer layers; the embedding and the logits + loss are not re-run
+    (regression: full recomputation re-ran the logits GEMM of the last stage)."""
+    w = TrainingWorkload(_gpt(), Plan(seq_len=512, recompute=recompute))
+    assert w.phases(w.head)["R"] == [] and w.phases(w.embedding)["R"] == []
+    layer_r = w.phases(w.dense_layer)["R"]
+    if recompute == "full":
+        assert [op.name for op in layer_r] == [f"{op.name}.recompute" for op in w.dense_layer]
+    elif recompute == "none":
+        assert layer_r == []
