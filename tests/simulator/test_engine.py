@@ -211,3 +211,20 @@ def test_data_parallel_traffic_per_zero_stage():
     assert volume[1] == pytest.approx(volume[0], rel=1e-6)
     assert volume[2] == pytest.approx(volume[0], rel=1e-6)
     assert volume[3] == pytest.approx(1.5 * volume[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("sp", [True, False])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_tensor_parallel_traffic(sp, recompute):
+    """Megatron TP per micro-batch: per layer 2 all-reduces of b·s·h forward and 2 backward, and
+    one more of each forward one when the layer is recomputed in full; one for the embedding
+    (forward) and one for the logits' input (backward).  With sequence parallelism each
+    all-reduce becomes a reduce-scatter plus an all-gather: the same bytes (Korthikanti 2022 §4.2.2)."""
+    t, b, s = 8, 1, 1024
+    spec = load_model("llama3-8b")
+    out, _ = _run("llama3-8b", Plan(tp=t, sequence_parallel=sp, global_batch=1, micro_batch=b, seq_len=s,
+                                    recompute=recompute))
+    per_layer = 6 if recompute == "full" else 4
+    all_reduces = per_layer * spec.num_layers + 2
+    expected = all_reduces * 2 * (t - 1) / t * b * s * spec.hidden * 2
+    assert sum(link.bytes_offered for link in out.links) == pytest.approx(expected, rel=1e-9)
