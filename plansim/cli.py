@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_measure)
 
+    from plansim.planner.cli_commands import add_search_parser
+    from plansim.validation.cli_commands import add_parsers as add_validation_parsers
+    add_search_parser(sub, _Parser)
+    add_validation_parsers(sub, _Parser)
     return parser
 
 
