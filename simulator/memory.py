@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from plansim.workloads.plan import Plan
 
 WORKSPACE_BYTES = 32 * 2**20  # cuBLAS workspace and small allocator slack
+CONTEXT_BYTES = 2**30  # CUDA context, NCCL buffers, library handles: outside the allocator (estimate)
+ALLOCATOR_RESERVE = 0.03  # caching-allocator rounding and fragmentation above max_memory_allocated (estimate)
+
+
+def usable_memory_bytes(hbm_bytes: float) -> float:
+    """What ``max_memory_allocated`` may reach before an allocation fails: the device memory
+    less the CUDA context and NCCL buffers, less the caching allocator's fragmentation."""
+    return (hbm_bytes - CONTEXT_BYTES) * (1.0 - ALLOCATOR_RESERVE)
 
 
 @dataclass(frozen=True)

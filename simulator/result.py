@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from plansim.simulator.engine import EngineOutput, TraceEvent
+from plansim.simulator.memory import usable_memory_bytes
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Result:
     hfu: float
     fits: bool
     peak_memory_bytes: float
-    device_memory_bytes: float
+    device_memory_bytes: float  # usable by tensors: HBM less CUDA context and allocator reserve
     memory_breakdown: dict[str, float]
     time_breakdown: dict[str, float]
     calibrated_profile: str | None = None
@@ -96,7 +97,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     bubble = max(0.0, step - last.compute_s - last.comm_exposed_s - last.transfer_exposed_s)
     per_stage = [{"stage": r.rank, "compute_s": r.compute_s, "comm_exposed_s": r.comm_exposed_s,
                   "peak_memory_bytes": r.memory.peak_bytes, "end_s": r.end_s} for r in output.ranks]
-    capacity = cluster.device.hbm_bytes
+    capacity = usable_memory_bytes(cluster.device.hbm_bytes)
     return Result(
         model=model.name, hardware=cluster.device.name, cluster=cluster.name, num_gpus=n,
         plan=plan.to_dict(), step_time_s=step, tokens_per_s=tokens / step if step else 0.0,
@@ -108,7 +109,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
                         "exposed_transfers": last.transfer_exposed_s, "pipeline_bubble": bubble},
         calibrated_profile=calibrated,
         infeasible_reason=None if mem.peak_bytes <= capacity else
-        f"out of memory: peak {mem.peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB on stage {peak_rank.rank}",
+        f"out of memory: peak {mem.peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {peak_rank.rank}",
         per_stage=per_stage, events=output.events,
         memory_samples=[r.memory.samples for r in output.ranks],
     )
