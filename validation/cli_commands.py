@@ -81,8 +81,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             table.add_row(r.suite, r.source, r.case_id, r.metric, _fmt_value(r.metric, r.measured),
                           _fmt_value(r.metric, r.predicted), f"{r.error:+.1%}")
         console.print(table)
-    table = Table(title="summary: |error| = |predicted - measured| / measured")
-    for col in ("suite", "metric", "count", "median |error|", "p90 |error|", "mean error"):
+    table = Table(title="summary: median / p90 of |error|, mean signed error; error = (pred - meas) / meas")
+    for col in ("suite", "metric", "count", "median", "p90", "mean"):
         table.add_column(col, justify="left" if col in ("suite", "metric") else "right", no_wrap=True)
     for r in summary.itertuples():
         table.add_row(r.suite, r.metric, str(r.count), f"{r.median_abs_error:.1%}", f"{r.p90_abs_error:.1%}",
