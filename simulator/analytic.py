@@ -22,7 +22,8 @@ What is approximated is only the timeline.  With per-rank work per micro-batch
 
 which is ``(m + p − 1)(F + B)`` for equal stages under 1F1B/GPipe (Narayanan et al. SC'21,
 §2.2.1), the bubble shrunk by ``v`` for the interleaved schedule (§2.2.2), and for zero-bubble
-ZB-H1 ``β = (F + Bi − W)/(F + Bi + W)`` (Qi et al. 2023, §3: bubble (p−1)(T_F + T_B − T_W)),
+ZB-H1 ``β = (F + Bi − W)/(F + Bi + W)`` (Qi et al. 2023, §3: bubble (p−1)(T_F + T_B − T_W)) when
+``m ≥ p − 1`` (fewer micro-batches leave fewer W passes to defer: the saving scales by m/(p−1)),
 otherwise ``β = 1``.  Each rank then waits for its last data-parallel gradient buckets (launched
 as the last backward computes, as the engine does) and runs the optimizer; the step ends when the
 last rank does.
@@ -310,9 +311,10 @@ class AnalyticModel:
         per_rank = np.bincount(ranks, weights=f + b, minlength=p)
         r_max = float(per_rank.max())
         beta = 1.0
-        if split_w and p > 1:
+        if split_w and p > 1:  # rank 0 fills its bubble with up to p − 1 deferred W passes
             fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
-            beta = max(0.0, (fw + bi - w) / (fw + bi + w)) if fw + bi + w > 0 else 1.0
+            if fw + bi + w > 0:
+                beta = 1.0 - (2.0 * w / (fw + bi + w)) * min(1.0, m / (p - 1))
         t_pipe = m * r_max + (float(per_rank.sum()) - r_max) / v * beta
 
         # ZeRO-1/2 parameter all-gather, launched at t = 0 and overlapped with the first forwards

@@ -1,0 +1,174 @@
+"""The search: pruning keeps the winner, constraints hold, infeasible plans say why, bad input is
+one line, and the executors agree."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from plansim.planner import SearchSpace, search
+from plansim.planner.executors import simulate_task
+from plansim.planner.space import enumerate_plans
+from plansim.simulator.hardware import ProfileError, build_cluster
+from plansim.workloads.model_io import load_model
+from plansim.workloads.plan import PlanError
+
+from .cli_helper import run
+
+MODEL = load_model("tinyllama-1.1b")
+SMALL = SearchSpace(micro_batch=(1, 2, 4), max_vpp=4)
+
+
+def small_search(**kw):
+    args = dict(hardware="h100-sxm", nodes=1, gpus_per_node=8, global_batch=64, seq_len=2048, top=None,
+                executor="inline", calibrated=False, space=SMALL)
+    args.update(kw)
+    return search(MODEL, **args)
+
+
+@pytest.mark.parametrize("gpus, batch", [(4, 32), (8, 64)])
+def test_pruning_never_discards_the_exhaustive_winner(gpus, batch):
+    """Event-simulate every well-formed plan of a small space: the search's winner is the best."""
+    cluster = build_cluster("h100-sxm", None, 1, gpus)
+    plans = enumerate_plans(MODEL, cluster, SMALL, seq_len=2048, global_batch=batch).plans
+    results = [simulate_task(MODEL, cluster, p) for p in plans]
+    best = max(r["tokens_per_s"] for r in results if r["fits"])
+    frame = small_search(gpus_per_node=gpus, global_batch=batch, confirm=3)
+    assert frame.iloc[0]["evaluated"] == "event"
+    assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best, rel=1e-9)
+
+
+def test_every_reported_plan_respects_the_constraints():
+    cons = ["tp<=2", "zero>=1", "max-memory=20GiB", "recompute!=full"]
+    frame = small_search(constraints=cons)
+    assert len(frame) > 0
+    assert (frame.tp <= 2).all() and (frame.zero >= 1).all() and (frame.recompute != "full").all()
+    assert (frame.peak_memory_bytes <= 20 * 2**30).all()
+
+
+def test_infeasible_plans_carry_their_reason():
+    frame = search("llama3-70b", "h100-sxm", nodes=1, gpus_per_node=8, global_batch=16, seq_len=4096,
+                   executor="inline", list_infeasible=True, top=3, confirm=1)
+    infeasible = frame.attrs["infeasible"]
+    assert infeasible and all(item["reason"] and item["count"] >= 1 for item in infeasible)
+    assert any(item["reason"].startswith("out of memory: peak") for item in infeasible)
+    summary = frame.attrs["summary"]
+    assert summary["explored"] == summary["pruned"] + summary["feasible"]
+
+
+def test_frame_columns_and_objectives():
+    frame = small_search(objective="cost", tokens=1e12, top=5)
+    for col in ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "step_time_s", "tokens_per_s", "mfu", "fits",
+                "peak_memory_bytes", "memory_breakdown", "time_breakdown", "plan", "cost_per_million_tokens_usd",
+                "time_to_train_s"):
+        assert col in frame.columns
+    costs = list(frame.cost_per_million_tokens_usd)
+    assert costs == sorted(costs) and all(c > 0 for c in costs)
+    row = frame.iloc[0]
+    assert row.time_to_train_s == pytest.approx(1e12 / row.tokens_per_s)
+    assert row.cost_per_million_tokens_usd == pytest.approx(
+        2.99 * 8 * row.step_time_s / 3600 / (row.global_batch * row.seq_len) * 1e6)
+
+
+def test_price_override_and_hardware_choice():
+    frame = small_search(hardware="h100-sxm,a100-80gb", objective="cost", prices=["h100-sxm=0.5"], top=None)
+    assert set(frame.hardware) == {"h100-sxm", "a100-80gb"}
+    assert frame.iloc[0].hardware == "h100-sxm"  # at 0.5 USD/h the H100 is far cheaper per token
+    assert (frame[frame.hardware == "h100-sxm"].price_per_gpu_hour_usd == 0.5).all()
+
+
+def test_gpu_range_and_max_global_batch():
+    frame = small_search(gpus="2..8", global_batch=None, max_global_batch=60, top=None)
+    assert set(frame.num_gpus) == {2, 4, 8}
+    assert all(gb <= 60 for gb in frame.global_batch)
+
+
+def test_pareto_front_is_non_dominated():
+    frame = small_search(pareto="throughput,memory")
+    assert len(frame) >= 1
+    rows = frame[["tokens_per_s", "peak_memory_bytes"]].values.tolist()
+    for t, m in rows:
+        assert not any(t2 >= t and m2 <= m and (t2 > t or m2 < m) for t2, m2 in rows)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(objective="speed"), "objective"),
+    (dict(hardware="h100-sxm,tpu-v9"), "devices"),
+    (dict(nodes=641, global_batch=2520), "global_batch"),
+    (dict(constraints=["tp=3"]), "constraint"),
+    (dict(constraints=["tp<=>3"]), "constraint"),
+    (dict(objective="time-to-train"), "tokens"),
+    (dict(pareto="throughput"), "pareto"),
+    (dict(gpus="8..2"), "gpus"),
+])
+def test_bad_input_is_one_line(kw, field):
+    with pytest.raises((PlanError, ProfileError)) as exc:
+        small_search(**kw)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(field)
+
+
+def test_empty_result_says_why():
+    frame = search("llama3-70b", "h100-sxm", nodes=1, gpus_per_node=2, global_batch=8, seq_len=8192,
+                   executor="inline", calibrated=False)
+    assert frame.empty
+    assert frame.attrs["why_empty"].startswith("no plan fits:") and "out of memory" in frame.attrs["why_empty"]
+
+
+def test_local_pool_matches_inline():
+    a = small_search(top=8)
+    b = small_search(top=8, executor="local", workers=2)
+    cols = ["tp", "pp", "dp", "zero", "micro_batch", "recompute", "schedule", "vpp", "step_time_s", "peak_memory_bytes"]
+    assert a[cols].equals(b[cols])
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+BASE = ["search", "--model", "tinyllama-1.1b", "--hardware", "h100-sxm", "--nodes", "1", "--gpus-per-node", "8",
+        "--global-batch", "64", "--no-calibration", "--workers", "1", "--top", "3"]
+
+
+def test_cli_json(capsys):
+    assert run(BASE + ["--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["plans"]) == 3 and out["summary"]["explored"] > 0
+    row = out["plans"][0]
+    for key in ("step_time_s", "tokens_per_s", "mfu", "fits", "peak_memory_bytes", "memory_breakdown",
+                "time_breakdown", "plan", "tp", "pp", "dp"):
+        assert key in row
+
+
+def test_cli_table_explain_out_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "plans.parquet", tmp_path / "pareto.png"
+    assert run(BASE + ["--explain", "--out", str(out), "--plot", str(png), "--pareto", "throughput,memory",
+                       "--list-infeasible"]) == 0
+    text = capsys.readouterr().out
+    assert "plans explored" in text and "winner:" in text and "infeasible plans" in text
+    import pandas as pd
+    assert len(pd.read_parquet(out)) >= 1 and png.stat().st_size > 1000
+
+
+def test_cli_csv(capsys):
+    assert run(BASE + ["--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("rank,hardware") and len(lines) == 4
+
+
+@pytest.mark.parametrize("extra", [["--objective", "speed"], ["--hardware", "h100-sxm,nope"],
+                                   ["--constraint", "tp=3"], ["--executor", "slurm"]])
+def test_cli_bad_input_exit_2(extra, capsys):
+    argv = list(BASE)
+    if extra[0] == "--hardware":
+        argv[argv.index("--hardware") + 1] = extra[1]
+    else:
+        argv += extra
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_cli_global_batch_nothing_divides(capsys):
+    argv = ["search", "--model", "tinyllama-1.1b", "--hardware", "a100-80gb", "--nodes", "641",
+            "--gpus-per-node", "8", "--global-batch", "2520", "--workers", "1"]
+    assert run(argv) == 2
+    assert "max-global-batch" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+"""Enumeration and pruning: every listed plan is well formed, every pruned one says why."""
+from __future__ import annotations
+
+import pytest
+
+from plansim.planner.space import Constraint, SearchSpace, enumerate_plans, parse_constraints
+from plansim.simulator.hardware import build_cluster
+from plansim.workloads.model_io import load_model
+from plansim.workloads.plan import PlanError
+from plansim.workloads.training import check_plan_fits_model
+
+MODEL = load_model("llama3-8b")
+CLUSTER = build_cluster("h100-sxm", None, 2, 8)
+
+
+def test_plans_are_well_formed_and_cover_the_gpus():
+    e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, global_batch=64)
+    assert e.plans
+    for p in e.plans:
+        assert p.world_size == 16
+        assert p.tp <= 8 and MODEL.num_heads % p.tp == 0
+        assert p.global_batch == 64 and p.global_batch % (p.dp * p.micro_batch) == 0
+        if p.schedule == "interleaved":
+            assert MODEL.num_layers % (p.pp * p.vpp) == 0 and p.num_microbatches % p.pp == 0
+        check_plan_fits_model(MODEL, p)
+    assert e.explored == len(e.plans) + sum(x.count for x in e.pruned)
+
+
+def test_pruned_subtrees_carry_reasons():
+    e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, global_batch=48)
+    assert e.pruned
+    for x in e.pruned:
+        assert x.reason and ":" in x.reason and x.count >= 1
+    assert any(x.category == "global_batch" for x in e.pruned)
+
+
+def test_max_global_batch_takes_the_largest_multiple():
+    e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, max_global_batch=50)
+    for p in e.plans:
+        unit = p.dp * p.micro_batch * (p.pp if p.schedule == "interleaved" else 1)
+        assert p.global_batch <= 50 and p.global_batch + unit > 50
+
+
+def test_constraints_prune_with_reason():
+    cons = parse_constraints(["tp<=2", "pp=1", "schedule!=zero-bubble"])
+    e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, global_batch=64, constraints=cons)
+    assert e.plans and all(p.tp <= 2 and p.pp == 1 and p.schedule != "zero-bubble" for p in e.plans)
+    assert any(x.reason.startswith("constraint: tp<=2") for x in e.pruned)
+
+
+@pytest.mark.parametrize("text, key, op, value", [
+    ("tp<=8", "tp", "<=", 8), ("pp = 1", "pp", "=", 1), ("max-memory=70GiB", "memory", "<=", 70 * 2**30),
+    ("micro-batch>=2", "micro_batch", ">=", 2), ("recompute!=full", "recompute", "!=", "full"),
+])
+def test_constraint_parsing(text, key, op, value):
+    c = Constraint.parse(text)
+    assert (c.key, c.op, c.value) == (key, op, value)
+
+
+@pytest.mark.parametrize("text", ["tp~8", "flux<=3", "tp<=eight", "recompute<=full", "max-memory=lots",
+                                  "schedule=sideways"])
+def test_bad_constraints_are_one_line_plan_errors(text):
+    with pytest.raises(PlanError) as exc:
+        Constraint.parse(text)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("constraint:")
