@@ -53,12 +53,14 @@ class Op:
         return 0.0
 
 
-def backward_ops(forward: list[Op]) -> tuple[list[Op], list[Op]]:
+def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) -> tuple[list[Op], list[Op]]:
     """Input-gradient (B) and weight-gradient (W) ops for a forward op list, in reverse order.
 
     GEMM Y[m,n] = X[m,k]·W[k,n]: dX = dY·Wᵀ is (m, k, n); dW = Xᵀ·dY is (k, n, m), only for
     trainable weights (2× forward FLOPs in all), plus a bias gradient (a row reduction of dY)
-    where the layer has a bias; the forward bias add is fused into the GEMM or the next kernel.  Attention backward is its own kernel; memory
+    where the layer has a bias; the forward bias add is fused into the GEMM or the next kernel.
+    ``accumulate_bytes_per_weight`` > 0 adds the separate kernel that adds each micro-batch's
+    weight gradient into the accumulated one (unfused gradient accumulation).  Attention backward is its own kernel; memory
     ops move ``bwd_bytes_factor`` times their forward bytes; collectives become their conjugate.
     """
     b_ops: list[Op] = []
@@ -69,6 +71,9 @@ def backward_ops(forward: list[Op]) -> tuple[list[Op], list[Op]]:
             b_ops.append(replace(op, name=f"{op.name}.dgrad", phase="B", gemm=(m, k, n), saved_bytes=0.0))
             if op.has_weight:
                 w_ops.append(replace(op, name=f"{op.name}.wgrad", phase="W", gemm=(k, n, m), saved_bytes=0.0))
+            if op.has_weight and accumulate_bytes_per_weight:
+                w_ops.append(Op(f"{op.name}.grad_accumulate", "memory", phase="W",
+                                bytes=k * n * accumulate_bytes_per_weight))
             if op.bias_grad_bytes:
                 w_ops.append(Op(f"{op.name}.bias_grad", "memory", phase="W", bytes=op.bias_grad_bytes))
             else:  # both operands are activations (unfused attention's batched products)

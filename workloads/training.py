@@ -275,9 +275,26 @@ class TrainingWorkload:
     def layer_ops(self, layer: int) -> list[Op]:
         return self.moe_layer if self.model.is_moe_layer(layer) else self.dense_layer
 
+    @property
+    def accumulate_bytes_per_weight(self) -> float:
+        """HBM bytes per weight element per micro-batch spent adding its gradient into the
+        accumulated one, when the weight-gradient GEMM does not accumulate in place.
+
+        fp32 ``main_grad`` (Megatron's local DDP before gradient-accumulation fusion): read the
+        16-bit gradient and the fp32 sum, write the sum: 2 + 4 + 4.  16-bit ``param.grad``
+        (PyTorch autograd): 2 + 2 + 2, and only from the second micro-batch on.
+        """
+        plan = self.plan
+        if plan.grad_accumulation_fusion:
+            return 0.0
+        if plan.fp32_grads:
+            return 10.0
+        m = plan.num_microbatches
+        return 6.0 * (m - 1) / m
+
     def phases(self, forward: list[Op]) -> dict[str, list[Op]]:
         """F, R (recomputation), B and W op lists for a forward list under this plan."""
-        b_ops, w_ops = backward_ops(forward)
+        b_ops, w_ops = backward_ops(forward, self.accumulate_bytes_per_weight)
         # activation checkpointing wraps the transformer layers only (Megatron's full and
         # selective recomputation): the embedding and the output layer + loss are not re-run
         is_layer = forward is not self.embedding and forward is not self.head
