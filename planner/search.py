@@ -55,6 +55,15 @@ MAX_SIMULATED_FACTOR = 3  # near-ties stop being simulated after 3 × confirm pl
 _SIM_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
+def clear_caches() -> None:
+    """Forget cached simulations and layer costs (benchmarks time cold searches)."""
+    from plansim.planner import executors
+    from plansim.simulator import analytic
+    _SIM_CACHE.clear()
+    executors._MODELS.clear()
+    analytic._observations.cache_clear()
+
+
 # --- inputs ---------------------------------------------------------------------------------------
 def parse_gpus(spec: int | str | Sequence[int] | None) -> list[int] | None:
     """GPU counts: ``512``, ``256,512,1024``, ``256..2048`` (doubling) or ``256..2048:256`` (step)."""
