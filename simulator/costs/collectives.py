@@ -5,9 +5,10 @@ links (S is the buffer size nccl-tests reports: the full buffer; ring algorithm;
 ``doc/PERFORMANCE.md``).  Inside a node the data crosses the NVLink/NVSwitch port of each GPU;
 across nodes the ring crosses each node's NICs once per channel, so a group with ``g`` ranks
 per node gets ``g`` GPUs' share of the NICs (8 rails at 25 GB/s give a DGX A100 its ~192 GB/s
-multi-node busbw, NVIDIA in nccl#812).  The time is the latency term (steps × per-hop latency
-plus a launch cost; trees replace the ring's ``n`` steps by ``log2`` steps across nodes) plus
-the bytes over the slower of the two links.
+multi-node busbw, NVIDIA in nccl#812).  The time is the latency term (NCCL's base latency
+plus steps × per-hop latency of the protocol; trees replace the ring's ``n`` steps by ``log2``
+steps across nodes) plus the bytes over the slower of the two links at the protocol's wire
+efficiency; like NCCL's tuner, the fastest algorithm and protocol for the size is taken.
 
 The result is a :class:`CollectiveCost`: the event engine runs its bytes as a flow on the named
 link resource (so concurrent collectives share bandwidth), the analytic estimate just adds.
@@ -85,13 +86,44 @@ class CollectiveCost:
         return self.latency_s + (self.volume_bytes / self.rate_Bps if self.volume_bytes else 0.0)
 
 
-def _base_latency(cluster: Cluster) -> float:
-    return cluster.device.kernel_launch_s
+#: NCCL protocols: base latency (s), per-hop latency relative to the link's LL hop latency by
+#: link class, and the fraction of link bandwidth the protocol's wire format carries.
+#: From NCCL ``src/graph/tuning.cc`` (baseLat; hwLat for NVLink 0.6 / 1.9 / 3.4 µs, PCI
+#: 1.0 / 1.9 / 5.7 µs, network 5.0 / 8.7 / 14 µs per hop for LL / LL128 / Simple); LL sends a
+#: 4-byte flag with every 4 bytes of data, LL128 one 8-byte flag per 128-byte line.
+PROTOCOLS = {
+    "LL": {"base_s": 6.6e-6, "hop": {"nvlink": 1.0, "pcie": 1.0, "net": 1.0}, "efficiency": 0.5},
+    "LL128": {"base_s": 14.0e-6, "hop": {"nvlink": 1.9 / 0.6, "pcie": 1.9, "net": 8.7 / 5.0}, "efficiency": 120 / 128},
+    "Simple": {"base_s": 8.4e-6, "hop": {"nvlink": 3.4 / 0.6, "pcie": 5.7, "net": 14.0 / 5.0}, "efficiency": 1.0},
+}
+_NET_KINDS = ("infiniband", "roce", "ethernet")
+
+
+def _hop_class(link) -> str:
+    if link.kind in _NET_KINDS:
+        return "net"
+    return "pcie" if link.kind == "pcie" else "nvlink"
+
+
+def _best_protocol(volume: float, rate: float, hops: list[tuple[object, int]]) -> CollectiveCost | tuple:
+    """(latency, efficiency) of the protocol NCCL's tuner would pick: the fastest for this size."""
+    best = None
+    for proto in PROTOCOLS.values():
+        latency = proto["base_s"] + sum(n * link.latency_s * proto["hop"][_hop_class(link)] for link, n in hops)
+        time = latency + volume / (rate * proto["efficiency"])
+        if best is None or time < best[0]:
+            best = (time, latency, proto["efficiency"])
+    return best[1], best[2]
 
 
 def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
                     algorithm: str = "auto") -> CollectiveCost:
-    """Cost of one collective of buffer size ``nbytes`` (nccl-tests' size) over ``group``."""
+    """Cost of one collective of buffer size ``nbytes`` (nccl-tests' size) over ``group``.
+
+    The bytes cross the slower of the NVLink port and the NIC share; the latency is NCCL's
+    for the chosen algorithm (ring; tree for all-reduce across nodes when faster) and
+    protocol (LL, LL128 or Simple, whichever is fastest at this size).
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     n, g = group.size, group.ranks_per_node
@@ -104,39 +136,43 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     busbytes = bus_factor(op, n) * nbytes
 
     if op == "send_recv":
-        if multi_node:
-            return CollectiveCost(_base_latency(cluster) + inter.latency_s, "inter", nbytes, cluster.nic_bw_per_gpu_Bps)
-        return CollectiveCost(_base_latency(cluster) + intra.latency_s, "intra", nbytes, intra.achievable_bw_Bps)
-
-    if op == "all_to_all":
+        link, volume, rate = ("inter", nbytes, cluster.nic_bw_per_gpu_Bps) if multi_node \
+            else ("intra", nbytes, intra.achievable_bw_Bps)
+        candidates = [[(inter if multi_node else intra, 1)]]
+    elif op == "all_to_all":
         leaving = nbytes * (n - g) / n  # per rank, to peers on other nodes
         staying = nbytes * (g - 1) / n
-        candidates = [("intra", staying, intra.achievable_bw_Bps)]
+        options = [("intra", staying, intra.achievable_bw_Bps)]
         if multi_node:
-            candidates.append(("inter", leaving, cluster.nic_bw_per_gpu_Bps))
-        link, volume, rate = max(candidates, key=lambda c: c[1] / c[2])
-        hop = inter.latency_s if multi_node else intra.latency_s
-        return CollectiveCost(_base_latency(cluster) + hop, link, volume, rate)
-
-    steps_per_pass = 2 if op == "all_reduce" else 1
-    if multi_node:
-        inter_rate = g * cluster.nic_bw_per_gpu_Bps
-        t_intra, t_inter = busbytes / intra.achievable_bw_Bps, busbytes / inter_rate
-        link, rate, volume = ("inter", cluster.nic_bw_per_gpu_Bps, busbytes / g) if t_inter >= t_intra \
-            else ("intra", intra.achievable_bw_Bps, busbytes)
-        ring_latency = steps_per_pass * ((n - group.nodes) * intra.latency_s + group.nodes * inter.latency_s)
-        tree_latency = steps_per_pass * (math.ceil(math.log2(group.nodes)) * inter.latency_s + (g - 1) * intra.latency_s)
+            options.append(("inter", leaving, cluster.nic_bw_per_gpu_Bps))
+        link, volume, rate = max(options, key=lambda c: c[1] / c[2])
+        candidates = [[(inter if multi_node else intra, 1)]]
     else:
-        link, rate, volume = "intra", intra.achievable_bw_Bps, busbytes
-        ring_latency = steps_per_pass * (n - 1) * intra.latency_s
-        tree_latency = steps_per_pass * math.ceil(math.log2(n)) * intra.latency_s
-    if op != "all_reduce" or algorithm == "ring":
-        latency = ring_latency  # NCCL runs all-gather / reduce-scatter / broadcast as rings
-    elif algorithm == "tree":
-        latency = tree_latency
-    else:
-        latency = min(ring_latency, tree_latency)
-    return CollectiveCost(_base_latency(cluster) + latency, link, volume, rate)
+        steps = 2 if op == "all_reduce" else 1
+        if multi_node:
+            inter_rate = g * cluster.nic_bw_per_gpu_Bps
+            t_intra, t_inter = busbytes / intra.achievable_bw_Bps, busbytes / inter_rate
+            link, rate, volume = ("inter", cluster.nic_bw_per_gpu_Bps, busbytes / g) if t_inter >= t_intra \
+                else ("intra", intra.achievable_bw_Bps, busbytes)
+            ring = [(intra, steps * (n - group.nodes)), (inter, steps * group.nodes)]
+            tree = [(inter, steps * math.ceil(math.log2(group.nodes))), (intra, steps * (g - 1))]
+        else:
+            link, rate, volume = "intra", intra.achievable_bw_Bps, busbytes
+            ring = [(intra, steps * (n - 1))]
+            tree = [(intra, steps * math.ceil(math.log2(n)))]
+        if op != "all_reduce" or algorithm == "ring":
+            candidates = [ring]  # NCCL runs all-gather / reduce-scatter / broadcast as rings
+        elif algorithm == "tree":
+            candidates = [tree]
+        else:
+            candidates = [ring, tree]
+    best = None
+    for hops in candidates:
+        latency, efficiency = _best_protocol(volume, rate, hops)
+        cost = CollectiveCost(latency, link, volume / efficiency, rate)
+        if best is None or cost.time_s < best.time_s:
+            best = cost
+    return best
 
 
 def collective_time(op: str, nbytes: float, group: Group, cluster: Cluster, algorithm: str = "auto") -> float:

@@ -219,8 +219,10 @@ def test_tensor_parallel_traffic(sp, recompute):
     """Megatron TP per micro-batch: per layer 2 all-reduces of b·s·h forward and 2 backward, and
     one more of each forward one when the layer is recomputed in full; one for the embedding
     (forward) and one for the logits' input (backward).  With sequence parallelism each
-    all-reduce becomes a reduce-scatter plus an all-gather: the same bytes (Korthikanti 2022 §4.2.2)."""
-    t, b, s = 8, 1, 1024
+    all-reduce becomes a reduce-scatter plus an all-gather: the same bytes (Korthikanti 2022 §4.2.2).
+    Messages are large enough for NCCL's Simple protocol, whose wire bytes equal the data bytes
+    (LL and LL128 add flags on the wire)."""
+    t, b, s = 8, 1, 8192
     spec = load_model("llama3-8b")
     out, _ = _run("llama3-8b", Plan(tp=t, sequence_parallel=sp, global_batch=1, micro_batch=b, seq_len=s,
                                     recompute=recompute))
