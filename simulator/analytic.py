@@ -209,12 +209,15 @@ class AnalyticModel:
                                                                   phase)
         return hit
 
-    def _collective(self, op: str, nbytes: float, group: Group) -> float:
+    def _collective_cost(self, op: str, nbytes: float, group: Group):
         key = ("coll", op, nbytes, group)
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = collective_cost(op, nbytes, group, self.cluster).time_s
+            hit = self._memo[key] = collective_cost(op, nbytes, group, self.cluster)
         return hit
+
+    def _collective(self, op: str, nbytes: float, group: Group) -> float:
+        return self._collective_cost(op, nbytes, group).time_s
 
     # --- memory -------------------------------------------------------------------------------
     def memory(self, plan: Plan, workload: TrainingWorkload, layout: Layout, costs: np.ndarray) -> Memory:
@@ -227,8 +230,13 @@ class AnalyticModel:
         peaks = np.zeros(p)
         details = []
         params = costs[:, DENSE] + costs[:, EXPERT]
-        t_f = np.array([self.transient_bytes(workload, plan, c, params[i], "F") for i, c in enumerate(layout.chunks)])
-        t_b = np.array([self.transient_bytes(workload, plan, c, params[i], "B") for i, c in enumerate(layout.chunks)])
+        tkey = ("transients", id(layout), _layer_key(plan), plan.zero >= 3)
+        hit = self._memo.get(tkey)
+        if hit is None:
+            hit = self._memo[tkey] = (
+                np.array([self.transient_bytes(workload, plan, c, params[i], "F") for i, c in enumerate(layout.chunks)]),
+                np.array([self.transient_bytes(workload, plan, c, params[i], "B") for i, c in enumerate(layout.chunks)]))
+        t_f, t_b = hit
         for r in range(p):
             skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
                     plan.precision, plan.fp32_grads)
@@ -299,7 +307,7 @@ class AnalyticModel:
         z3 = np.zeros(n_chunks)
         if plan.zero >= 3 and n_dp > 1:  # FSDP: first layer's gather exposed, the rest overlapped
             for i, chunk in enumerate(layout.chunks):
-                g = collective_cost("all_gather", params[i] * 2.0, grad_group, cluster)
+                g = self._collective_cost("all_gather", params[i] * 2.0, grad_group)
                 share = 1.0 / max(1, chunk.num_layers)
                 vol = g.volume_bytes / g.rate_Bps if g.volume_bytes else 0.0
                 first, rest = g.latency_s + vol * share, vol * (1 - share)
