@@ -1,1 +1,102 @@
-"""plansim: validation/runner."""
+"""plansim.validation.runner: measure kernels, transfers, collectives and training steps on GPUs.
+
+The only place in plansim that imports torch, and only inside the functions that need it, so
+``import plansim.validation.runner`` works without torch.  Entry points:
+``measure(suite, out_dir, quick=False)`` and ``python -m plansim.validation.runner``
+(or ``python3 validation/runner/__main__.py`` from a checkout).  See validation/MEASURING.md.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from plansim.validation.runner.common import SUITES, split_for, write_csv  # noqa: F401
+
+__all__ = ["measure", "SUITES", "split_for"]
+
+#: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
+WORKER_TIMEOUT_S = 330.0
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise RuntimeError("plansim measure needs PyTorch: pip install 'plansim[validation]'") from exc
+    return torch
+
+
+def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cuda", log=None) -> list[str]:
+    """Run ``suite`` (kernels|transfers|collectives|steps|all) on the visible GPUs; write one
+    tidy CSV per suite and ``provenance.json`` into ``out_dir``; return the written paths.
+
+    ``quick`` runs a few small cases of each suite (a smoke test, not data to keep).
+    ``device="cpu"`` (with ``quick`` only) exercises the code paths without a GPU (gloo).
+    Raises ``RuntimeError`` when no CUDA GPU is found (or torch is missing).
+    """
+    if suite != "all" and suite not in SUITES:
+        raise ValueError(f"suite: must be one of {', '.join(SUITES + ('all',))}, got {suite!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: must be cuda or cpu, got {device!r}")
+    if device == "cpu" and not quick:
+        raise ValueError("device=cpu is only a smoke test: use it with quick=True")
+    torch = _torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU found: plansim measure needs one (torch.cuda.is_available() is False)")
+    log = log or (lambda msg: print(msg, flush=True))
+
+    from plansim.validation.runner import provenance
+    from plansim.validation.runner.launch import run_workers
+
+    suites = list(SUITES) if suite == "all" else [suite]
+    os.makedirs(out_dir, exist_ok=True)
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 2
+    info = provenance.collect(suites, quick, device)
+    t0 = time.time()
+    written = []
+    for s in suites:
+        ts = time.time()
+        if s == "kernels":
+            from plansim.validation.runner import kernels
+
+            rows = kernels.run(dev, quick, log)
+        elif s == "transfers":
+            from plansim.validation.runner import transfers
+
+            rows = transfers.run(dev, quick, log)
+        elif s == "collectives":
+            from plansim.validation.runner import collectives
+
+            if n_gpus < 2:
+                log("collectives: skipped, one GPU visible (needs 2 or more)")
+                continue
+            _release(torch, device)
+            rows = run_workers("collectives", collectives.cases(n_gpus, quick), n_gpus, device, quick,
+                               WORKER_TIMEOUT_S, log)
+        else:
+            from plansim.validation.runner import steps
+
+            rows = steps.run(dev, quick, log)
+            if n_gpus >= 2:
+                _release(torch, device)
+                rows += run_workers("steps", steps.dist_cases(quick, 2), 2, device, quick, WORKER_TIMEOUT_S, log)
+            else:
+                log("steps: 2-GPU cases (ddp, fsdp, tp, pp) skipped, one GPU visible")
+        written.append(write_csv(os.path.join(out_dir, f"{s}.csv"), s, rows))
+        log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
+            f"{time.time() - ts:.0f} s -> {written[-1]}")
+    info["duration_s"] = round(time.time() - t0, 1)
+    written.append(provenance.write(out_dir, info))
+    return written
+
+
+def _release(torch, device: str) -> None:
+    """Give cached GPU memory back before child processes start on the same GPUs."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()

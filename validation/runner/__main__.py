@@ -1,0 +1,44 @@
+"""``python -m plansim.validation.runner --suite all --out DIR`` (or run this file directly)."""
+if __package__ in (None, ""):  # python3 validation/runner/__main__.py from a checkout
+    import os as _os
+    import sys as _sys
+    import types as _types
+
+    try:
+        import plansim.validation.runner  # noqa: F401  installed
+    except ImportError:
+        _root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+        _pkg = _types.ModuleType("plansim")
+        _pkg.__path__ = [_os.path.join(_root, "plansim"), _root]
+        _sys.modules["plansim"] = _pkg
+        _val = _types.ModuleType("plansim.validation")  # skip validation/__init__ (may need more deps)
+        _val.__path__ = [_os.path.join(_root, "validation")]
+        _sys.modules["plansim.validation"] = _val
+        _pkg.validation = _val
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m plansim.validation.runner",
+                                description="Measure kernels, transfers, collectives and training steps.")
+    p.add_argument("--suite", default="all", choices=("kernels", "transfers", "collectives", "steps", "all"))
+    p.add_argument("--out", required=True, help="output folder, e.g. validation/data/h100-x1")
+    p.add_argument("--quick", action="store_true", help="a few small cases: a smoke test")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke test with --quick")
+    a = p.parse_args(argv)
+    from plansim.validation.runner import measure
+
+    try:
+        paths = measure(a.suite, a.out, a.quick, device=a.device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

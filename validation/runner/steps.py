@@ -1,0 +1,265 @@
+"""Suite ``steps``: whole training steps of a Llama-style model, precision ``bf16-pure``.
+
+bf16 parameters, bf16 gradients, ``torch.optim.AdamW(fused=True)`` whose states (exp_avg,
+exp_avg_sq) take the parameters' dtype, bf16 -> 2 + 2 + 2 + 2 = 8 bytes per parameter.
+One step = ``num_microbatches`` forward+backward passes (loss / num_microbatches) then
+``opt.step()`` and ``opt.zero_grad(set_to_none=True)``; timed with CUDA events around the
+whole step, median of ``ITERS`` steps after ``WARMUP``; peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up), max over ranks.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+
+from plansim.validation.runner.common import error_status, summarize
+from plansim.validation.runner.model import LlamaConfig, Transformer, init_weights, pick_attention
+from plansim.validation.runner.timing import Span, sync
+
+MODELS = ("tinyllama-1.1b", "llama3.2-3b-untied")
+WARMUP, ITERS = 3, 10
+SEQ = 2048
+
+
+def _case(model, strategy, *, tp=1, pp=1, dp=1, mb, nmb=1, seq, recompute="none", schedule="-"):
+    zero = 3 if strategy == "fsdp" else 0
+    gb = mb * nmb * dp
+    sched = f"-{schedule}" if schedule != "-" else ""
+    cid = (f"{model}-{strategy}{sched}-tp{tp}-pp{pp}-dp{dp}-mb{mb}-nmb{nmb}-s{seq}-rc{recompute}")
+    return {"case_id": cid, "model": model, "strategy": strategy, "tp": tp, "pp": pp, "dp": dp,
+            "zero": zero, "micro_batch": mb, "global_batch": gb, "num_microbatches": nmb,
+            "seq_len": seq, "recompute": recompute, "schedule": schedule, "precision": "bf16-pure"}
+
+
+def single_cases(quick: bool) -> list[dict]:
+    if quick:
+        return [_case("tiny", "single", mb=2, seq=64), _case("tiny", "single", mb=2, seq=64, recompute="full"),
+                _case("tiny", "single", mb=1, nmb=2, seq=64)]
+    out = []
+    for m in MODELS:
+        for mb, nmb, rc in ((1, 1, "none"), (2, 1, "none"), (4, 1, "none"), (4, 1, "full"), (8, 1, "full"),
+                            (2, 4, "none")):
+            out.append(_case(m, "single", mb=mb, nmb=nmb, seq=SEQ, recompute=rc))
+    return out
+
+
+def dist_cases(quick: bool, n: int = 2) -> list[dict]:
+    """Cases for ``n`` = 2 ranks: DDP, FSDP2, TP=2, 2-stage PP (GPipe, 1F1B)."""
+    models, seq, mb = (("tiny",), 64, 2) if quick else (MODELS, SEQ, 2)
+    out = []
+    for m in models:
+        out += [_case(m, "ddp", dp=n, mb=mb, seq=seq), _case(m, "fsdp", dp=n, mb=mb, seq=seq),
+                _case(m, "tp", tp=n, mb=mb, seq=seq),
+                _case(m, "pp", pp=n, mb=1, nmb=8 if not quick else 4, seq=seq, schedule="gpipe"),
+                _case(m, "pp", pp=n, mb=1, nmb=8 if not quick else 4, seq=seq, schedule="1f1b")]
+    return out
+
+
+def _optimizer(params, device):
+    params = list(params)
+    for impl in ("fused", "foreach"):
+        try:
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **{impl: True})
+            return opt, f"adamw-{impl}"
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return torch.optim.AdamW(params, lr=1e-4), "adamw"
+
+
+def _batches(cfg: LlamaConfig, rows: int, seq: int, count: int, device, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(count):
+        t = torch.randint(0, cfg.vocab, (rows, seq + 1), device=device, generator=gen)
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+def _build(cfg, device, seed, **kw) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg, **kw)
+    model = model.to(torch.bfloat16)
+    model.to_empty(device=device)
+    init_weights(model, seed)
+    return model
+
+
+def _time_steps(step, device, warmup=WARMUP, iters=ITERS):
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    spans = []
+    for i in range(iters):
+        sp = Span(device)
+        sp.start()
+        step(warmup + i)
+        sp.stop()
+        spans.append(sp)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return [sp.seconds() for sp in spans], peak
+
+
+def _finish(case, times, peak, extra) -> dict:
+    row = dict(case, **extra, **summarize(times), status="ok")
+    row["step_time_s"] = row["time_s"]
+    row["peak_memory_bytes"] = int(peak)
+    row["tokens_per_s"] = case["global_batch"] * case["seq_len"] / row["time_s"]
+    return row
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- one process ------------------------------------------------------------------------
+def run_single(case: dict, device: torch.device, quick: bool) -> dict:
+    cfg = LlamaConfig.named(case["model"])
+    extra = {"n_params": cfg.n_params(), "world_size": 1}
+    state = {}
+    try:
+        model = state["model"] = _build(cfg, device, 0, recompute=case["recompute"])
+        extra["attn_impl"] = pick_attention(model, device)
+        opt, extra["optimizer"] = _optimizer(model.parameters(), device)
+        state["opt"] = opt
+        nmb = case["num_microbatches"]
+        data = _batches(cfg, case["micro_batch"], case["seq_len"], max(2, nmb), device, 1)
+
+        def step(i):
+            for j in range(nmb):
+                x, y = data[(i * nmb + j) % len(data)]
+                (model.loss(model(x), y) / nmb).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        times, peak = _time_steps(step, device, *((1, 3) if quick else ()))
+        return _finish(case, times, peak, extra)
+    except Exception as exc:  # noqa: BLE001 - OOM and errors are recorded, the suite goes on
+        return dict(case, **extra, status=error_status(exc))
+    finally:
+        state.clear()
+        model = opt = data = step = None  # noqa: F841
+        _free(device)
+
+
+def run(device: torch.device, quick: bool, log=print) -> list[dict]:
+    rows = []
+    for case in single_cases(quick):
+        row = run_single(case, device, quick)
+        log(f"steps {row['case_id']:<62} {row.get('time_s', float('nan')):.4f} s  "
+            f"{row.get('peak_memory_bytes', 0) / 2**30:.1f} GiB {row['status']}")
+        rows.append(row)
+    return rows
+
+
+# --- several processes (inside _worker, process group initialised) ----------------------
+def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick: bool):
+    """Run one 2-rank case; returns the row on rank 0 (None elsewhere).  Raises on failure."""
+    cfg = LlamaConfig.named(case["model"])
+    n = case["tp"] * case["pp"] * case["dp"]
+    if n != world:
+        raise ValueError(f"case needs {n} ranks, world is {world}")
+    extra = {"n_params": cfg.n_params(), "world_size": world}
+    nmb, mb, seq = case["num_microbatches"], case["micro_batch"], case["seq_len"]
+    strategy = case["strategy"]
+    rc = case["recompute"]
+
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        inner = _build(cfg, device, 0, recompute=rc)  # same seed on every rank; DDP broadcasts anyway
+        extra["attn_impl"] = pick_attention(inner, device)
+        model = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
+        opt, extra["optimizer"] = _optimizer(model.parameters(), device)
+        data = _batches(cfg, mb, seq, max(2, nmb), device, 10 + rank)
+
+        def step(i):
+            for j in range(nmb):
+                x, y = data[(i * nmb + j) % len(data)]
+                (inner.loss(model(x), y) / nmb).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif strategy == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,))
+        with torch.device("meta"):
+            model = Transformer(cfg, recompute=rc)
+        model = model.to(torch.bfloat16)
+        for blk in model.layers.values():
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model.to_empty(device=device)
+        init_weights(model, rank)
+        inner = model
+        extra["attn_impl"] = pick_attention(model, device)
+        opt, extra["optimizer"] = _optimizer(model.parameters(), device)
+        data = _batches(cfg, mb, seq, max(2, nmb), device, 10 + rank)
+
+        def step(i):
+            for j in range(nmb):
+                x, y = data[(i * nmb + j) % len(data)]
+                (model.loss(model(x), y) / nmb).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif strategy == "tp":
+        group = dist.group.WORLD
+        model = _build(cfg, device, 1 + rank, tp=world, tp_rank=rank, tp_group=group, recompute=rc)
+        extra["attn_impl"] = pick_attention(model, device)
+        opt, extra["optimizer"] = _optimizer(model.parameters(), device)
+        data = _batches(cfg, mb, seq, max(2, nmb), device, 10)  # same tokens on every TP rank
+
+        def step(i):
+            for j in range(nmb):
+                x, y = data[(i * nmb + j) % len(data)]
+                (model.loss(model(x), y) / nmb).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif strategy == "pp":
+        from plansim.validation.runner.pipeline import StageRunner
+
+        pp = world
+        per = [cfg.layers // pp + (1 if s < cfg.layers % pp else 0) for s in range(pp)]
+        lo = sum(per[:rank])
+        first, last = rank == 0, rank == pp - 1
+        model = _build(cfg, device, 1 + rank, layer_range=(lo, lo + per[rank]), first=first, last=last,
+                       recompute=rc)
+        extra["attn_impl"] = pick_attention(model, device)
+        opt, extra["optimizer"] = _optimizer(model.parameters(), device)
+        runner = StageRunner(model, rank, pp, (mb, seq, cfg.hidden), torch.bfloat16, device)
+        schedule = {"gpipe": runner.gpipe, "1f1b": runner.one_f_one_b}[case["schedule"]]
+        # the same tokens on every stage: stage 0 embeds them, the last stage takes the targets
+        data = [_batches(cfg, mb, seq, nmb, device, 10 + 100 * b) for b in range(2)]
+        dist.barrier()
+
+        def step(i):
+            batch = data[i % len(data)]
+            schedule([x for x, _ in batch], [y for _, y in batch])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        raise ValueError(f"unknown strategy {strategy}")
+
+    times, peak = _time_steps(step, device, *((1, 3) if quick else ()))
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    pk = torch.tensor([float(peak)], dtype=torch.float64, device=device)
+    dist.all_reduce(pk, op=dist.ReduceOp.MAX)
+    row = _finish(case, t.tolist(), pk.item(), extra) if rank == 0 else None
+    model = inner = opt = data = step = runner = None  # noqa: F841
+    _free(device)
+    dist.barrier()
+    return row
