@@ -37,6 +37,7 @@ def gemm_shapes(quick: bool) -> list[tuple[int, int, int, str]]:
     bf16 += [(1, 128256, 4096), (32, 6144, 4096), (64, 8192, 28672), (16, 10240, 8192)]
     # odd sizes (tile and wave quantisation)
     bf16 += [(3000, 3000, 3000), (4095, 4097, 4096), (12288, 12288, 12288)]
+    bf16 = list(dict.fromkeys(bf16))  # unique, in order
     shapes = [(m, n, k, "bf16") for m, n, k in bf16]
     few = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096), (16, 4096, 4096)]
     shapes += [(m, n, k, "fp16") for m, n, k in few + [(4096, 128256, 4096)]]
