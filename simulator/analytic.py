@@ -107,10 +107,24 @@ class Memory:
         return int(self.peaks.argmax())
 
 
+# Plan fields that do not change a layer's per-micro-batch costs: the layout over ranks, the
+# schedule, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
+# (which matters only through the number of micro-batches, kept in the key where it counts).
+_LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "first_stage_layers",
+                            "last_stage_layers", "offload", "overlap_grad_reduce"})
+_COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
+
+
+def _microbatches_matter(plan: Plan) -> bool:
+    """Unfused accumulation into 16-bit gradients skips the first micro-batch
+    (TrainingWorkload.accumulate_bytes_per_weight), so its cost depends on their number."""
+    return not getattr(plan, "grad_accumulation_fusion", True) and not plan.fp32_grads
+
+
 def _layer_key(plan: Plan) -> tuple:
     """The plan fields that per-layer, per-micro-batch costs depend on (not pp, dp, zero, batch)."""
-    return (plan.tp, plan.cp, plan.ep, plan.micro_batch, plan.seq_len, plan.recompute, plan.sequence_parallel,
-            plan.precision, plan.attention)
+    return tuple(getattr(plan, f) for f in _COST_FIELDS) + (
+        plan.num_microbatches if _microbatches_matter(plan) else 0,)
 
 
 class AnalyticModel:
@@ -134,7 +148,8 @@ class AnalyticModel:
         hit = self._pieces.get(key)
         if hit is not None:
             return hit
-        base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch,
+        m = plan.num_microbatches if _microbatches_matter(plan) else 1
+        base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch * m,
                             zero=0, first_stage_layers=None, last_stage_layers=None, offload={})
         workload = TrainingWorkload(self.model, base)
         rows, chunks = [0], [Chunk(0, 0, 0, 0, True, False)]

@@ -144,6 +144,10 @@ class Device(_Profile):
     gemm_k_overhead: PositiveFloat | None = None  # K elements' worth of per-tile fixed work
     attention_seq_half: PositiveFloat | None = None  # sequence length at half the attention rate
     attention_bwd_ratio: PositiveFloat | None = None  # backward / forward attention FLOP rate
+    attention_causal_efficiency: float | None = Field(default=None, gt=0, le=1)  # masked tiles, imbalance
+    attention_head_dim_half: PositiveFloat | None = None  # head dim at which tiles reach half their rate
+    unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
+    norm_bandwidth_fraction: float | None = Field(default=None, gt=0, le=1)  # norm kernels vs streaming ops
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
 

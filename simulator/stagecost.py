@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import attention_time, gemm_time, memory_bound_time
+from plansim.simulator.costs.compute import attention_time, gemm_time, memory_bound_time, norm_time
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
@@ -80,6 +80,8 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         return float(attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
     if op.kind == "memory":
         return float(memory_bound_time(op.bytes, device)), None
+    if op.kind == "norm":
+        return float(norm_time(0, 0, device, bytes_moved=op.bytes)), None
     if op.kind == "collective":
         if op.collective == "none" or op.comm_bytes <= 0:
             return 0.0, None

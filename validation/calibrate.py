@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 from scipy.optimize import least_squares
 
+from plansim.simulator.costs import compute
 from plansim.simulator.hardware import Cluster, Device, Link
 from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
                                         base_cluster, data_folders, device_for_folder, load_suite,
@@ -40,13 +41,17 @@ KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
     ("achievable_gemm_fraction", 0.2, 1.0, ("gemm",)),
     ("gemm_k_overhead", 1.0, 4096.0, ("gemm",)),
     ("kernel_launch_s", 0.2e-6, 30e-6, KERNEL_KINDS),
-    ("achievable_hbm_bw_Bps", lambda d: 0.3 * d.hbm_bw_Bps, lambda d: d.hbm_bw_Bps, ("memcpy", "elementwise",
-                                                                                    "rmsnorm", "layernorm")),
+    ("achievable_hbm_bw_Bps", lambda d: 0.3 * d.hbm_bw_Bps, lambda d: d.hbm_bw_Bps, ("memcpy", "elementwise")),
     ("attention_fraction", 0.05, 1.0, ("attention",)),
     ("attention_seq_half", 1.0, 16384.0, ("attention",)),
     ("attention_bwd_ratio", 0.1, 2.0, ("attention",)),
+    ("attention_causal_efficiency", 0.3, 1.0, ("attention",)),
+    ("attention_head_dim_half", 1.0, 1024.0, ("attention",)),
+    ("unaligned_gemm_fraction", 0.02, 1.0, ("gemm",)),
+    ("norm_bandwidth_fraction", 0.2, 1.0, ("rmsnorm", "layernorm")),
 )
-DEFAULTS = {"gemm_k_overhead": 64.0, "attention_seq_half": 256.0, "attention_bwd_ratio": 0.8}
+DEFAULTS = {"gemm_k_overhead": 64.0, "attention_seq_half": 256.0, "attention_bwd_ratio": 0.8,
+            "attention_causal_efficiency": 0.8, "attention_head_dim_half": 64.0, "unaligned_gemm_fraction": 0.15, "norm_bandwidth_fraction": 0.75}
 
 
 def _fit_log(residual: Callable[[dict], np.ndarray], names: Sequence[str], start: dict, lo: dict, hi: dict) -> dict:
@@ -75,6 +80,14 @@ def _stats(res: np.ndarray) -> dict:
             "p90_abs_error": round(float(np.percentile(np.abs(err), 90)), 4)}
 
 
+def _unaligned(row) -> bool:
+    """A GEMM row whose K or N leading dimension breaks the 16-byte alignment rule."""
+    if row["kind"] != "gemm":
+        return False
+    elem = compute.DTYPE_BYTES[row["dtype"]]
+    return bool((int(row["k"]) * elem) % compute.ALIGNMENT_BYTES or (int(row["n"]) * elem) % compute.ALIGNMENT_BYTES)
+
+
 def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
     """Device parameters fitted on calibration kernels: (parameters, fit statistics)."""
     rows = [r for r in kernels.to_dict("records") if r["kind"] in KERNEL_KINDS]
@@ -86,6 +99,8 @@ def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
     for name, low, high, needs in KERNEL_PARAMETERS:
         if not kinds & set(needs):
             continue
+        if name == "unaligned_gemm_fraction" and not any(_unaligned(r) for r in rows):
+            continue  # no calibration GEMM is misaligned: the data cannot identify it
         names.append(name)
         lo[name] = low(device) if callable(low) else low
         hi[name] = high(device) if callable(high) else high

@@ -148,7 +148,7 @@ def predict_kernel(row, device: Device) -> float:
     if kind == "memcpy":
         return float(compute.memcpy_time(_num(row, "bytes"), device))
     if kind in ("rmsnorm", "layernorm"):
-        return float(compute.memory_bound_time(_num(row, "bytes_moved"), device))
+        return float(compute.norm_time(_num(row, "tokens"), _num(row, "hidden"), device, row.get("dtype") or "bf16"))
     raise ValueError(f"kernels: no prediction for kind {kind!r}")
 
 

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-KINDS = ("gemm", "attention", "memory", "collective")
+KINDS = ("gemm", "attention", "memory", "norm", "collective")
 PHASES = ("F", "B", "W", "R", "O")  # forward, input-grad, weight-grad, recompute, optimizer
 
 #: the collective that carries gradients back through a forward collective
 CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
              "all_to_all": "all_to_all", "none": "none"}
+
+
+#: HBM passes of a normalisation kernel over its [tokens, hidden] input: forward reads the
+#: input and writes the output; backward reads the input and the output gradient and writes
+#: the input gradient (the weight-gradient reduction is small).  Norm kernels reduce over each
+#: row before they can write it, so they stream below a plain elementwise op's bandwidth: the
+#: device's ``norm_bandwidth_fraction`` (simulator/costs/compute.py) says by how much.
+NORM_PASSES = 2.0
+NORM_BACKWARD_PASSES = 3.0
+_DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+
+
+def norm_bytes(tokens, hidden, dtype: str = "bf16"):
+    """HBM bytes of one forward RMSNorm or LayerNorm over ``tokens`` rows of ``hidden``."""
+    return NORM_PASSES * tokens * hidden * _DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +95,7 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
                 b_ops.append(replace(op, name=f"{op.name}.dgrad2", phase="B", gemm=(k, n, m), saved_bytes=0.0))
         elif op.kind == "attention":
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", saved_bytes=0.0))
-        elif op.kind == "memory":
+        elif op.kind in ("memory", "norm"):
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", bytes=op.bytes * op.bwd_bytes_factor,
                                  saved_bytes=0.0))
         elif op.kind == "collective" and op.collective != "none":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from plansim.workloads.models import ModelSpec
-from plansim.workloads.ops import Op, backward_ops, recompute_ops
+from plansim.workloads.ops import NORM_BACKWARD_PASSES, NORM_PASSES, Op, backward_ops, norm_bytes, recompute_ops
 from plansim.workloads.plan import Plan, PlanError
 
 ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 only changes GEMM inputs)
@@ -39,6 +39,12 @@ def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str) ->
     return Op(name, "collective", collective="all_reduce", group="tp", comm_bytes=nbytes)
 
 
+def _norm(name: str, model: ModelSpec, tokens: float) -> Op:
+    """RMSNorm or LayerNorm over ``tokens`` rows; saves its input for backward."""
+    return Op(name, "norm", bytes=norm_bytes(tokens, model.hidden), saved_bytes=tokens * model.hidden * ACT_BYTES,
+              bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES)
+
+
 def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     """Forward ops of one transformer layer for one micro-batch on one rank."""
     t, e = plan.tp, ACT_BYTES
@@ -51,12 +57,11 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     kv_heads = max(1, g // t)
     q_cols, kv_cols = heads * d, kv_heads * d
     dtype = gemm_dtype(plan)
-    norm_bytes = (2 if model.norm == "layernorm" else 1)  # scale (+ bias) read is negligible
     drop = model.dropout
     full = tokens * h * e  # one [b, s, h] activation, bytes
 
     ops: list[Op] = [
-        Op("norm1", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e, bwd_bytes_factor=1.5 + 0.5 * (norm_bytes - 1)),
+        _norm("norm1", model, tok_sp),
         _tp_comm("attn.allgather", full, plan, "all_gather"),
         # with SP the GEMM input is kept sharded and all-gathered again for the weight gradient
         Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
@@ -89,8 +94,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
     ops.append(Op("residual1", "memory", bytes=(3 * e + (1 if drop else 0)) * tok_sp * h,
                   saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
-    ops.append(Op("norm2", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e,
-                  bwd_bytes_factor=1.5 + 0.5 * (norm_bytes - 1)))
+    ops.append(_norm("norm2", model, tok_sp))
     if moe:
         ops += _moe_ops(model, plan, tokens, full)
     else:
@@ -178,7 +182,7 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     vocab_local = math.ceil(model.vocab / t)
     logits = tokens * vocab_local
     return [
-        Op("final_norm", "memory", bytes=2 * tok_sp * h * e, saved_bytes=tok_sp * h * e),
+        _norm("final_norm", model, tok_sp),
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype=gemm_dtype(plan), has_weight=True,
            saved_bytes=tokens * h * e),

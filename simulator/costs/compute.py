@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from plansim.simulator.hardware import Device
+from plansim.workloads.ops import norm_bytes
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 
@@ -26,6 +27,11 @@ DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 DEFAULT_GEMM_K_OVERHEAD = 64.0  # K elements' worth of per-tile fixed work (prologue/epilogue)
 DEFAULT_ATTENTION_SEQ_HALF = 256.0  # sequence length at which attention reaches half its rate
 DEFAULT_ATTENTION_BWD_RATIO = 0.8  # backward FLOP rate relative to forward
+DEFAULT_ATTENTION_CAUSAL_EFFICIENCY = 0.8  # diagonal tiles are masked and row blocks unequal
+DEFAULT_ATTENTION_HEAD_DIM_HALF = 64.0  # FlashAttention-2: head dim 64 runs ~25% below 128
+DEFAULT_UNALIGNED_GEMM_FRACTION = 0.15  # cuBLAS falls back to non-TMA kernels (16-byte rule)
+DEFAULT_NORM_BANDWIDTH_FRACTION = 0.75  # norm kernels vs a streaming elementwise op
+ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for tensor-core kernels
 
 
 MIN_GEMM_TILE = 64.0  # smallest CTA tile edge cuBLAS/CUTLASS use for a short GEMM dimension
@@ -62,9 +68,17 @@ def gemm_efficiency(m, n, k, device: Device):
 
 
 def gemm_time(m, n, k, dtype: str, device: Device):
-    """Seconds for C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device``."""
+    """Seconds for C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device``.
+
+    Row-major operands have leading dimensions K (of A) and N (of B and C); where either is not
+    a multiple of 16 bytes the library cannot use its tensor-memory-accelerated kernels and
+    runs at ``unaligned_gemm_fraction`` of the aligned rate (e.g. N = 50257, GPT-2's vocabulary).
+    """
     m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
-    rate = device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device)
+    elem = DTYPE_BYTES[dtype]
+    aligned = ((k * elem) % ALIGNMENT_BYTES == 0) & ((n * elem) % ALIGNMENT_BYTES == 0)
+    penalty = np.where(aligned, 1.0, _param(device, "unaligned_gemm_fraction", DEFAULT_UNALIGNED_GEMM_FRACTION))
+    rate = (device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device) * penalty)
     compute = 2.0 * m * n * k / rate
     traffic = (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / device.achievable_hbm_bw_Bps
     return np.maximum(compute, traffic) + device.kernel_launch_s
@@ -85,7 +99,10 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
     """Seconds for flash attention (PyTorch SDPA's flash backend) forward, backward or both."""
     seq_kv_arr = np.asarray(seq_kv, float)
     saturation = seq_kv_arr / (seq_kv_arr + _param(device, "attention_seq_half", DEFAULT_ATTENTION_SEQ_HALF))
-    fwd_rate = device.flops(dtype) * device.attention_fraction * saturation
+    d_half = _param(device, "attention_head_dim_half", DEFAULT_ATTENTION_HEAD_DIM_HALF)
+    head_dim_eff = (head_dim / (head_dim + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
+    causal_eff = _param(device, "attention_causal_efficiency", DEFAULT_ATTENTION_CAUSAL_EFFICIENCY) if causal else 1.0
+    fwd_rate = device.flops(dtype) * device.attention_fraction * saturation * head_dim_eff * causal_eff
     bwd_rate = fwd_rate * _param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO)
     elem = DTYPE_BYTES[dtype]
     q_bytes = np.asarray(batch, float) * heads * seq_q * head_dim * elem
@@ -106,6 +123,14 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
 def memory_bound_time(bytes_moved, device: Device):
     """Seconds for a kernel limited by HBM traffic (bytes read + bytes written)."""
     return np.asarray(bytes_moved, float) / device.achievable_hbm_bw_Bps + device.kernel_launch_s
+
+
+def norm_time(tokens, hidden, device: Device, dtype: str = "bf16", bytes_moved=None):
+    """Seconds for a RMSNorm/LayerNorm (forward: ``norm_bytes``; or ``bytes_moved`` given):
+    a row reduction before any write keeps it below streaming bandwidth."""
+    moved = norm_bytes(tokens, hidden, dtype) if bytes_moved is None else bytes_moved
+    fraction = _param(device, "norm_bandwidth_fraction", DEFAULT_NORM_BANDWIDTH_FRACTION)
+    return np.asarray(moved, float) / (device.achievable_hbm_bw_Bps * fraction) + device.kernel_launch_s
 
 
 def memcpy_time(nbytes, device: Device):
