@@ -32,6 +32,12 @@ PLANS = [
     Plan(tp=2, pp=1, dp=8, micro_batch=1, global_batch=64, seq_len=4096, recompute="full", zero=3),
     Plan(tp=4, pp=2, dp=1, cp=2, micro_batch=1, global_batch=64, seq_len=4096, zero=2),
     Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full"),  # uneven: 11+10+11
+    # Megatron 2021 DDP flavours: unfused accumulation into 16-bit grads (cost depends on m), or
+    # into fp32 main_grad with the all-reduce after the backward
+    Plan(tp=2, pp=2, dp=4, micro_batch=1, global_batch=32, seq_len=4096, recompute="full",
+         grad_accumulation_fusion=False, sequence_parallel=False, attention="unfused"),
+    Plan(tp=2, pp=2, dp=4, micro_batch=1, global_batch=32, seq_len=4096, recompute="full", fp32_grads=True,
+         overlap_grad_reduce=False, grad_accumulation_fusion=False, schedule="interleaved", vpp=2),
 ]
 
 
@@ -54,13 +60,16 @@ def test_memory_is_exact_and_time_close(plan):
 
 def test_pieces_sum_to_cost_workload():
     """A chunk's analytic cost is cost_workload's chunk cost (same functions, summed per piece)."""
-    plan = Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=64, seq_len=4096, schedule="interleaved", vpp=2)
+    plan = Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=64, seq_len=4096, schedule="interleaved", vpp=2,
+                grad_accumulation_fusion=False)
     am = AnalyticModel(MODEL, CLUSTER)
+    am.chunk_costs(plan.replace(global_batch=16))  # another micro-batch count must not be reused
     _, layout, costs = am.chunk_costs(plan)
     ref = cost_workload(TrainingWorkload(MODEL, plan), CLUSTER)
     for row, cc in zip(costs, ref):
         assert row[0] == pytest.approx(cc.phases["F"].time_s, rel=1e-9)
         assert row[2] == pytest.approx(cc.phases["B"].time_s, rel=1e-9)
+        assert row[5] == pytest.approx(cc.phases["W"].time_s, rel=1e-9)
         assert row[9] == pytest.approx(cc.saved_bytes, rel=1e-9)
         assert row[10] + row[11] == pytest.approx(cc.params, rel=1e-9)
 
