@@ -148,6 +148,7 @@ class Device(_Profile):
     attention_head_dim_half: PositiveFloat | None = None  # head dim at which tiles reach half their rate
     unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
     norm_bandwidth_fraction: float | None = Field(default=None, gt=0, le=1)  # norm kernels vs streaming ops
+    collective_launch_s: float | None = Field(default=None, ge=0)  # host cost of issuing one NCCL call
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
 
@@ -191,6 +192,7 @@ class Link(_Profile):
     switched: bool = True  # all-to-all reachable through a switch (NVSwitch, IB fabric)
     ports: PositiveInt = 1  # peer links per endpoint (meaningful for meshes)
     pageable_fraction: float | None = Field(default=None, gt=0, le=1)  # pageable / pinned host-copy rate
+    op_efficiency: dict[str, float] | None = None  # per-collective busbw relative to all-reduce's
 
     @model_validator(mode="after")
     def _achievable_below_peak(self):

@@ -154,40 +154,49 @@ def _host(row, link: Link) -> float:
     return float(host_transfer_time(float(row["bytes"]), link, pinned=row["memory"] == "pinned"))
 
 
-def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame, rounds: int = 3) -> tuple[dict, dict]:
-    """NVLink achievable bandwidth (cases ≥ 1 MiB) and per-hop latency (smaller cases)."""
+def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, dict, dict]:
+    """NVLink collectives: the host's cost per NCCL call (the floor of back-to-back calls), the
+    achievable bus bandwidth and each collective's bandwidth relative to all-reduce's, on every
+    calibration case.  The per-hop latencies stay NCCL's (tuning.cc): fitting them as well
+    matched the calibration cases better and the held-out ones worse.  Returns (link parameters, device parameters, fit statistics)."""
     rows = [r for r in collectives.to_dict("records") if int(r["group_size"]) > 1]
     if not rows:
-        return {}, {}
-    big = [r for r in rows if float(r["bytes"]) >= MiB]
-    small = [r for r in rows if float(r["bytes"]) < MiB]
+        return {}, {}, {}
     link = cluster.intra_node_link
-    params = {"achievable_bw_Bps": link.achievable_bw_Bps, "latency_s": link.latency_s}
+    ops = sorted({r["op"] for r in rows} - {"all_reduce"})
+    names = ["collective_launch_s", "achievable_bw_Bps"] + [f"eff:{op}" for op in ops]
+    start = {"collective_launch_s": 10e-6, "achievable_bw_Bps": link.achievable_bw_Bps,
+             **{f"eff:{op}": 1.0 for op in ops}}
+    lo = {"collective_launch_s": 0.1e-6, "achievable_bw_Bps": 0.05 * link.bw_Bps, **{f"eff:{op}": 0.3 for op in ops}}
+    hi = {"collective_launch_s": 200e-6, "achievable_bw_Bps": link.bw_Bps, **{f"eff:{op}": 1.5 for op in ops}}
 
-    def residual_on(part):
+    def machine(p: dict) -> Cluster:
+        eff = {k[4:]: v for k, v in p.items() if k.startswith("eff:")}
+        new_link = link.model_copy(update={"achievable_bw_Bps": p["achievable_bw_Bps"], "op_efficiency": eff or None})
+        device = cluster.device.model_copy(update={"collective_launch_s": p["collective_launch_s"]})
+        return cluster.model_copy(update={"intra_node_link": new_link, "device": device})
+
+    def residual_on(part, p):
         meas = np.array([float(r["time_s"]) for r in part])
+        trial = machine(p)
+        return _log_ratio((predict_collective(r, trial) for r in part), meas)
 
-        def res(p):
-            trial = cluster.model_copy(update={"intra_node_link": link.model_copy(update={**params, **p})})
-            return _log_ratio((predict_collective(r, trial) for r in part), meas)
-        return res
-
-    for _ in range(rounds):
-        if big:
-            params.update(_fit_log(residual_on(big), ["achievable_bw_Bps"], params,
-                                   {"achievable_bw_Bps": 0.05 * link.bw_Bps}, {"achievable_bw_Bps": link.bw_Bps}))
-        if small:
-            params.update(_fit_log(residual_on(small), ["latency_s"], params,
-                                   {"latency_s": 0.05e-6}, {"latency_s": 200e-6}))
-    stats = {}
+    params = _fit_log(lambda p: residual_on(rows, {**start, **p}), names, start, lo, hi)
+    fitted = machine(params)
+    link_params = {"achievable_bw_Bps": fitted.intra_node_link.achievable_bw_Bps}
+    if fitted.intra_node_link.op_efficiency:
+        link_params["op_efficiency"] = dict(fitted.intra_node_link.op_efficiency)
+    big = [r for r in rows if float(r["bytes"]) >= MiB]
+    stats = {"collectives": _stats(residual_on(rows, params))}
     if big:
-        stats["collectives >= 1 MiB"] = _stats(residual_on(big)({}))
-    if small:
-        stats["collectives < 1 MiB"] = _stats(residual_on(small)({}))
-    return params, stats
+        stats["collectives >= 1 MiB"] = _stats(residual_on(big, params))
+    return link_params, {"collective_launch_s": params["collective_launch_s"]}, stats
 
 
-def _sig(value: float, digits: int = 4) -> float:
+def _sig(value, digits: int = 4):
+    """Round to ``digits`` significant figures (mappings element by element)."""
+    if isinstance(value, dict):
+        return {k: _sig(v, digits) for k, v in value.items()}
     return float(f"{value:.{digits}g}")
 
 
@@ -237,8 +246,9 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path) -> Path:
     if not collectives.empty:
         multi = [f for f in folders if (f / "collectives.csv").is_file()]
         machine = base_cluster(multi[0]).model_copy(update={"device": device})
-        intra, s = fit_intra_link(machine, collectives)
+        intra, device_extra, s = fit_intra_link(machine, collectives)
         links[machine.intra_node_link.name] = intra
+        params.update(device_extra)
         stats.update(s)
 
     used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}

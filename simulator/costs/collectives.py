@@ -120,9 +120,11 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
                     algorithm: str = "auto") -> CollectiveCost:
     """Cost of one collective of buffer size ``nbytes`` (nccl-tests' size) over ``group``.
 
-    The bytes cross the slower of the NVLink port and the NIC share; the latency is NCCL's
-    for the chosen algorithm (ring; tree for all-reduce across nodes when faster) and
-    protocol (LL, LL128 or Simple, whichever is fastest at this size).
+    The bytes cross the slower of the NVLink port and the NIC share, at the link's measured
+    per-collective efficiency (``Link.op_efficiency``: e.g. all-gather kernels move fewer
+    bytes per second than all-reduce ones); the latency is NCCL's for the chosen algorithm
+    (ring; tree for all-reduce across nodes when faster) and protocol (LL, LL128 or Simple,
+    whichever is fastest at this size), never below the host's cost of issuing the call.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
@@ -166,12 +168,21 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
             candidates = [tree]
         else:
             candidates = [ring, tree]
+    op_eff = 1.0
+    link_obj = inter if link == "inter" else intra
+    if link_obj.op_efficiency:
+        op_eff = link_obj.op_efficiency.get(op, 1.0)
     best = None
     for hops in candidates:
-        latency, efficiency = _best_protocol(volume, rate, hops)
-        cost = CollectiveCost(latency, link, volume / efficiency, rate)
+        latency, efficiency = _best_protocol(volume, rate * op_eff, hops)
+        cost = CollectiveCost(latency, link, volume / (efficiency * op_eff), rate)
         if best is None or cost.time_s < best.time_s:
             best = cost
+    # back-to-back calls cannot finish faster than the host issues them (PyTorch c10d and
+    # NCCL enqueue, once per NCCL call; a send/recv pair is two): the GPU work hides under it
+    floor = (cluster.device.collective_launch_s or 0.0) * (2 if op == "send_recv" else 1)
+    if best.time_s < floor:
+        best = CollectiveCost(floor - best.volume_bytes / best.rate_Bps, best.link, best.volume_bytes, best.rate_Bps)
     return best
 
 

@@ -43,7 +43,9 @@ def test_recovers_the_parameters_that_generated_the_data(fitted):
     assert pcie["pageable_fraction"] == pytest.approx(TRUE_PCIE["pageable_fraction"], rel=0.1)
     nvl = profile["links"]["nvlink4-nvswitch"]
     assert nvl["achievable_bw_Bps"] == pytest.approx(TRUE_NVLINK["achievable_bw_Bps"], rel=0.05)
-    assert nvl["latency_s"] == pytest.approx(TRUE_NVLINK["latency_s"], rel=0.3)
+    for op, eff in TRUE_NVLINK["op_efficiency"].items():
+        assert nvl["op_efficiency"][op] == pytest.approx(eff, rel=0.05)
+    assert p["collective_launch_s"] == pytest.approx(TRUE_DEVICE["collective_launch_s"], rel=0.1)
     assert profile["fitted_on"] and all("split=calibration" in f for f in profile["fitted_on"])
 
 
