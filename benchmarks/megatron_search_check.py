@@ -6,11 +6,14 @@ row's global batch, and compare with the published plan (its tp, pp, dp, micro-b
 full recomputation) as plansim predicts it.  Pass: the best plan found predicts at least the
 published plan's throughput, and the published plan ranks in the top 10.
 
-The search space is Megatron-LM's of 2021 with the paper's fixed training setup: no distributed
-optimizer (ZeRO 0), full recomputation (every Table 1 run used it; allowing none makes the
-search find plans ~1.3-1.5x faster, which says nothing about the layouts), 1F1B or interleaved,
-unfused attention, fp32 gradient accumulation; tp inside a node; tp, pp, dp, micro-batch and
-virtual stages free.  ``--full-space`` searches everything plansim knows.
+The published plan is ``validation.megatron.megatron_plan(row)`` (the authors' script: full
+recomputation, unfused attention, no sequence parallelism, unfused gradient accumulation,
+torch DDP without pipelining and Megatron's local DDP with it).  The search space is Megatron-LM's
+of 2021 with that fixed training setup: no distributed optimizer (ZeRO 0), full recomputation
+(allowing none finds plans ~1.3-1.5x faster, which says nothing about the layouts), 1F1B or
+interleaved, torch DDP without pipelining and local DDP with it (the script's rule); tp inside a node; tp, pp, dp, micro-batch and virtual
+stages free.  ``--full-space`` lets the degrees, schedule, ZeRO and recomputation range over
+everything plansim knows.
 
     python benchmarks/megatron_search_check.py [--rows 1.7,3.6] [--write benchmarks/RESULTS.md]
 """
@@ -27,26 +30,38 @@ from plansim.planner import SearchSpace, search
 from plansim.planner.executors import simulate_task
 from plansim.simulator.calibration import apply_calibration
 from plansim.simulator.hardware import build_cluster
+from plansim.validation.megatron import megatron_plan
 from plansim.validation.reference_data import load_megatron_table1, megatron_gpt_spec
 from plansim.workloads.plan import Plan
 
 MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,))
-PLAN_DEFAULTS = {"attention": "unfused", "fp32_grads": True}
+# fixed for every plan, as run_table_1.sh ran them (validation/megatron.py): no sequence parallelism,
+# unfused attention, no gradient-accumulation fusion; and either DDP implementation of the script
+SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False}
+# the script's rule (Megatron-LM of 2021 ran pipelines with its local DDP only): torch DDP without
+# pipelining (16-bit grads, all-reduce overlapped), local DDP with it (fp32 main_grad, after backward)
+DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True}, ["pp=1"]),
+             "local": ({"fp32_grads": True, "overlap_grad_reduce": False}, ["pp>=2"])}
 
 
 def published_plan(row) -> Plan:
-    vpp = int(row.virtual_stages) if "virtual_stages" in row and not pd.isna(row.virtual_stages) else 1
-    return Plan(tp=int(row.tp), pp=int(row.pp), dp=int(row.dp), micro_batch=int(row.micro_batch),
-                global_batch=int(row.global_batch), seq_len=int(row.seq_len), recompute="full",
-                schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp, **PLAN_DEFAULTS)
+    return Plan.from_dict(megatron_plan(row))
 
 
 def check_row(row, space: SearchSpace = MEGATRON_2021, workers: int | None = None) -> dict:
     spec = megatron_gpt_spec(row)
     nodes = int(row.gpus) // 8
     t0 = time.perf_counter()
-    frame = search(spec, "a100-80gb", "dgx-a100", nodes=nodes, gpus_per_node=8, global_batch=int(row.global_batch),
-                   seq_len=int(row.seq_len), top=None, space=space, workers=workers, **PLAN_DEFAULTS)
+    frames, explored = [], 0
+    for ddp, (fields, constraints) in DDP_IMPLS.items():
+        f = search(spec, "a100-80gb", "dgx-a100", nodes=nodes, gpus_per_node=8, global_batch=int(row.global_batch),
+                   seq_len=int(row.seq_len), top=None, space=space, workers=workers, constraints=constraints,
+                   **SETUP, **fields)
+        if f.empty:
+            continue
+        explored += f.attrs["summary"]["explored"]
+        frames.append(f.assign(ddp=ddp))
+    frame = pd.concat(frames, ignore_index=True).sort_values("tokens_per_s", ascending=False, kind="stable")
     elapsed = time.perf_counter() - t0
     cluster = build_cluster("a100-80gb", "dgx-a100", nodes, 8)
     device, source = apply_calibration(cluster.device)
@@ -58,17 +73,18 @@ def check_row(row, space: SearchSpace = MEGATRON_2021, workers: int | None = Non
     # the same, counting each (tp, pp, dp, micro-batch) layout once (its vpp/schedule variants are near-ties)
     best_per_layout = frame.groupby(["tp", "pp", "dp", "micro_batch"])["tokens_per_s"].max()
     layout_rank = 1 + int((best_per_layout > pub["tokens_per_s"] * (1 + 1e-9)).sum())
+    vpp = published_plan(row).vpp
     return {"model": f"{row.params_b:g}B", "gpus": int(row.gpus), "global_batch": int(row.global_batch),
             "published": f"tp{int(row.tp)} pp{int(row.pp)} dp{int(row.dp)} mb{int(row.micro_batch)}"
-                         + (f" v{int(row.virtual_stages)}" if row.virtual_stages > 1 else ""),
+                         + (f" v{vpp}" if vpp > 1 else "") + (" local-DDP" if int(row.pp) > 1 else " torch-DDP"),
             "published_tokens_per_s": pub["tokens_per_s"], "published_fits": pub["fits"],
             "found": f"tp{best.tp} pp{best.pp} dp{best.dp} mb{best.micro_batch}" + (f" v{best.vpp}" if best.vpp > 1 else "")
-                     + f" {best.recompute}",
+                     + f" {best.ddp}-DDP",
             "found_tokens_per_s": float(best.tokens_per_s), "found_mfu": float(best.mfu),
             "ratio": float(best.tokens_per_s) / pub["tokens_per_s"], "published_rank": rank,
             "published_layout_rank": layout_rank,
             "ok": bool(float(best.tokens_per_s) >= pub["tokens_per_s"] * (1 - 1e-9) and rank <= 10),
-            "plans": frame.attrs["summary"]["explored"], "search_s": elapsed}
+            "plans": explored, "search_s": elapsed}
 
 
 def markdown(results: list[dict]) -> str:
@@ -107,8 +123,10 @@ def main(argv=None) -> int:
         write_section(Path(args.write), "## Megatron-LM Table 1: search vs published plans",
                       "Generated by `python benchmarks/megatron_search_check.py --write benchmarks/RESULTS.md`"
                       + (" (full plansim space)" if args.full_space else
-                         " (Megatron-LM 2021 space: ZeRO 0, full recomputation as in the paper, 1F1B/interleaved, unfused "
-                         "attention, fp32 grads; tp, pp, dp, micro-batch and virtual stages free)") + ". Throughputs are plansim predictions (event simulation) on A100 80GB, "
+                         " (Megatron-LM 2021 space: ZeRO 0, full recomputation, no sequence parallelism, unfused attention "
+                         "and gradient accumulation as in the paper's script, torch DDP without pipelining and local DDP with "
+                         "it; 1F1B or interleaved; "
+                         "tp, pp, dp, micro-batch and virtual stages free)") + ". Throughputs are plansim predictions (event simulation) on A100 80GB, "
                          "DGX A100 nodes. *Pass*: the best plan found predicts at least the published plan's throughput "
                          "and the published plan ranks in the top 10 of all plans; *rank among layouts* counts each "
                          "(tp, pp, dp, micro-batch) once, since its schedule/vpp variants are near-ties.\n\n" + md)

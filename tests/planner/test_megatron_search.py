@@ -17,7 +17,7 @@ spec.loader.exec_module(check)
 TABLE = load_megatron_table1()
 
 
-@pytest.mark.parametrize("params_b", [1.7, 3.6])
+@pytest.mark.parametrize("params_b", [1.7, 3.6, 7.5])
 def test_search_finds_the_published_plan_or_better(params_b):
     row = TABLE[TABLE.params_b == params_b].iloc[0]
     r = check.check_row(row, workers=1)
