@@ -177,7 +177,8 @@ class TrainingSimulation:
                 grad_ready[(mb, chunk_cost.chunk.index)] = env.event()
         p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * self.workload.model.hidden * ACT_BYTES / plan.tp
 
-        # static memory per rank
+        # static memory per rank; with PyTorch semantics gradients appear during backward
+        grads_in_backward = plan.framework == "pytorch"
         for rank in ranks:
             params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
             dense = sum(c.dense_params for c in self.costs if c.chunk.rank == rank.index)
@@ -188,7 +189,12 @@ class TrainingSimulation:
                 states = type(states)(states.params + e_states.params, states.grads + e_states.grads,
                                       states.optimizer + e_states.optimizer)
             rank.stats.model_state = states
-            rank.stats.memory = MemoryTimeline(states.total + WORKSPACE_BYTES)
+            static = states.params + states.optimizer + WORKSPACE_BYTES
+            if not grads_in_backward:
+                static += states.grads  # Megatron's persistent (main_)grad buffer
+            elif plan.zero == 0 and plan.dp * plan.cp > 1:
+                static += states.grads  # DDP's bucket buffers, besides param.grad
+            rank.stats.memory = MemoryTimeline(static)
 
         split_w = plan.schedule == "zero-bubble"
         final_backward = {}
@@ -278,6 +284,8 @@ class TrainingSimulation:
                 self._collective_async(env, rank, rank.dp_stream, cost, f"fsdp reduce {label}", done)
                 rank.pending.append(done)
 
+        grads_allocated: set[int] = set()
+
         def pipeline_rank(rank: _Rank):
             mem = rank.stats.memory
             for phase, mb, vs in schedule[rank.index]:
@@ -313,6 +321,9 @@ class TrainingSimulation:
                     else:
                         yield from self._run_phase(env, rank, cost, label, segments, launch)
                     mem.free(env.now, c.saved_bytes * (0.5 if split_w else 1.0), transient_b[vs])
+                    if grads_in_backward and vs not in grads_allocated:
+                        grads_allocated.add(vs)
+                        mem.allocate_grads(env.now, self._grad_bytes(c))
                     if vs > 0:
                         env.process(p2p(rank, vs - 1, grad_ready[(mb, vs - 1)], f"send grad mb{mb}", False))
                 else:  # W
@@ -335,6 +346,8 @@ class TrainingSimulation:
             rank.stats.comm_exposed_s += env.now - wait
             self._trace(rank, "wait grad reduction", "comm:dp", wait, env.now)
             yield from self._optimizer(env, rank)
+            if grads_in_backward:
+                mem.free_grads(env.now)  # zero_grad(set_to_none=True)
             if not plan.overlap_grad_reduce:
                 for c in self.costs:
                     cost = param_gather_cost(c) if c.chunk.rank == rank.index else None
@@ -351,22 +364,29 @@ class TrainingSimulation:
         links = [l for r in ranks for l in (r.intra, r.inter, r.host)]
         return EngineOutput(step, [r.stats for r in ranks], self.events, links, self.costs)
 
+    def _grad_bytes(self, c: ChunkCost) -> float:
+        """Gradient bytes of a chunk on one rank (sharded under ZeRO-2/3)."""
+        plan = self.plan
+        _, grad_b, _ = bytes_per_param(plan)
+        n_d = plan.dp * plan.cp
+        return c.params * grad_b / (n_d if plan.zero >= 2 else 1)
+
     def _transient(self, c: ChunkCost, phase: str) -> float:
-        """Working memory live during a chunk's phase on top of what is kept."""
+        """Working memory live during a chunk's phase on top of what is kept.
+
+        Layers: one hidden- or FFN-wide tensor in flight forward, two (output and input
+        gradient) backward, plus one layer's activations while it is recomputed.  The loss,
+        per logit: bf16 logits, their fp32 copy and the fp32 softmax forward (2 + 4 + 4
+        bytes); the softmax, its gradient and the bf16 gradient backward (4 + 4 + 2)."""
         plan, model = self.plan, self.workload.model
         tokens = plan.micro_batch * plan.seq_len // plan.cp
-        layer = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES * 2 / plan.tp
-        out = layer
+        wide = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES / plan.tp
+        out = wide if phase == "F" else 2 * wide
+        if phase == "B" and plan.recompute == "full" and c.chunk.num_layers:
+            out += sum(op.saved_bytes for op in self.workload.dense_layer)
         if c.chunk.has_head:
             logits = tokens * math.ceil(model.vocab / plan.tp)
-            out = max(out, logits * (ACT_BYTES + 4))  # bf16 logits and their fp32 copy
-        if phase == "B":
-            out += 2 * tokens * model.hidden * ACT_BYTES
-            if plan.recompute == "full" and c.chunk.num_layers:
-                dense = self.workload.dense_layer
-                out += sum(op.saved_bytes for op in dense)  # one layer's activations, recomputed
-            if c.chunk.has_head:
-                out += tokens * math.ceil(model.vocab / plan.tp) * 4  # fp32 logits gradient
+            out = max(out, logits * (ACT_BYTES + 4 + 4))
         if plan.zero >= 3 and c.chunk.num_layers:
             out += 2 * c.params * 2.0 / c.chunk.num_layers  # gathered layer and the prefetched next
         return out

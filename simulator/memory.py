@@ -68,14 +68,25 @@ class MemoryTimeline:
             raise ValueError("static memory cannot be negative")
         self.static_bytes = static_bytes
         self.activations = 0.0
+        self.grads = 0.0  # gradients allocated during backward (PyTorch's set_to_none semantics)
         self.peak_bytes = static_bytes
         self.peak_activations = 0.0
+        self.peak_grads = 0.0
         self.peak_transient = 0.0
         self.samples: list[tuple[float, float]] = [(0.0, static_bytes)]
 
     @property
     def current(self) -> float:
-        return self.static_bytes + self.activations
+        return self.static_bytes + self.activations + self.grads
+
+    def allocate_grads(self, now: float, nbytes: float) -> None:
+        """Gradients that backward creates and ``zero_grad(set_to_none=True)`` frees."""
+        self.grads += nbytes
+        self._observe(now, 0.0)
+
+    def free_grads(self, now: float) -> None:
+        self.grads = 0.0
+        self.samples.append((now, self.current))
 
     def allocate(self, now: float, nbytes: float, transient: float = 0.0) -> None:
         """Keep ``nbytes`` (saved activations); ``transient`` is working memory live only now."""
@@ -94,5 +105,6 @@ class MemoryTimeline:
         if total > self.peak_bytes:
             self.peak_bytes = total
             self.peak_activations = self.activations
+            self.peak_grads = self.grads
             self.peak_transient = transient
         self.samples.append((now, self.current))

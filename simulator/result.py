@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from plansim.simulator.engine import EngineOutput, TraceEvent
-from plansim.simulator.memory import usable_memory_bytes
+from plansim.simulator.memory import WORKSPACE_BYTES, usable_memory_bytes
 
 
 @dataclass
@@ -92,7 +92,9 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     peak_rank = max(output.ranks, key=lambda r: r.memory.peak_bytes)
     mem = peak_rank.memory
     states = peak_rank.model_state
-    other = mem.peak_bytes - states.total - mem.peak_activations
+    # gradients live at the peak: a persistent buffer (and DDP's buckets) plus those backward made
+    grads = mem.static_bytes - states.params - states.optimizer - WORKSPACE_BYTES + mem.peak_grads
+    other = mem.peak_bytes - states.params - states.optimizer - grads - mem.peak_activations
     last = max(output.ranks, key=lambda r: r.end_s)
     bubble = max(0.0, step - last.compute_s - last.comm_exposed_s - last.transfer_exposed_s)
     per_stage = [{"stage": r.rank, "compute_s": r.compute_s, "comm_exposed_s": r.comm_exposed_s,
@@ -103,7 +105,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
         plan=plan.to_dict(), step_time_s=step, tokens_per_s=tokens / step if step else 0.0,
         mfu=mfu, hfu=hfu, fits=mem.peak_bytes <= capacity, peak_memory_bytes=mem.peak_bytes,
         device_memory_bytes=capacity,
-        memory_breakdown={"params": states.params, "grads": states.grads, "optimizer": states.optimizer,
+        memory_breakdown={"params": states.params, "grads": grads, "optimizer": states.optimizer,
                           "activations": mem.peak_activations, "other": max(0.0, other)},
         time_breakdown={"compute": last.compute_s, "exposed_communication": last.comm_exposed_s,
                         "exposed_transfers": last.transfer_exposed_s, "pipeline_bubble": bubble},

@@ -13,6 +13,7 @@ RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
 ATTENTION = ("flash", "unfused")
+FRAMEWORKS = ("megatron", "pytorch")
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -46,6 +47,9 @@ class Plan:
     grad_accumulation_fusion: bool = True  # weight-grad GEMMs accumulate in place (Megatron-Core default)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
     attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
+    framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
+    #   modules (separate q/k/v and gate/up GEMMs, unfused RoPE and SwiGLU), gradients allocated in
+    #   backward and freed by zero_grad(set_to_none=True), DDP bucket buffers
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp"):
@@ -55,7 +59,7 @@ class Plan:
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("attention", ATTENTION)):
+                              ("attention", ATTENTION), ("framework", FRAMEWORKS)):
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:

@@ -58,25 +58,41 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     q_cols, kv_cols = heads * d, kv_heads * d
     dtype = gemm_dtype(plan)
     drop = model.dropout
+    eager = plan.framework == "pytorch"
     full = tokens * h * e  # one [b, s, h] activation, bytes
 
     ops: list[Op] = [
         _norm("norm1", model, tok_sp),
         _tp_comm("attn.allgather", full, plan, "all_gather"),
-        # with SP the GEMM input is kept sharded and all-gathered again for the weight gradient
-        Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
-           saved_bytes=tok_sp * h * e,
-           bias_grad_bytes=tokens * (q_cols + 2 * kv_cols) * e if (model.bias or model.qkv_bias) else 0.0),
     ]
+    qkv_bias = (model.bias or model.qkv_bias)
+    if eager:  # three projections sharing one saved input
+        for i, (name, cols) in enumerate((("q", q_cols), ("k", kv_cols), ("v", kv_cols))):
+            ops.append(Op(name, "gemm", gemm=(tokens, cols, h), dtype=dtype, has_weight=True,
+                          saved_bytes=tok_sp * h * e if i == 0 else 0.0,
+                          bias_grad_bytes=tokens * cols * e if qkv_bias else 0.0))
+    else:  # with SP the GEMM input is kept sharded and all-gathered again for the weight gradient
+        ops.append(Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
+                      saved_bytes=tok_sp * h * e,
+                      bias_grad_bytes=tokens * (q_cols + 2 * kv_cols) * e if qkv_bias else 0.0))
     if model.position == "rope":
-        ops.append(Op("rope", "memory", bytes=2 * tokens * (q_cols + kv_cols) * e))
+        rotated = tokens * (q_cols + kv_cols) * e
+        if eager:  # x·cos + cat(−x2, x1)·sin: five elementwise kernels, nine passes over x
+            ops.append(Op("rope", "memory", bytes=9 * rotated, bwd_bytes_factor=8 / 9))
+        else:  # one fused kernel
+            ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
     if plan.cp > 1:  # context parallelism: gather K and V of the whole sequence (Llama 3, arXiv:2407.21783)
         ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
                       comm_bytes=2 * b * s * plan.cp * kv_cols * e))
     if plan.attention == "flash":
+        # saves Q, K, V and the log-sum-exp; eager code also keeps the output, which it
+        # transposes into a contiguous copy for the output projection
         ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
-                      saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4,
+                      saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4
+                      + (tokens * q_cols * e if eager else 0.0),
                       recompute_selective=True))
+        if eager:
+            ops.append(Op("attention.transpose", "memory", bytes=2 * tokens * q_cols * e, bwd_bytes_factor=1.0))
     else:  # Megatron 2021: batched QKᵀ, fused scale-mask-softmax, dropout, batched ·V
         scores = b * heads * s * s * plan.cp
         ops += [
@@ -113,13 +129,22 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     ops = []
     if tp_comms:
         ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather"))
-    ops.append(Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(up_cols), h), dtype=dtype, has_weight=True,
-                  saved_bytes=tokens * h * e if saved_input is None else saved_input,
-                  bias_grad_bytes=tokens * up_cols * e if model.bias else 0.0))
-    if model.mlp == "swiglu":  # silu(gate)·up: reads both, writes one; saves gate and up
+    saved_in = tokens * h * e if saved_input is None else saved_input
+    if model.mlp == "swiglu" and plan.framework == "pytorch":
+        # gate and up projections apart; silu(gate) then ·up: saves gate, silu(gate) and up
+        ops += [Op(f"{prefix}.gate", "gemm", gemm=(int(tokens), int(f), h), dtype=dtype, has_weight=True,
+                   saved_bytes=saved_in),
+                Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(f), h), dtype=dtype, has_weight=True),
+                Op(f"{prefix}.silu", "memory", bytes=2 * tokens * f * e, saved_bytes=tokens * f * e),
+                Op(f"{prefix}.mul", "memory", bytes=3 * tokens * f * e, saved_bytes=2 * tokens * f * e,
+                   bwd_bytes_factor=2.0)]
+    else:
+        ops.append(Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(up_cols), h), dtype=dtype, has_weight=True,
+                      saved_bytes=saved_in, bias_grad_bytes=tokens * up_cols * e if model.bias else 0.0))
+    if model.mlp == "swiglu" and plan.framework != "pytorch":  # fused: reads gate and up, saves both
         ops.append(Op(f"{prefix}.swiglu", "memory", bytes=3 * tokens * f * e, saved_bytes=2 * tokens * f * e,
                       bwd_bytes_factor=5 / 3))
-    else:  # fused bias-GeLU: saves its input (4h wide)
+    elif model.mlp == "gelu":  # fused bias-GeLU: saves its input (4h wide)
         ops.append(Op(f"{prefix}.gelu", "memory", bytes=(2 * tokens * f + (f if model.bias else 0)) * e,
                       saved_bytes=tokens * f * e))
     ops.append(Op(f"{prefix}.down", "gemm", gemm=(int(tokens), h, int(f)), dtype=dtype, has_weight=True,
@@ -186,9 +211,12 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype=gemm_dtype(plan), has_weight=True,
            saved_bytes=tokens * h * e),
-        # cast to fp32 (read 2, write 4), max/sum/log passes, loss; keeps fp32 softmax for backward
+        # cast to fp32 (read 2, write 4), log-softmax passes (read 4, write 4); keeps the fp32
+        # (log-)softmax for backward.  Backward: Megatron's fused kernel writes the gradient in
+        # place of the softmax and casts it (10 bytes); eager PyTorch runs nll_loss backward,
+        # log_softmax backward and the cast apart (22 bytes).
         Op("cross_entropy", "memory", bytes=logits * (e + 4 + 4 + 4), saved_bytes=logits * 4,
-           bwd_bytes_factor=(4 + 4 + e) / (e + 12)),
+           bwd_bytes_factor=(22 if plan.framework == "pytorch" else 4 + 4 + e) / (e + 12)),
     ]
 
 
