@@ -286,6 +286,12 @@ class TrainingSimulation:
 
         grads_allocated: set[int] = set()
 
+        def blocking(rank: _Rank, send):
+            """Synchronous point-to-point (Megatron before p2p overlap): compute waits for the send."""
+            start = env.now
+            yield send
+            rank.stats.comm_exposed_s += env.now - start
+
         def pipeline_rank(rank: _Rank):
             mem = rank.stats.memory
             for phase, mb, vs in schedule[rank.index]:
@@ -306,7 +312,9 @@ class TrainingSimulation:
                         yield from self._run_phase(env, rank, c.phases["F"], label)
                     mem.allocate(env.now, c.saved_bytes, transient_f[vs])
                     if vs < last_vs:
-                        env.process(p2p(rank, vs + 1, act_ready[(mb, vs + 1)], f"send act mb{mb}", True))
+                        send = env.process(p2p(rank, vs + 1, act_ready[(mb, vs + 1)], f"send act mb{mb}", True))
+                        if not plan.overlap_p2p:
+                            yield from blocking(rank, send)
                 elif phase == "B":
                     if vs < last_vs:
                         wait = env.now
@@ -325,7 +333,9 @@ class TrainingSimulation:
                         grads_allocated.add(vs)
                         mem.allocate_grads(env.now, self._grad_bytes(c))
                     if vs > 0:
-                        env.process(p2p(rank, vs - 1, grad_ready[(mb, vs - 1)], f"send grad mb{mb}", False))
+                        send = env.process(p2p(rank, vs - 1, grad_ready[(mb, vs - 1)], f"send grad mb{mb}", False))
+                        if not plan.overlap_p2p:
+                            yield from blocking(rank, send)
                 else:  # W
                     segments, launch = (1, None)
                     if final_backward[vs] == mb and plan.overlap_grad_reduce:

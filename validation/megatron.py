@@ -1,7 +1,8 @@
 """Megatron-LM's Table 1 (Narayanan et al., SC'21) predicted by ``plansim simulate``.
 
 Each published row becomes a plan as the authors ran it (``run_table_1.sh``): GPT with
-dropout, fp16 mixed precision; with pipelining Megatron's local DDP (fp32 ``main_grad``
+dropout, fp16 mixed precision, synchronous pipeline sends (the 2021 p2p code synchronised the
+device after every batched send/receive); with pipelining Megatron's local DDP (fp32 ``main_grad``
 accumulated by a separate add per micro-batch, all-reduced after the backward), without it
 PyTorch DDP (16-bit gradients, bucketed all-reduce overlapped with the backward),
 full activation recomputation, unfused attention (fused scale-mask-softmax; no flash attention
@@ -30,7 +31,7 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
                 sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
                 precision="bf16-mixed", fp32_grads=local_ddp, overlap_grad_reduce=not local_ddp,
-                grad_accumulation_fusion=False, attention="unfused")
+                grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused")
 
 
 def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:

@@ -44,6 +44,7 @@ class Plan:
     precision: str = "bf16-mixed"
     offload: dict[str, str] = field(default_factory=dict)  # {"optimizer": "cpu", ...}
     overlap_grad_reduce: bool = True  # DP gradient reduction overlapped with backward
+    overlap_p2p: bool = True  # pipeline sends overlap compute; False: the sender waits (Megatron 2021)
     grad_accumulation_fusion: bool = True  # weight-grad GEMMs accumulate in place (Megatron-Core default)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
     attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
