@@ -50,3 +50,17 @@ def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True
                      "exposed_comm_s": result.time_breakdown["exposed_communication"],
                      "fits": result.fits, "peak_memory_gib": result.peak_memory_bytes / 2**30})
     return pd.DataFrame(rows)
+
+
+def main() -> None:
+    """Print the comparison (``python -m plansim.validation.megatron``)."""
+    frame = compare_megatron_table1()
+    cols = ["params_b", "gpus", "tp", "pp", "dp", "published_tflops", "predicted_tflops", "error",
+            "exposed_comm_s", "bubble_s", "peak_memory_gib"]
+    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    err = frame["error"].abs()
+    print(f"median |error| {err.median():.1%}, max {err.max():.1%}, mean signed {frame['error'].mean():+.1%}")
+
+
+if __name__ == "__main__":
+    main()

