@@ -22,7 +22,8 @@ TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), (
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
     try:
         value = int(text)
     except ValueError:
@@ -57,20 +58,20 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
                    help="device name(s), comma-separated to choose among them (h100-sxm,h200,b200,mi300x)")
     p.add_argument("--cluster", help="cluster name or YAML path (default: each device's default cluster)")
     p.add_argument("--gpus", help="GPU count(s): 512, 256,512, 256..2048 (doubling) or 256..2048:256 (step)")
-    p.add_argument("--nodes", type=_positive_int)
-    p.add_argument("--gpus-per-node", type=_positive_int)
-    p.add_argument("--nics-per-node", type=_positive_int)
+    p.add_argument("--nodes", type=positive_int)
+    p.add_argument("--gpus-per-node", type=positive_int)
+    p.add_argument("--nics-per-node", type=positive_int)
     p.add_argument("--nic-gbps", type=float)
     batch = p.add_mutually_exclusive_group(required=True)
-    batch.add_argument("--global-batch", type=_positive_int, help="sequences per step, fixed")
-    batch.add_argument("--max-global-batch", type=_positive_int,
+    batch.add_argument("--global-batch", type=positive_int, help="sequences per step, fixed")
+    batch.add_argument("--max-global-batch", type=positive_int,
                        help="each plan takes the largest multiple of dp × micro-batch not above this")
-    p.add_argument("--seq-len", type=_positive_int, default=2048)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     p.add_argument("--objective", default="throughput",
                    help="throughput | mfu | cost | time-to-train (default throughput)")
     p.add_argument("--tokens", type=_tokens, help="tokens to train on, for time-to-train (e.g. 15T)")
-    p.add_argument("--top", type=_positive_int, default=10, help="plans to show (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="plans to show (default 10)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--out", metavar="FILE.parquet|csv", help="also write the shown plans to a file")
     p.add_argument("--explain", action="store_true", help="why the winner beats the runner-up")
@@ -81,7 +82,7 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--plot", metavar="FILE.png", help="draw the plans and the Pareto front")
     p.add_argument("--executor", default="local", help="local (process pool) | ray")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--workers", type=_positive_int, help="worker processes (default: CPU count, at most 8)")
+    p.add_argument("--workers", type=positive_int, help="worker processes (default: CPU count, at most 8)")
     p.add_argument("--price", action="append", default=None, metavar="NAME=USD|FILE.yaml",
                    help="price per GPU-hour override, repeatable (built-in: the devices' list prices)")
     p.add_argument("--list-infeasible", action="store_true", help="also list the pruned plans with their reason")

@@ -9,6 +9,8 @@ import json
 import sys
 from typing import Any, Sequence
 
+from plansim.planner.cli_commands import positive_int
+
 EXIT_BAD_INPUT = 2
 
 
@@ -19,16 +21,6 @@ class UserError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         raise UserError(f"{self.prog}: {message}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _size(text: str) -> int:
@@ -46,9 +38,9 @@ def _size(text: str) -> int:
 def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None = None) -> None:
     p.add_argument("--hardware", default=hardware_default, help="device name or YAML path (plansim hardware list)")
     p.add_argument("--cluster", help="cluster name or YAML path")
-    p.add_argument("--nodes", type=_positive_int)
-    p.add_argument("--gpus-per-node", type=_positive_int)
-    p.add_argument("--nics-per-node", type=_positive_int)
+    p.add_argument("--nodes", type=positive_int)
+    p.add_argument("--gpus-per-node", type=positive_int)
+    p.add_argument("--nics-per-node", type=positive_int)
     p.add_argument("--nic-gbps", type=float)
     p.add_argument("--no-calibration", action="store_true", help="use the datasheet profile even if a calibrated one exists")
 
@@ -58,7 +50,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="YAML/JSON file with plan fields (flags override it)")
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
-        p.add_argument(f"--{name}", type=_positive_int)
+        p.add_argument(f"--{name}", type=positive_int)
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--recompute", choices=RECOMPUTE)
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
@@ -226,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=("gemm", "attention", "memcpy", "elementwise", "h2d", "d2h"))
     p.add_argument("--hardware", default="h100-sxm")
     for name in ("m", "n", "k", "batch", "heads", "kv-heads", "head-dim", "seq-len"):
-        p.add_argument(f"--{name}", type=_positive_int)
+        p.add_argument(f"--{name}", type=positive_int)
     p.add_argument("--bytes", type=_size)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "tf32", "fp8"), default="bf16")
     p.add_argument("--causal", action="store_true")

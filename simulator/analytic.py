@@ -42,7 +42,7 @@ from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.engine import MEGATRON_BUCKET_PARAMS, RankStats, TrainingSimulation
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import WORKSPACE_BYTES, model_state_bytes
+from plansim.simulator.memory import WORKSPACE_BYTES, model_state_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
@@ -236,7 +236,9 @@ class AnalyticModel:
 
     # --- memory -------------------------------------------------------------------------------
     def memory(self, plan: Plan, workload: TrainingWorkload, layout: Layout, costs: np.ndarray) -> Memory:
-        """Peak bytes per pipeline rank, exactly as the engine's MemoryTimeline records them."""
+        """Peak bytes per pipeline rank, exactly as the engine's MemoryTimeline records them for
+        ``framework="megatron"`` (a persistent gradient buffer); for ``"pytorch"``, whose
+        gradients appear during backward, this counts them from the start: an upper bound."""
         p = plan.pp
         dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
         expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
@@ -285,10 +287,10 @@ class AnalyticModel:
         return mem.peak, reason
 
     def _oom_reason(self, mem: Memory) -> str | None:
-        capacity = self.cluster.device.hbm_bytes
+        capacity = usable_memory_bytes(self.cluster.device.hbm_bytes)
         if mem.peak <= capacity:
             return None
-        return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB on stage {mem.stage}"
+        return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {mem.stage}"
 
     # --- the estimate -------------------------------------------------------------------------
     def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
@@ -404,7 +406,7 @@ class AnalyticModel:
         mem = memory if memory is not None else self.memory(plan, workload, layout, costs)
         states = mem.states
         peak = mem.peak
-        capacity = cluster.device.hbm_bytes
+        capacity = usable_memory_bytes(cluster.device.hbm_bytes)
         reason = self._oom_reason(mem)
         return Estimate(
             plan=plan, step_time_s=step, tokens_per_s=tokens / step if step else 0.0, mfu=mfu, hfu=hfu,
