@@ -1,20 +1,6 @@
 """``python -m plansim.validation.runner --suite all --out DIR`` (or run this file directly)."""
-if __package__ in (None, ""):  # python3 validation/runner/__main__.py from a checkout
-    import os as _os
-    import sys as _sys
-    import types as _types
-
-    try:
-        import plansim.validation.runner  # noqa: F401  installed
-    except ImportError:
-        _root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-        _pkg = _types.ModuleType("plansim")
-        _pkg.__path__ = [_os.path.join(_root, "plansim"), _root]
-        _sys.modules["plansim"] = _pkg
-        _val = _types.ModuleType("plansim.validation")  # skip validation/__init__ (may need more deps)
-        _val.__path__ = [_os.path.join(_root, "validation")]
-        _sys.modules["plansim.validation"] = _val
-        _pkg.validation = _val
+if __package__ in (None, ""):  # run as a script from a checkout: make plansim.validation importable
+    import _bootstrap  # noqa: F401  (validation/runner/_bootstrap.py, beside this file)
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

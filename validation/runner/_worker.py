@@ -5,22 +5,8 @@ On any failure the rank writes ``--fail-dir/rank<R>.json`` (case and status) and
 once, so torchrun stops the other ranks; the launcher records the case and restarts the
 remaining ones.
 """
-if __package__ in (None, ""):  # run as a script (torchrun, or from a checkout without install)
-    import os as _os
-    import sys as _sys
-    import types as _types
-
-    try:
-        import plansim.validation.runner  # noqa: F401  installed
-    except ImportError:
-        _root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-        _pkg = _types.ModuleType("plansim")
-        _pkg.__path__ = [_os.path.join(_root, "plansim"), _root]
-        _sys.modules["plansim"] = _pkg
-        _val = _types.ModuleType("plansim.validation")  # skip validation/__init__ (may need more deps)
-        _val.__path__ = [_os.path.join(_root, "validation")]
-        _sys.modules["plansim.validation"] = _val
-        _pkg.validation = _val
+if __package__ in (None, ""):  # run as a script from a checkout: make plansim.validation importable
+    import _bootstrap  # noqa: F401  (validation/runner/_bootstrap.py, beside this file)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
