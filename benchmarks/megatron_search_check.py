@@ -36,12 +36,13 @@ from plansim.workloads.plan import Plan
 
 MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,))
 # fixed for every plan, as run_table_1.sh ran them (validation/megatron.py): no sequence parallelism,
-# unfused attention, no gradient-accumulation fusion; and either DDP implementation of the script
-SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False}
+# unfused attention, no gradient-accumulation fusion, synchronous pipeline sends; and either DDP
+# implementation of the script
+SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False, "overlap_p2p": False}
 # the script's rule (Megatron-LM of 2021 ran pipelines with its local DDP only): torch DDP without
 # pipelining (16-bit grads, all-reduce overlapped), local DDP with it (fp32 main_grad, after backward)
-DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True}, ["pp=1"]),
-             "local": ({"fp32_grads": True, "overlap_grad_reduce": False}, ["pp>=2"])}
+DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True, "ddp": "torch"}, ["pp=1"]),
+             "local": ({"fp32_grads": True, "overlap_grad_reduce": False, "ddp": "megatron"}, ["pp>=2"])}
 
 
 def published_plan(row) -> Plan:

@@ -39,10 +39,10 @@ import numpy as np
 import simpy
 
 from plansim.simulator.costs.collectives import Group, collective_cost
-from plansim.simulator.engine import MEGATRON_BUCKET_PARAMS, RankStats, TrainingSimulation
+from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import WORKSPACE_BYTES, model_state_bytes, usable_memory_bytes
+from plansim.simulator.memory import model_state_bytes, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
@@ -238,7 +238,8 @@ class AnalyticModel:
     def memory(self, plan: Plan, workload: TrainingWorkload, layout: Layout, costs: np.ndarray) -> Memory:
         """Peak bytes per pipeline rank, exactly as the engine's MemoryTimeline records them for
         ``framework="megatron"`` (a persistent gradient buffer); for ``"pytorch"``, whose
-        gradients appear during backward, this counts them from the start: an upper bound."""
+        gradients appear during backward, it does not replay them: a lower bound, which prunes
+        nothing that fits, and the event simulation of the plans shown gives the exact peak."""
         p = plan.pp
         dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
         expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
@@ -265,7 +266,7 @@ class AnalyticModel:
                     states = type(states)(states.params + e.params, states.grads + e.grads,
                                           states.optimizer + e.optimizer)
                 self._memo[skey] = states
-            static = states.total + WORKSPACE_BYTES
+            static = static_bytes(states, plan)
             local, matrix, kind, stage = _observations(plan.schedule, p, m_eff, plan.vpp, r)
             act = matrix @ costs[local, SAVED] / 2.0
             total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
@@ -357,7 +358,7 @@ class AnalyticModel:
             if n_dp > 1 and plan.zero < 3:
                 op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
                 if plan.overlap_grad_reduce:  # buckets of the rank's last backward (chunk r)
-                    n_b = max(1, math.ceil(params[r] / max(MEGATRON_BUCKET_PARAMS, 1_000_000 * plan.dp)))
+                    n_b = max(1, math.ceil(params[r] / bucket_params(plan)))
                     bucket = self._collective(op, costs[r, DENSE] * grad_b / n_b, grad_group)
                     if costs[r, EXPERT] and expert_group.size > 1:
                         bucket += self._collective(op, costs[r, EXPERT] * grad_b / n_b, expert_group)

@@ -23,12 +23,20 @@ from plansim.simulator.costs.collectives import CollectiveCost, Group, collectiv
 from plansim.simulator.costs.compute import memory_bound_time
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import WORKSPACE_BYTES, MemoryTimeline, bytes_per_param, model_state_bytes
+from plansim.simulator.memory import MemoryTimeline, bytes_per_param, model_state_bytes, static_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.training import ACT_BYTES, TrainingWorkload
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
+TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
+
+
+def bucket_params(plan) -> float:
+    """Parameters per data-parallel gradient bucket for the plan's DDP implementation."""
+    if plan.ddp == "torch":
+        return TORCH_DDP_BUCKET_BYTES / (4.0 if plan.fp32_grads else 2.0)
+    return max(MEGATRON_BUCKET_PARAMS, 1_000_000 * plan.dp)
 
 
 @dataclass
@@ -189,12 +197,7 @@ class TrainingSimulation:
                 states = type(states)(states.params + e_states.params, states.grads + e_states.grads,
                                       states.optimizer + e_states.optimizer)
             rank.stats.model_state = states
-            static = states.params + states.optimizer + WORKSPACE_BYTES
-            if not grads_in_backward:
-                static += states.grads  # Megatron's persistent (main_)grad buffer
-            elif plan.zero == 0 and plan.dp * plan.cp > 1:
-                static += states.grads  # DDP's bucket buffers, besides param.grad
-            rank.stats.memory = MemoryTimeline(static)
+            rank.stats.memory = MemoryTimeline(static_bytes(states, plan))
 
         split_w = plan.schedule == "zero-bubble"
         final_backward = {}
@@ -219,7 +222,7 @@ class TrainingSimulation:
                 return 1, None
             grad_b = 4.0 if plan.fp32_grads else 2.0
             op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
-            bucket = max(MEGATRON_BUCKET_PARAMS, 1_000_000 * plan.dp)
+            bucket = bucket_params(plan)
             n_buckets = max(1, math.ceil(chunk.params / bucket))
             dense_cost = collective_cost(op, chunk.dense_params * grad_b / n_buckets, self.grad_group, cluster)
             expert_cost = None

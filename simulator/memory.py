@@ -60,6 +60,18 @@ def model_state_bytes(params_on_rank: float, plan: Plan, shard_over: int | None 
     )
 
 
+def static_bytes(states: ModelStateBytes, plan: Plan) -> float:
+    """What a rank holds for the whole step: parameters, optimizer states, the workspace, the
+    gradients where they live in a persistent buffer (Megatron) rather than being created by
+    backward (PyTorch, ``framework="pytorch"``), and PyTorch DDP's bucket copy of them."""
+    static = states.params + states.optimizer + WORKSPACE_BYTES
+    if plan.framework != "pytorch":
+        static += states.grads
+    if plan.ddp == "torch" and plan.zero == 0 and plan.dp * plan.cp > 1:
+        static += states.grads
+    return static
+
+
 class MemoryTimeline:
     """Allocations of one device over simulated time; never negative, peak tracked exactly."""
 

@@ -182,7 +182,8 @@ def step_plan(row):
                 seq_len=int(row["seq_len"]), recompute=str(row.get("recompute") or "none"),
                 schedule=schedule if schedule in ("gpipe", "1f1b") else "1f1b",
                 # the runner's tensor parallelism is Megatron's without sequence parallelism
-                sequence_parallel=False, precision="bf16-pure", attention="flash", framework="pytorch")
+                sequence_parallel=False, precision="bf16-pure", attention="flash", framework="pytorch",
+                ddp="torch")
 
 
 def predict_step(row, cluster: Cluster) -> tuple[float, float]:

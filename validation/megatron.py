@@ -31,6 +31,7 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
                 sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
                 precision="bf16-mixed", fp32_grads=local_ddp, overlap_grad_reduce=not local_ddp,
+                ddp="megatron" if local_ddp else "torch",
                 grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused")
 
 

@@ -14,6 +14,7 @@ SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
 ATTENTION = ("flash", "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
+DDP_IMPLS = ("megatron", "torch")
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -44,6 +45,8 @@ class Plan:
     precision: str = "bf16-mixed"
     offload: dict[str, str] = field(default_factory=dict)  # {"optimizer": "cpu", ...}
     overlap_grad_reduce: bool = True  # DP gradient reduction overlapped with backward
+    ddp: str = "megatron"  # data-parallel wrapper: Megatron's (gradients live in its buffer) or PyTorch
+    #   DDP ("torch": a second copy of the gradients in its 25 MiB communication buckets)
     overlap_p2p: bool = True  # pipeline sends overlap compute; False: the sender waits (Megatron 2021)
     grad_accumulation_fusion: bool = True  # weight-grad GEMMs accumulate in place (Megatron-Core default)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
@@ -60,7 +63,8 @@ class Plan:
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("attention", ATTENTION), ("framework", FRAMEWORKS)):
+                              ("attention", ATTENTION), ("framework", FRAMEWORKS),
+                              ("ddp", DDP_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:
