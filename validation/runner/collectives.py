@@ -44,6 +44,12 @@ def reps_for(nbytes: int) -> int:
     return max(1, min(50, math.ceil(1e-3 / est)))
 
 
+def warmup_for(nbytes: int) -> int:
+    """Warm-up calls before timing: about 100 ms of work, at least 5 (same on every rank)."""
+    est = 20e-6 + nbytes / 100e9
+    return max(5, math.ceil(0.1 / est))
+
+
 def run_case(case: dict, rank: int, world: int, groups: dict, device: torch.device, quick: bool):
     gs = case["group_size"]
     if rank >= gs:
@@ -88,7 +94,10 @@ def run_case(case: dict, rank: int, world: int, groups: dict, device: torch.devi
 
     reps = reps_for(nb)
     n_samples = 3 if quick else 20
-    for _ in range(5):
+    # warm up for ~100 ms of collectives (the same count on every rank): short bursts leave the
+    # SM clocks low, which NCCL's SM-driven copies feel, and small sizes would be timed slower
+    # than they run inside a busy training step
+    for _ in range(5 if quick else warmup_for(nb)):
         fn()
     sync(device)
     dist.barrier(group=group)
