@@ -21,7 +21,7 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", 
 
 
 def sizes(quick: bool) -> list[int]:
-    return [KiB * 4**i for i in range(3 if quick else 11)]  # 1 KiB .. 1 GiB, x4 steps
+    return [KiB * 4**i for i in range(3)] if quick else [KiB * 2**i for i in range(21)]  # 1 KiB .. 1 GiB
 
 
 def group_sizes(world: int) -> list[int]:
