@@ -51,16 +51,20 @@ def _source(path: Path, data: dict) -> str:
     return f"calibrated: {Path(path).name} fitted on {', '.join(map(str, data.get('fitted_on', [])))}"
 
 
+def _with_fields(profile, fields: dict, path: Path, data: dict, where: str):
+    """``profile`` revalidated with ``fields`` replaced, each sourced to the calibrated file."""
+    unknown = sorted(set(fields) - set(type(profile).model_fields))
+    if unknown:
+        raise ProfileError(f"{path}: {where}: unknown field {unknown[0]!r}")
+    sources = dict(profile.sources)
+    for key in fields:
+        sources[key] = _source(path, data)
+    return type(profile).model_validate({**profile.model_dump(exclude_unset=True), **fields, "sources": sources})
+
+
 def calibrate_device(device: Device, data: dict, path: Path) -> Device:
     """``device`` with the ``parameters`` of a calibrated profile (``data``, read from ``path``)."""
-    params = data.get("parameters") or {}
-    unknown = sorted(set(params) - set(type(device).model_fields))
-    if unknown:
-        raise ProfileError(f"{path}: parameters: unknown field {unknown[0]!r}")
-    sources = dict(device.sources)
-    for key in params:
-        sources[key] = _source(path, data)
-    return Device.model_validate({**device.model_dump(exclude_unset=True), **params, "sources": sources})
+    return _with_fields(device, data.get("parameters") or {}, path, data, "parameters")
 
 
 def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
@@ -70,13 +74,7 @@ def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
     fields = (data.get("links") or {}).get(link.name)
     if not fields:
         return link
-    unknown = sorted(set(fields) - set(Link.model_fields))
-    if unknown:
-        raise ProfileError(f"{path}: links.{link.name}: unknown field {unknown[0]!r}")
-    sources = dict(link.sources)
-    for key in fields:
-        sources[key] = _source(path, data)
-    return Link.model_validate({**link.model_dump(exclude_unset=True), **fields, "sources": sources})
+    return _with_fields(link, fields, path, data, f"links.{link.name}")
 
 
 @lru_cache(maxsize=64)
