@@ -182,8 +182,9 @@ def step_plan(row):
                 seq_len=int(row["seq_len"]), recompute=str(row.get("recompute") or "none"),
                 schedule=schedule if schedule in ("gpipe", "1f1b") else "1f1b",
                 # the runner's tensor parallelism is Megatron's without sequence parallelism
-                sequence_parallel=False, precision="bf16-pure", attention="flash", framework="pytorch",
-                ddp="torch")
+                sequence_parallel=False, precision="bf16-pure", framework="pytorch", ddp="torch",
+                # the gpt2021 rows run Megatron 2021's unfused attention (attn_impl "unfused")
+                attention="unfused" if str(row.get("attn_impl", "")) == "unfused" else "flash")
 
 
 def predict_step(row, cluster: Cluster) -> tuple[float, float]:

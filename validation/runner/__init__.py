@@ -12,7 +12,10 @@ import time
 
 from plansim.validation.runner.common import SUITES, split_for, write_csv  # noqa: F401
 
-__all__ = ["measure", "SUITES", "split_for"]
+__all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
+
+#: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
+EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -27,15 +30,18 @@ def _torch():
 
 
 def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cuda", log=None) -> list[str]:
-    """Run ``suite`` (kernels|transfers|collectives|steps|all) on the visible GPUs; write one
-    tidy CSV per suite and ``provenance.json`` into ``out_dir``; return the written paths.
+    """Run ``suite`` (kernels|transfers|collectives|steps|all, or gpt2021) on the visible GPUs;
+    write one tidy CSV per suite and ``provenance.json`` into ``out_dir``; return the written paths.
+    ``gpt2021`` (Megatron-LM 2021's GPT operators and steps) writes ``kernels_gpt.csv`` and
+    ``steps_gpt.csv`` with the kernels and steps columns; ``all`` does not include it.
 
     ``quick`` runs a few small cases of each suite (a smoke test, not data to keep).
     ``device="cpu"`` (with ``quick`` only) exercises the code paths without a GPU (gloo).
     Raises ``RuntimeError`` when no CUDA GPU is found (or torch is missing).
     """
-    if suite != "all" and suite not in SUITES:
-        raise ValueError(f"suite: must be one of {', '.join(SUITES + ('all',))}, got {suite!r}")
+    if suite != "all" and suite not in SUITES and suite not in EXTRA_SUITES:
+        raise ValueError(f"suite: must be one of {', '.join(SUITES + ('all',) + tuple(EXTRA_SUITES))}, "
+                         f"got {suite!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: must be cuda or cpu, got {device!r}")
     if device == "cpu" and not quick:
@@ -59,6 +65,15 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
     written = []
     for s in suites:
         ts = time.time()
+        if s == "gpt2021":
+            from plansim.validation.runner import gpt2021
+
+            for name, columns in EXTRA_SUITES[s].items():
+                rows = (gpt2021.run_kernels if columns == "kernels" else gpt2021.run_steps)(dev, quick, log)
+                written.append(write_csv(os.path.join(out_dir, f"{name}.csv"), columns, rows))
+                log(f"== {s}/{name}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
+                    f"{time.time() - ts:.0f} s -> {written[-1]}")
+            continue
         if s == "kernels":
             from plansim.validation.runner import kernels
 
