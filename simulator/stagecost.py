@@ -73,7 +73,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
     device = cluster.device
     if op.kind == "gemm":
         m, n, k = op.gemm
-        return float(gemm_time(m * op.batch, n, k, op.dtype, device)), None
+        return float(gemm_time(m, n, k, op.dtype, device, op.batch)), None
     if op.kind == "attention":
         b, heads, kv_heads, d, sq, skv, causal = op.attention
         phase = "backward" if op.phase == "B" else "forward"

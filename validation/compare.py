@@ -46,7 +46,8 @@ GPU_NAMES = (("h200", "h200"), ("h100", "h100-sxm"), ("a100-sxm4-80gb", "a100-80
 
 #: kernels rows of these kinds are predicted; transfers rows likewise (disk and CPU AdamW are
 #: reported by the runner but have no calibrated tier on these hosts: see README_SECTION.md)
-KERNEL_KINDS = ("gemm", "attention", "elementwise", "rmsnorm", "layernorm", "memcpy")
+KERNEL_KINDS = ("gemm", "bmm", "attention", "elementwise", "rmsnorm", "layernorm", "softmax", "memcpy",
+                "dropout", "dropout_add", "gelu")
 TRANSFER_KINDS = ("h2d", "d2h")
 
 
@@ -136,8 +137,13 @@ def _bool(value) -> bool:
 def predict_kernel(row, device: Device) -> float:
     """Seconds the cost model gives for one ``kernels.csv`` row on ``device``."""
     kind = row["kind"]
-    if kind == "gemm":
-        return float(compute.gemm_time(_num(row, "m"), _num(row, "n"), _num(row, "k"), row["dtype"], device))
+    if kind in ("gemm", "bmm"):
+        batch = _num(row, "batch") if kind == "bmm" else 1
+        return float(compute.gemm_time(_num(row, "m"), _num(row, "n"), _num(row, "k"), row["dtype"], device, batch))
+    if kind == "softmax":  # a row reduction like the norms: read the scores, write the probabilities
+        return float(compute.norm_time(0, 0, device, bytes_moved=_num(row, "bytes_moved")))
+    if kind in ("dropout", "dropout_add", "gelu"):  # streaming ops: the bytes the runner counts
+        return float(compute.memory_bound_time(_num(row, "bytes_moved"), device))
     if kind == "attention":
         s = _num(row, "seq_len")
         return float(compute.attention_time(_num(row, "batch"), _num(row, "heads"), _num(row, "kv_heads"),

@@ -196,6 +196,14 @@ class _Fields:
             raise ModelError(f"{self.where}: {key} must be {kind} integer, got {v!r}")
         return v
 
+    def any_positive(self, *keys: str, default: float = 0.0) -> bool:
+        """Whether any of ``keys`` (probabilities such as dropout rates) is above zero."""
+        for key in keys:
+            v = self.cfg.get(key, default)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                return True
+        return False
+
     def bool(self, key: str, default: bool) -> bool:
         v = self.cfg.get(key)
         if v is None:
@@ -282,6 +290,8 @@ def _read_gpt2(f: _Fields) -> dict[str, Any]:
         mlp="gelu", norm="layernorm", position="learned",
         max_seq_len=f.int("n_positions", default=1024),
         tied_embeddings=f.bool("tie_word_embeddings", True), bias=True,
+        # GPT-2 trains with dropout (HF defaults 0.1) unless the config turns it off
+        dropout=f.any_positive("resid_pdrop", "attn_pdrop", "embd_pdrop", default=0.1),
     )
 
 

@@ -45,6 +45,18 @@ def _norm(name: str, model: ModelSpec, tokens: float) -> Op:
               bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES)
 
 
+def _residual(name: str, elements: float, dropout: bool, eager: bool) -> Op:
+    """Residual add, after dropout when the model has it.  Megatron fuses bias, dropout and add
+    into one kernel (read x and the residual, write the sum and a 1-byte mask: 7 bytes per
+    element); eager PyTorch runs dropout (read, write, mask: 5) and then the add (6)."""
+    e = ACT_BYTES
+    if not dropout:
+        return Op(name, "memory", bytes=3 * e * elements, bwd_bytes_factor=1.0)
+    per_element = (2 * e + 1) + 3 * e if eager else 3 * e + 1
+    return Op(name, "memory", bytes=per_element * elements, saved_bytes=elements * 1.0,
+              bwd_bytes_factor=(2 * e + 1) / per_element)
+
+
 def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     """Forward ops of one transformer layer for one micro-batch on one rank."""
     t, e = plan.tp, ACT_BYTES
@@ -98,8 +110,11 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         ops += [
             Op("scores", "gemm", gemm=(s, s * plan.cp, d), batch=b * heads, dtype=dtype,
                saved_bytes=2 * tokens * q_cols * e, recompute_selective=True),  # Q and K
-            Op("softmax", "memory", bytes=2 * scores * e, saved_bytes=scores * e, recompute_selective=True),
         ]
+        if eager:  # causal mask applied by masked_fill_ on the scores before the softmax
+            ops.append(Op("attn.mask", "memory", bytes=2 * scores * e, recompute_selective=True, bwd_bytes_factor=1.0))
+        # a row reduction over the scores, like the norms (Megatron fuses scale and mask into it)
+        ops.append(Op("softmax", "norm", bytes=2 * scores * e, saved_bytes=scores * e, recompute_selective=True))
         if drop:
             ops.append(Op("attn.dropout", "memory", bytes=scores * (2 * e + 1), saved_bytes=scores * 1,
                           recompute_selective=True))
@@ -108,15 +123,13 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
                   saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
-    ops.append(Op("residual1", "memory", bytes=(3 * e + (1 if drop else 0)) * tok_sp * h,
-                  saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
+    ops.append(_residual("residual1", tok_sp * h, drop, eager))
     ops.append(_norm("norm2", model, tok_sp))
     if moe:
         ops += _moe_ops(model, plan, tokens, full)
     else:
         ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
-    ops.append(Op("residual2", "memory", bytes=(3 * e + (1 if drop else 0)) * tok_sp * h,
-                  saved_bytes=tok_sp * h * 1 if drop else 0.0, bwd_bytes_factor=1.0))
+    ops.append(_residual("residual2", tok_sp * h, drop, eager))
     return ops
 
 

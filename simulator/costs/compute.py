@@ -46,8 +46,8 @@ def _param(device: Device, name: str, default: float) -> float:
     return default if value is None else float(value)
 
 
-def gemm_efficiency(m, n, k, device: Device):
-    """Fraction of the achievable GEMM rate a (m, n, k) product reaches (0 < e ≤ 1)."""
+def gemm_efficiency(m, n, k, device: Device, batch=1):
+    """Fraction of the achievable GEMM rate ``batch`` independent (m, n, k) products reach (0 < e ≤ 1)."""
     m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
     # libraries carry smaller tile shapes for skinny problems (cuBLAS/CUTLASS heuristics pick the
     # smallest tile that covers a short dimension, down to MIN_GEMM_TILE): a decode GEMM with
@@ -56,7 +56,7 @@ def gemm_efficiency(m, n, k, device: Device):
     tn = np.minimum(float(device.gemm_tile_n), np.maximum(MIN_GEMM_TILE, _next_pow2(n)))
     tiles_m, tiles_n = np.ceil(m / tm), np.ceil(n / tn)
     tile_eff = (m * n) / (tiles_m * tm * tiles_n * tn)
-    tiles = tiles_m * tiles_n
+    tiles = tiles_m * tiles_n * np.asarray(batch, dtype=float)
     units = float(device.compute_units)
     wave_eff = tiles / (np.ceil(tiles / units) * units)
     # libraries split K over idle units when there are fewer tiles than units (split-K /
@@ -67,8 +67,10 @@ def gemm_efficiency(m, n, k, device: Device):
     return tile_eff * wave_eff * k_eff
 
 
-def gemm_time(m, n, k, dtype: str, device: Device):
-    """Seconds for C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device``.
+def gemm_time(m, n, k, dtype: str, device: Device, batch=1):
+    """Seconds for ``batch`` products C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device`` (one
+    kernel: attention's batched QKᵀ and ·V are ``batch`` = micro-batch × heads products, each
+    with its own operands, so their traffic scales with the batch).
 
     Row-major operands have leading dimensions K (of A) and N (of B and C); where either is not
     a multiple of 16 bytes the library cannot use its tensor-memory-accelerated kernels and
@@ -78,9 +80,11 @@ def gemm_time(m, n, k, dtype: str, device: Device):
     elem = DTYPE_BYTES[dtype]
     aligned = ((k * elem) % ALIGNMENT_BYTES == 0) & ((n * elem) % ALIGNMENT_BYTES == 0)
     penalty = np.where(aligned, 1.0, _param(device, "unaligned_gemm_fraction", DEFAULT_UNALIGNED_GEMM_FRACTION))
-    rate = (device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device) * penalty)
-    compute = 2.0 * m * n * k / rate
-    traffic = (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / device.achievable_hbm_bw_Bps
+    batch = np.asarray(batch, dtype=float)
+    rate = (device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device, batch)
+            * penalty)
+    compute = 2.0 * batch * m * n * k / rate
+    traffic = batch * (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / device.achievable_hbm_bw_Bps
     return np.maximum(compute, traffic) + device.kernel_launch_s
 
 
