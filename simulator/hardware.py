@@ -193,6 +193,7 @@ class Link(_Profile):
     ports: PositiveInt = 1  # peer links per endpoint (meaningful for meshes)
     pageable_fraction: float | None = Field(default=None, gt=0, le=1)  # pageable / pinned host-copy rate
     op_efficiency: dict[str, float] | None = None  # per-collective busbw relative to all-reduce's
+    op_latency_s: dict[str, float] | None = None  # per-collective latency beyond NCCL's protocol model
 
     @model_validator(mode="after")
     def _achievable_below_peak(self):

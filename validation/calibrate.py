@@ -155,42 +155,55 @@ def _host(row, link: Link) -> float:
 
 
 def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, dict, dict]:
-    """NVLink collectives: the host's cost per NCCL call (the floor of back-to-back calls), the
-    achievable bus bandwidth and each collective's bandwidth relative to all-reduce's, on every
-    calibration case.  The per-hop latencies stay NCCL's (tuning.cc): fitting them as well
-    matched the calibration cases better and the held-out ones worse.  Returns (link parameters, device parameters, fit statistics)."""
+    """NVLink collectives, latency plus bytes over bandwidth per collective (issue 9: "latency
+    and bandwidth per algorithm and group size"): the host's floor per NCCL call is the median
+    time of the cases of 64 KiB and less (where bytes cost nothing); then, on the cases of 1 MiB
+    and more, the achievable bus bandwidth, each collective's bandwidth relative to all-reduce's
+    and each collective's latency beyond NCCL's protocol model.  The per-hop latencies stay
+    NCCL's (tuning.cc).  Returns (link parameters, device parameters, fit statistics)."""
     rows = [r for r in collectives.to_dict("records") if int(r["group_size"]) > 1]
     if not rows:
         return {}, {}, {}
     link = cluster.intra_node_link
-    ops = sorted({r["op"] for r in rows} - {"all_reduce"})
-    names = ["collective_launch_s", "achievable_bw_Bps"] + [f"eff:{op}" for op in ops]
-    start = {"collective_launch_s": 10e-6, "achievable_bw_Bps": link.achievable_bw_Bps,
-             **{f"eff:{op}": 1.0 for op in ops}}
-    lo = {"collective_launch_s": 0.1e-6, "achievable_bw_Bps": 0.05 * link.bw_Bps, **{f"eff:{op}": 0.3 for op in ops}}
-    hi = {"collective_launch_s": 200e-6, "achievable_bw_Bps": link.bw_Bps, **{f"eff:{op}": 1.5 for op in ops}}
+    tiny = [r for r in rows if float(r["bytes"]) <= 64 * 1024]
+    big = [r for r in rows if float(r["bytes"]) >= MiB]
+    device_params = {}
+    if tiny:
+        device_params["collective_launch_s"] = float(np.median(
+            [float(r["time_s"]) / (2 if r["op"] == "send_recv" else 1) for r in tiny]))
+    base = cluster.model_copy(update={"device": cluster.device.model_copy(update=device_params)})
+    ops = sorted({r["op"] for r in big})
+    names = ["achievable_bw_Bps"] + [f"eff:{op}" for op in ops if op != "all_reduce"] + [f"lat:{op}" for op in ops]
+    start = {"achievable_bw_Bps": link.achievable_bw_Bps, **{n: 1.0 for n in names if n.startswith("eff:")},
+             **{n: 5e-6 for n in names if n.startswith("lat:")}}
+    lo = {"achievable_bw_Bps": 0.05 * link.bw_Bps, **{n: 0.3 for n in names if n.startswith("eff:")},
+          **{n: 0.01e-6 for n in names if n.startswith("lat:")}}
+    hi = {"achievable_bw_Bps": link.bw_Bps, **{n: 1.5 for n in names if n.startswith("eff:")},
+          **{n: 200e-6 for n in names if n.startswith("lat:")}}
 
     def machine(p: dict) -> Cluster:
         eff = {k[4:]: v for k, v in p.items() if k.startswith("eff:")}
-        new_link = link.model_copy(update={"achievable_bw_Bps": p["achievable_bw_Bps"], "op_efficiency": eff or None})
-        device = cluster.device.model_copy(update={"collective_launch_s": p["collective_launch_s"]})
-        return cluster.model_copy(update={"intra_node_link": new_link, "device": device})
+        lat = {k[4:]: v for k, v in p.items() if k.startswith("lat:")}
+        new_link = link.model_copy(update={"achievable_bw_Bps": p["achievable_bw_Bps"], "op_efficiency": eff or None,
+                                           "op_latency_s": lat or None})
+        return base.model_copy(update={"intra_node_link": new_link})
 
     def residual_on(part, p):
         meas = np.array([float(r["time_s"]) for r in part])
         trial = machine(p)
         return _log_ratio((predict_collective(r, trial) for r in part), meas)
 
-    params = _fit_log(lambda p: residual_on(rows, {**start, **p}), names, start, lo, hi)
-    fitted = machine(params)
-    link_params = {"achievable_bw_Bps": fitted.intra_node_link.achievable_bw_Bps}
-    if fitted.intra_node_link.op_efficiency:
-        link_params["op_efficiency"] = dict(fitted.intra_node_link.op_efficiency)
-    big = [r for r in rows if float(r["bytes"]) >= MiB]
+    params = _fit_log(lambda p: residual_on(big, {**start, **p}), names, start, lo, hi) if big else dict(start)
+    fitted = machine(params).intra_node_link
+    link_params = {"achievable_bw_Bps": fitted.achievable_bw_Bps}
+    if fitted.op_efficiency:
+        link_params["op_efficiency"] = dict(fitted.op_efficiency)
+    if fitted.op_latency_s:
+        link_params["op_latency_s"] = dict(fitted.op_latency_s)
     stats = {"collectives": _stats(residual_on(rows, params))}
     if big:
         stats["collectives >= 1 MiB"] = _stats(residual_on(big, params))
-    return link_params, {"collective_launch_s": params["collective_launch_s"]}, stats
+    return link_params, device_params, stats
 
 
 def _sig(value, digits: int = 4):

@@ -122,7 +122,8 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
 
     The bytes cross the slower of the NVLink port and the NIC share, at the link's measured
     per-collective efficiency (``Link.op_efficiency``: e.g. all-gather kernels move fewer
-    bytes per second than all-reduce ones); the latency is NCCL's for the chosen algorithm
+    bytes per second than all-reduce ones) and with its measured per-collective latency
+    (``Link.op_latency_s``, on top of NCCL's); the latency is NCCL's for the chosen algorithm
     (ring; tree for all-reduce across nodes when faster) and protocol (LL, LL128 or Simple,
     whichever is fastest at this size), never below the host's cost of issuing the call.
     """
@@ -168,14 +169,13 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
             candidates = [tree]
         else:
             candidates = [ring, tree]
-    op_eff = 1.0
     link_obj = inter if link == "inter" else intra
-    if link_obj.op_efficiency:
-        op_eff = link_obj.op_efficiency.get(op, 1.0)
+    op_eff = (link_obj.op_efficiency or {}).get(op, 1.0)
+    op_lat = (link_obj.op_latency_s or {}).get(op, 0.0)
     best = None
     for hops in candidates:
         latency, efficiency = _best_protocol(volume, rate * op_eff, hops)
-        cost = CollectiveCost(latency, link, volume / (efficiency * op_eff), rate)
+        cost = CollectiveCost(latency + op_lat, link, volume / (efficiency * op_eff), rate)
         if best is None or cost.time_s < best.time_s:
             best = cost
     # back-to-back calls cannot finish faster than the host issues them (PyTorch c10d and

@@ -32,12 +32,7 @@ BOUNDS = {
     ("vidur", "time_s"): 0.15,
 }
 #: bounds not reached on the stored data: (suite, metric) -> reason with the measured number
-NOT_REACHED: dict[tuple[str, str], str] = {
-    ("collectives 1MiB-1GiB", "time_s"): (
-        "held-out median 9.8% > 8% on 2xH200: measured bus bandwidth of the bidirectional collectives keeps "
-        "rising from 64 MiB to 1 GiB (reduce-scatter 200 -> 264 GB/s), which latency + bytes/bandwidth "
-        "with per-collective efficiency does not follow"),
-}
+NOT_REACHED: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
