@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser("measure", help="measure kernels, transfers, collectives and steps on local GPUs (needs torch)")
-    p.add_argument("--suite", choices=("kernels", "transfers", "collectives", "steps", "all"), default="all")
+    p.add_argument("--suite", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021"), default="all",
+                   help="gpt2021: Megatron-LM 2021 GPT operators and steps (not part of all)")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_measure)
