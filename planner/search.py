@@ -32,10 +32,10 @@ import pandas as pd
 import yaml
 
 from plansim.planner.executors import InlineExecutor, evaluate_task, make_executor, simulate_task
-from plansim.planner.space import (MEMORY_KEYS, Constraint, Enumeration, Pruned, SearchSpace,
+from plansim.planner.space import (MEMORY_KEYS, Enumeration, Pruned, SearchSpace,
                                    check_constraints_satisfiable, enumerate_plans, parse_constraints)
 from plansim.simulator.calibration import apply_calibration
-from plansim.simulator.hardware import Cluster, ProfileError, build_cluster
+from plansim.simulator.hardware import Cluster, build_cluster
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError

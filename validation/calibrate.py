@@ -33,7 +33,7 @@ from plansim.simulator.costs import compute
 from plansim.simulator.hardware import Cluster, Device, Link
 from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
                                         base_cluster, data_folders, device_for_folder, load_suite,
-                                        predict_collective, predict_kernel, predict_transfer, rel)
+                                        predict_collective, predict_kernel, rel)
 
 #: (field, lower bound, upper bound); a callable bound takes the datasheet device
 KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (

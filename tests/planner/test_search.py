@@ -3,7 +3,6 @@ one line, and the executors agree."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from plansim.simulator import hardware as hw
-from plansim.simulator.hardware import (Cluster, ProfileError, build_cluster, list_profiles, load_cluster_spec,
+from plansim.simulator.hardware import (ProfileError, build_cluster, list_profiles, load_cluster_spec,
                                         load_device, load_link, profile_names, resolve_cluster)
 
 REQUIRED_DEVICES = ["h100-sxm", "h200", "a100-80gb", "a100-40gb", "b200", "mi300x", "mi250x",
