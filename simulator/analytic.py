@@ -212,9 +212,10 @@ class AnalyticModel:
         return self._memo[key]
 
     def transient_bytes(self, workload: TrainingWorkload, plan: Plan, chunk: Chunk, params: float,
-                        phase: str) -> float:
-        """The engine's working memory of a chunk's phase (``TrainingSimulation._transient``)."""
-        key = ("tr", _layer_key(plan), plan.zero >= 3, chunk.has_head, chunk.num_layers,
+                        phase: str, layer_key: tuple | None = None) -> float:
+        """The engine's working memory of a chunk's phase (``TrainingSimulation._transient``);
+        ``layer_key`` is ``_layer_key(plan)`` when the caller has it already."""
+        key = ("tr", layer_key or _layer_key(plan), plan.zero >= 3, chunk.has_head, chunk.num_layers,
                params if plan.zero >= 3 else 0.0, phase)
         hit = self._memo.get(key)
         if hit is None:
@@ -248,12 +249,15 @@ class AnalyticModel:
         peaks = np.zeros(p)
         details = []
         params = costs[:, DENSE] + costs[:, EXPERT]
-        tkey = ("transients", id(layout), _layer_key(plan), plan.zero >= 3)
+        lkey = _layer_key(plan)
+        tkey = ("transients", id(layout), lkey, plan.zero >= 3)
         hit = self._memo.get(tkey)
         if hit is None:
             hit = self._memo[tkey] = (
-                np.array([self.transient_bytes(workload, plan, c, params[i], "F") for i, c in enumerate(layout.chunks)]),
-                np.array([self.transient_bytes(workload, plan, c, params[i], "B") for i, c in enumerate(layout.chunks)]))
+                np.array([self.transient_bytes(workload, plan, c, params[i], "F", lkey)
+                          for i, c in enumerate(layout.chunks)]),
+                np.array([self.transient_bytes(workload, plan, c, params[i], "B", lkey)
+                          for i, c in enumerate(layout.chunks)]))
         t_f, t_b = hit
         for r in range(p):
             skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
