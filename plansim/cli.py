@@ -113,10 +113,16 @@ def _print_frame(frame, fmt: str, title: str = "") -> None:
 
 
 # --- commands ------------------------------------------------------------------------------------
+#: what ``plansim simulate`` runs when no plan field is given: Megatron's distributed optimizer
+#: (ZeRO-1), 4096-token sequences, 32 sequences per step (4 micro-batches of 1 per GPU on a node)
+DEFAULT_PLAN = {"zero": 1, "seq_len": 4096, "micro_batch": 1, "global_batch": 32}
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from plansim.api import simulate
     from plansim.simulator.units import format_bytes
-    result = simulate(args.model, args.hardware, args.cluster, _plan_fields(args), nodes=args.nodes,
+    fields = _plan_fields(args) or dict(DEFAULT_PLAN)
+    result = simulate(args.model, args.hardware, args.cluster, fields, nodes=args.nodes,
                       gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
                       trace=bool(args.trace), trace_detail=args.trace_detail, calibrated=not args.no_calibration)
     if args.trace:
