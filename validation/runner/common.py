@@ -5,10 +5,14 @@ Nothing here imports torch, so the tests of ``validation/data/`` run in CI witho
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import zlib
 from collections.abc import Iterable, Sequence
+
+#: the runner's model configs (Hugging Face ``config.json`` files)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 SUITES = ("kernels", "transfers", "collectives", "steps")
 
@@ -122,3 +126,33 @@ def error_status(exc: BaseException) -> str:
     if "OutOfMemory" in name or "out of memory" in msg.lower():
         return "oom"
     return f"error:{name}: {msg[:160]}".replace(",", ";").replace("\n", " ")
+
+
+def row_logger(rows: list, log, suite: str, width: int, rates: Sequence[str], rate_fmt: str):
+    """``emit(row)``: log ``suite``, the case, its time and its first non-empty rate of ``rates``
+    (formatted ``rate_fmt``) and the status, then append ``row`` to ``rows``."""
+
+    def emit(row: dict) -> None:
+        rate = None
+        for key in rates:
+            rate = rate or row.get(key)
+        log(f"{suite} {row['case_id']:<{width}} {row.get('time_s', float('nan')):.4e} s  "
+            f"{'' if rate in (None, '') else format(rate, rate_fmt)} {row['status']}")
+        rows.append(row)
+
+    return emit
+
+
+class HFConfig:
+    """Mixin of the runner's model configs: a subclass defines ``from_hf(path)``, reading the dict
+    that ``read_hf`` returns; ``named(name)`` loads ``configs/<name>.json``."""
+
+    @staticmethod
+    def read_hf(path: str) -> tuple[str, dict]:
+        """(name = the file's stem, the parsed ``config.json``)."""
+        with open(path) as fh:
+            return os.path.splitext(os.path.basename(path))[0], json.load(fh)
+
+    @classmethod
+    def named(cls, name: str):
+        return cls.from_hf(os.path.join(CONFIG_DIR, f"{name}.json"))

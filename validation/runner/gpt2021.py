@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from plansim.validation.runner import steps as _steps
-from plansim.validation.runner.common import error_status
 from plansim.validation.runner.gpt_model import GPTConfig, build
-from plansim.validation.runner.kernels import DTYPES, _measure, _rand, _row
+from plansim.validation.runner.kernels import DTYPES, _measure, _rand, _row, _start
 from plansim.validation.runner.timing import rotation_sets
 
 MODELS = ("gpt-1.7b",)
@@ -59,26 +58,11 @@ def gelu_shapes(quick: bool) -> list[tuple[int, int]]:
 # --- kernels -----------------------------------------------------------------------------
 def _bench_row(row, factory, device, samples, rate):
     with torch.no_grad():
-        _measure(row, factory, device, samples)
-    if row["status"] == "ok":
-        if rate == "tflops":
-            row["tflops"] = row["flops"] / row["time_s"] / 1e12
-        else:
-            row["gbps"] = row["bytes_moved"] / row["time_s"] / 1e9
-    return row
+        return _measure(row, factory, device, samples, rate=rate)
 
 
 def run_kernels(device: torch.device, quick: bool, log=print) -> list[dict]:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(4321)
-    samples = 5 if quick else 15
-    rows: list[dict] = []
-
-    def emit(row):
-        rt = row.get("tflops") or row.get("gbps")
-        log(f"kernels {row['case_id']:<58} {row.get('time_s', float('nan')):.4e} s  "
-            f"{'' if rt in (None, '') else f'{rt:.1f}'} {row['status']}")
-        rows.append(row)
+    gen, samples, rows, emit = _start(device, quick, 4321, log)
 
     # --- attention's batched GEMMs ---------------------------------------------------------
     for bt, s, d, dt in bmm_cases(quick):
@@ -195,43 +179,16 @@ def step_cases(quick: bool) -> list[dict]:
 def run_step(case: dict, device: torch.device, quick: bool) -> dict:
     cfg = GPTConfig.named(case["model"])
     extra = {"n_params": cfg.n_params(), "world_size": 1, "attn_impl": "unfused"}
-    state = {}
-    try:
-        model = state["model"] = build(cfg, device, 0, recompute=case["recompute"])
+
+    def build_checked():
+        model = build(cfg, device, 0, recompute=case["recompute"])
         n = sum(p.numel() for p in model.parameters())
         if n != extra["n_params"]:
             raise AssertionError(f"{cfg.name}: {n} parameters built, {extra['n_params']} counted")
-        opt, extra["optimizer"] = _steps._optimizer(model.parameters(), device)
-        state["opt"] = opt
-        nmb = case["num_microbatches"]
-        gen = torch.Generator(device=device).manual_seed(1)
-        data = []
-        for _ in range(max(2, nmb)):
-            t = torch.randint(0, cfg.vocab, (case["micro_batch"], case["seq_len"] + 1), device=device, generator=gen)
-            data.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        return model
 
-        def step(i):
-            for j in range(nmb):
-                x, y = data[(i * nmb + j) % len(data)]
-                (model.loss(model(x), y) / nmb).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        times, peak = _steps._time_steps(step, device, *((1, 3) if quick else ()))
-        return _steps._finish(case, times, peak, extra)
-    except Exception as exc:  # noqa: BLE001 - OOM and errors are recorded, the suite goes on
-        return dict(case, **extra, status=error_status(exc))
-    finally:
-        state.clear()
-        model = opt = data = step = None  # noqa: F841
-        _steps._free(device)
+    return _steps.run_one(case, device, quick, cfg, extra, build_checked)
 
 
 def run_steps(device: torch.device, quick: bool, log=print) -> list[dict]:
-    rows = []
-    for case in step_cases(quick):
-        row = run_step(case, device, quick)
-        log(f"steps {row['case_id']:<62} {row.get('time_s', float('nan')):.4f} s  "
-            f"{row.get('peak_memory_bytes', 0) / 2**30:.1f} GiB {row['status']}")
-        rows.append(row)
-    return rows
+    return _steps.run_cases(step_cases(quick), run_step, device, quick, log)

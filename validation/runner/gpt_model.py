@@ -17,9 +17,7 @@ LayerNorm, logits with the tied embedding ``[s, b, V]`` bf16, ``.float()`` and `
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+from plansim.validation.runner.common import HFConfig
 
 #: HF activation_function -> F.gelu's ``approximate``
 GELU_APPROX = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(HFConfig):
     name: str
     hidden: int
     layers: int
@@ -48,20 +46,15 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, path: str) -> "GPTConfig":
-        with open(path) as fh:
-            c = json.load(fh)
+        name, c = cls.read_hf(path)
         if c.get("model_type") != "gpt2":
             raise ValueError(f"{path}: model_type must be gpt2, got {c.get('model_type')!r}")
         h = c["n_embd"]
-        return cls(name=os.path.splitext(os.path.basename(path))[0], hidden=h, layers=c["n_layer"],
+        return cls(name=name, hidden=h, layers=c["n_layer"],
                    heads=c["n_head"], ffn=c.get("n_inner") or 4 * h, vocab=c["vocab_size"],
                    max_pos=c.get("n_positions", 1024), eps=c.get("layer_norm_epsilon", 1e-5),
                    dropout=float(c.get("resid_pdrop", 0.1)),
                    approximate=GELU_APPROX[c.get("activation_function", "gelu_new")])
-
-    @classmethod
-    def named(cls, name: str) -> "GPTConfig":
-        return cls.from_hf(os.path.join(CONFIG_DIR, f"{name}.json"))
 
     @property
     def head_dim(self) -> int:

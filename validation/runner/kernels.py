@@ -6,7 +6,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from plansim.validation.runner.common import error_status, summarize
+from plansim.validation.runner.common import error_status, row_logger, summarize
 from plansim.validation.runner.timing import bench, rotation_sets
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
@@ -72,8 +72,9 @@ def _row(case_id: str, **params) -> dict:
     return {"case_id": case_id, **params}
 
 
-def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3) -> dict:
-    """Fill time columns of ``row`` from ``fn_factory() -> (fn, n_sets)``; OOM/errors recorded."""
+def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3, rate: str | None = None) -> dict:
+    """Fill time columns of ``row`` from ``fn_factory() -> (fn, n_sets)``; OOM/errors recorded.
+    ``rate`` ``"tflops"`` (from ``flops``) or ``"gbps"`` (from ``bytes_moved``) is filled when ok."""
     try:
         fn, n_sets = fn_factory()
         times = bench(fn, device, n_sets=n_sets, samples=samples, warmup=warmup)
@@ -86,7 +87,20 @@ def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3) -> di
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if rate is not None and row["status"] == "ok":
+        if rate == "tflops":
+            row["tflops"] = row["flops"] / row["time_s"] / 1e12
+        else:
+            row["gbps"] = row["bytes_moved"] / row["time_s"] / 1e9
     return row
+
+
+def _start(device, quick: bool, seed: int, log):
+    """(generator seeded ``seed``, samples per case, rows, ``emit(row)`` that logs and appends)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    rows: list[dict] = []
+    return gen, (5 if quick else 15), rows, row_logger(rows, log, "kernels", 58, ("tflops", "gbps"), ".1f")
 
 
 def _rand(shape, dtype, device, gen):
@@ -94,16 +108,7 @@ def _rand(shape, dtype, device, gen):
 
 
 def run(device: torch.device, quick: bool, log=print) -> list[dict]:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(1234)
-    samples = 5 if quick else 15
-    rows: list[dict] = []
-
-    def emit(row):
-        rt = row.get("tflops") or row.get("gbps")
-        log(f"kernels {row['case_id']:<58} {row.get('time_s', float('nan')):.4e} s  "
-            f"{'' if rt in (None, '') else f'{rt:.1f}'} {row['status']}")
-        rows.append(row)
+    gen, samples, rows, emit = _start(device, quick, 1234, log)
 
     # --- GEMM ------------------------------------------------------------------------------
     for m, n, k, dt in gemm_shapes(quick):
@@ -119,10 +124,8 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
             return (lambda i: torch.mm(ab[i][0], ab[i][1].t(), out=out)), sets
 
         _set_tf32(dt == "tf32")
-        _measure(row, factory, device, samples)
+        _measure(row, factory, device, samples, rate="tflops")
         _set_tf32(False)
-        if row["status"] == "ok":
-            row["tflops"] = row["flops"] / row["time_s"] / 1e12
         emit(row)
 
     # --- SDPA flash attention -------------------------------------------------------------
@@ -139,10 +142,8 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
                 def factory(b=b, h=h, g=g, d=d, s=s, causal=causal, phase=phase, impl=impl):
                     return _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl)
 
-                _measure(row, factory, device, samples)
+                _measure(row, factory, device, samples, rate="tflops")
                 row["impl"] = impl["name"]
-                if row["status"] == "ok":
-                    row["tflops"] = flops / row["time_s"] / 1e12
                 emit(row)
 
     # --- elementwise add, norms, memcpy -----------------------------------------------------
@@ -160,10 +161,7 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
                        torch.empty(numel, dtype=dtype, device=device)) for _ in range(sets)]
                 return (lambda i: torch.add(xs[i][0], xs[i][1], out=xs[i][2])), sets
 
-            _measure(row, factory, device, samples)
-            if row["status"] == "ok":
-                row["gbps"] = row["bytes_moved"] / row["time_s"] / 1e9
-            emit(row)
+            emit(_measure(row, factory, device, samples, rate="gbps"))
 
     norm_shapes = [(2048, 2048), (8192, 2048), (4096, 4096), (8192, 4096), (16384, 4096), (8192, 8192),
                    (4096, 3072)] if not quick else [(256, 512)]
@@ -183,10 +181,7 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
                 return (lambda i: F.layer_norm(xs[i], (hdim,), w, bias, 1e-5)), sets
 
             with torch.no_grad():
-                _measure(row, factory, device, samples)
-            if row["status"] == "ok":
-                row["gbps"] = row["bytes_moved"] / row["time_s"] / 1e9
-            emit(row)
+                emit(_measure(row, factory, device, samples, rate="gbps"))
 
     for nbytes in ([1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB, 4 * GiB] if not quick else [1 * MiB]):
         row = _row(f"memcpy-bytes{nbytes}", kind="memcpy", dtype="uint8", bytes=nbytes, bytes_moved=2 * nbytes)
@@ -198,10 +193,7 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
             dst = [torch.empty_like(x) for x in src]
             return (lambda i: dst[i].copy_(src[i])), sets
 
-        _measure(row, factory, device, samples)
-        if row["status"] == "ok":
-            row["gbps"] = row["bytes_moved"] / row["time_s"] / 1e9
-        emit(row)
+        emit(_measure(row, factory, device, samples, rate="gbps"))
     return rows
 
 

@@ -16,8 +16,6 @@ cross-entropy (all-reduces of max, target logit and sum of exp; Megatron's
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+from plansim.validation.runner.common import HFConfig
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     name: str
     hidden: int
     layers: int
@@ -45,21 +43,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, path: str) -> "LlamaConfig":
-        with open(path) as fh:
-            c = json.load(fh)
+        name, c = cls.read_hf(path)
         heads = c["num_attention_heads"]
         return cls(
-            name=os.path.splitext(os.path.basename(path))[0],
+            name=name,
             hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
             kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             ffn=c["intermediate_size"], vocab=c["vocab_size"], eps=c.get("rms_norm_eps", 1e-5),
             rope_theta=c.get("rope_theta", 10000.0), tied=bool(c.get("tie_word_embeddings", False)),
         )
-
-    @classmethod
-    def named(cls, name: str) -> "LlamaConfig":
-        return cls.from_hf(os.path.join(CONFIG_DIR, f"{name}.json"))
 
     def n_params(self) -> int:
         """Exact parameter count (no biases; untied head unless ``tied``)."""

@@ -86,7 +86,9 @@ def _build(cfg, device, seed, **kw) -> Transformer:
     return model
 
 
-def _time_steps(step, device, warmup=WARMUP, iters=ITERS):
+def _time_steps(step, device, quick: bool):
+    """Run ``step(i)`` ``WARMUP`` times, then time ``ITERS`` steps (1 and 3 when ``quick``)."""
+    warmup, iters = (1, 3) if quick else (WARMUP, ITERS)
     for i in range(warmup):
         step(i)
     sync(device)
@@ -104,6 +106,21 @@ def _time_steps(step, device, warmup=WARMUP, iters=ITERS):
     return [sp.seconds() for sp in spans], peak
 
 
+def _train_step(model, opt, data, nmb: int, loss=None):
+    """``step(i)``: ``nmb`` micro-batches of ``data`` forward and backward (loss / nmb), then
+    ``opt.step()`` and ``opt.zero_grad(set_to_none=True)``.  ``loss`` defaults to ``model.loss``."""
+    loss = loss or model.loss
+
+    def step(i):
+        for j in range(nmb):
+            x, y = data[(i * nmb + j) % len(data)]
+            (loss(model(x), y) / nmb).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _finish(case, times, peak, extra) -> dict:
     row = dict(case, **extra, **summarize(times), status="ok")
     row["step_time_s"] = row["time_s"]
@@ -119,26 +136,18 @@ def _free(device):
 
 
 # --- one process ------------------------------------------------------------------------
-def run_single(case: dict, device: torch.device, quick: bool) -> dict:
-    cfg = LlamaConfig.named(case["model"])
-    extra = {"n_params": cfg.n_params(), "world_size": 1}
+def run_one(case: dict, device: torch.device, quick: bool, cfg, extra: dict, build) -> dict:
+    """One single-process case: ``build()`` returns the bf16 model (and may fill ``extra``); the
+    optimizer, ``max(2, nmb)`` micro-batches of tokens (seed 1) and the timed steps follow."""
     state = {}
     try:
-        model = state["model"] = _build(cfg, device, 0, recompute=case["recompute"])
-        extra["attn_impl"] = pick_attention(model, device)
+        model = state["model"] = build()
         opt, extra["optimizer"] = _optimizer(model.parameters(), device)
         state["opt"] = opt
         nmb = case["num_microbatches"]
         data = _batches(cfg, case["micro_batch"], case["seq_len"], max(2, nmb), device, 1)
-
-        def step(i):
-            for j in range(nmb):
-                x, y = data[(i * nmb + j) % len(data)]
-                (model.loss(model(x), y) / nmb).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        times, peak = _time_steps(step, device, *((1, 3) if quick else ()))
+        step = _train_step(model, opt, data, nmb)
+        times, peak = _time_steps(step, device, quick)
         return _finish(case, times, peak, extra)
     except Exception as exc:  # noqa: BLE001 - OOM and errors are recorded, the suite goes on
         return dict(case, **extra, status=error_status(exc))
@@ -148,14 +157,31 @@ def run_single(case: dict, device: torch.device, quick: bool) -> dict:
         _free(device)
 
 
-def run(device: torch.device, quick: bool, log=print) -> list[dict]:
+def run_single(case: dict, device: torch.device, quick: bool) -> dict:
+    cfg = LlamaConfig.named(case["model"])
+    extra = {"n_params": cfg.n_params(), "world_size": 1}
+
+    def build():
+        model = _build(cfg, device, 0, recompute=case["recompute"])
+        extra["attn_impl"] = pick_attention(model, device)
+        return model
+
+    return run_one(case, device, quick, cfg, extra, build)
+
+
+def run_cases(cases, run_case, device: torch.device, quick: bool, log=print) -> list[dict]:
+    """``run_case(case, device, quick)`` for each case, one log line per row."""
     rows = []
-    for case in single_cases(quick):
-        row = run_single(case, device, quick)
+    for case in cases:
+        row = run_case(case, device, quick)
         log(f"steps {row['case_id']:<62} {row.get('time_s', float('nan')):.4f} s  "
             f"{row.get('peak_memory_bytes', 0) / 2**30:.1f} GiB {row['status']}")
         rows.append(row)
     return rows
+
+
+def run(device: torch.device, quick: bool, log=print) -> list[dict]:
+    return run_cases(single_cases(quick), run_single, device, quick, log)
 
 
 # --- several processes (inside _worker, process group initialised) ----------------------
@@ -178,13 +204,7 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
         model = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
         opt, extra["optimizer"] = _optimizer(model.parameters(), device)
         data = _batches(cfg, mb, seq, max(2, nmb), device, 10 + rank)
-
-        def step(i):
-            for j in range(nmb):
-                x, y = data[(i * nmb + j) % len(data)]
-                (inner.loss(model(x), y) / nmb).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = _train_step(model, opt, data, nmb, loss=inner.loss)
 
     elif strategy == "fsdp":
         try:
@@ -206,13 +226,7 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
         extra["attn_impl"] = pick_attention(model, device)
         opt, extra["optimizer"] = _optimizer(model.parameters(), device)
         data = _batches(cfg, mb, seq, max(2, nmb), device, 10 + rank)
-
-        def step(i):
-            for j in range(nmb):
-                x, y = data[(i * nmb + j) % len(data)]
-                (model.loss(model(x), y) / nmb).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = _train_step(model, opt, data, nmb)
 
     elif strategy == "tp":
         group = dist.group.WORLD
@@ -220,13 +234,7 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
         extra["attn_impl"] = pick_attention(model, device)
         opt, extra["optimizer"] = _optimizer(model.parameters(), device)
         data = _batches(cfg, mb, seq, max(2, nmb), device, 10)  # same tokens on every TP rank
-
-        def step(i):
-            for j in range(nmb):
-                x, y = data[(i * nmb + j) % len(data)]
-                (model.loss(model(x), y) / nmb).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = _train_step(model, opt, data, nmb)
 
     elif strategy == "pp":
         from plansim.validation.runner.pipeline import StageRunner
@@ -253,7 +261,7 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
     else:
         raise ValueError(f"unknown strategy {strategy}")
 
-    times, peak = _time_steps(step, device, *((1, 3) if quick else ()))
+    times, peak = _time_steps(step, device, quick)
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     pk = torch.tensor([float(peak)], dtype=torch.float64, device=device)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from plansim.validation.runner.common import error_status, summarize
+from plansim.validation.runner.common import error_status, row_logger, summarize
 from plansim.validation.runner.timing import bench
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -32,12 +32,7 @@ def _fs_type(path: str) -> str:
 
 def run(device: torch.device, quick: bool, log=print, disk_dir: str | None = None) -> list[dict]:
     rows: list[dict] = []
-
-    def emit(row):
-        rate = row.get("gbps") or row.get("params_per_s")
-        log(f"transfers {row['case_id']:<52} {row.get('time_s', float('nan')):.4e} s  "
-            f"{'' if rate in (None, '') else f'{rate:.4g}'} {row['status']}")
-        rows.append(row)
+    emit = row_logger(rows, log, "transfers", 52, ("gbps", "params_per_s"), ".4g")
 
     # --- host <-> device ------------------------------------------------------------------
     if device.type == "cuda":
