@@ -40,9 +40,9 @@ MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved
 # implementation of the script
 SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False, "overlap_p2p": False}
 # the script's rule (Megatron-LM of 2021 ran pipelines with its local DDP only): torch DDP without
-# pipelining (16-bit grads, all-reduce overlapped), local DDP with it (fp32 main_grad, after backward)
+# pipelining (all-reduce overlapped), local DDP with it (all-reduce after backward); fp16 grads in both
 DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True, "ddp": "torch"}, ["pp=1"]),
-             "local": ({"fp32_grads": True, "overlap_grad_reduce": False, "ddp": "megatron"}, ["pp>=2"])}
+             "local": ({"fp32_grads": False, "overlap_grad_reduce": False, "ddp": "megatron"}, ["pp>=2"])}
 
 
 def published_plan(row) -> Plan:

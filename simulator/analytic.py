@@ -42,7 +42,7 @@ from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import model_state_bytes, static_bytes, usable_memory_bytes
+from plansim.simulator.memory import model_state_bytes, optimizer_transient_bytes, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
@@ -275,7 +275,8 @@ class AnalyticModel:
             act = matrix @ costs[local, SAVED] / 2.0
             total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
             j = int(total.argmax())
-            peaks[r] = static + max(0.0, float(total[j]))
+            opt = optimizer_transient_bytes(plan, float(dense_r[r] + expert_r[r]))
+            peaks[r] = static + max(0.0, float(total[j]), opt)
             details.append((states, float(act[j]) if total[j] > 0 else 0.0))
         stage = int(peaks.argmax())
         return Memory(peaks, details[stage][0], details[stage][1])

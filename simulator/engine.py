@@ -23,7 +23,8 @@ from plansim.simulator.costs.collectives import CollectiveCost, Group, collectiv
 from plansim.simulator.costs.compute import memory_bound_time
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import MemoryTimeline, bytes_per_param, model_state_bytes, static_bytes
+from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, model_state_bytes, optimizer_transient_bytes,
+                                      static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.training import ACT_BYTES, TrainingWorkload
@@ -358,6 +359,8 @@ class TrainingSimulation:
                 yield ev
             rank.stats.comm_exposed_s += env.now - wait
             self._trace(rank, "wait grad reduction", "comm:dp", wait, env.now)
+            rank_params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
+            mem.allocate(env.now, 0.0, transient=optimizer_transient_bytes(plan, rank_params))
             yield from self._optimizer(env, rank)
             if grads_in_backward:
                 mem.free_grads(env.now)  # zero_grad(set_to_none=True)

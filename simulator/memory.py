@@ -72,6 +72,19 @@ def static_bytes(states: ModelStateBytes, plan: Plan) -> float:
     return static
 
 
+def optimizer_transient_bytes(plan: Plan, params_on_rank: float) -> float:
+    """Working memory of the optimizer step: Megatron's mixed-precision optimizer copies 16-bit
+    gradients into fp32 gradients of its master weights (``_copy_model_grads_to_main_grads``)
+    before Adam runs, 4 bytes per parameter of its shard.  None with fp32 gradients (already in
+    fp32), in pure bf16, for PyTorch (its optimizer works on the gradients in place) or when
+    the optimizer is offloaded."""
+    if (plan.precision == "bf16-pure" or plan.fp32_grads or plan.framework == "pytorch"
+            or plan.offload.get("optimizer", "gpu") != "gpu"):
+        return 0.0
+    shard = params_on_rank / (plan.dp * plan.cp) if plan.zero >= 1 else params_on_rank
+    return 4.0 * shard
+
+
 class MemoryTimeline:
     """Allocations of one device over simulated time; never negative, peak tracked exactly."""
 
@@ -82,7 +95,8 @@ class MemoryTimeline:
         self.activations = 0.0
         self.grads = 0.0  # gradients allocated during backward (PyTorch's set_to_none semantics)
         self.peak_bytes = static_bytes
-        self.peak_activations = 0.0
+        self.peak_activations = 0.0  # activations at the moment of the overall peak
+        self.max_activations = 0.0  # the most activations ever held at once
         self.peak_grads = 0.0
         self.peak_transient = 0.0
         self.samples: list[tuple[float, float]] = [(0.0, static_bytes)]
@@ -103,6 +117,7 @@ class MemoryTimeline:
     def allocate(self, now: float, nbytes: float, transient: float = 0.0) -> None:
         """Keep ``nbytes`` (saved activations); ``transient`` is working memory live only now."""
         self.activations += nbytes
+        self.max_activations = max(self.max_activations, self.activations)
         self._observe(now, transient)
 
     def free(self, now: float, nbytes: float, transient: float = 0.0) -> None:

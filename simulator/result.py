@@ -28,7 +28,8 @@ class Result:
     fits: bool
     peak_memory_bytes: float
     device_memory_bytes: float  # usable by tensors: HBM less CUDA context and allocator reserve
-    memory_breakdown: dict[str, float]
+    memory_breakdown: dict[str, float]  # what is live at the peak (on the busiest device)
+    peak_activation_bytes: float  # the most activations any device holds at once (not always at the peak)
     time_breakdown: dict[str, float]
     calibrated_profile: str | None = None
     infeasible_reason: str | None = None
@@ -105,6 +106,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
         plan=plan.to_dict(), step_time_s=step, tokens_per_s=tokens / step if step else 0.0,
         mfu=mfu, hfu=hfu, fits=mem.peak_bytes <= capacity, peak_memory_bytes=mem.peak_bytes,
         device_memory_bytes=capacity,
+        peak_activation_bytes=max(r.memory.max_activations for r in output.ranks),
         memory_breakdown={"params": states.params, "grads": grads, "optimizer": states.optimizer,
                           "activations": mem.peak_activations, "other": max(0.0, other)},
         time_breakdown={"compute": last.compute_s, "exposed_communication": last.comm_exposed_s,

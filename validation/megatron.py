@@ -1,10 +1,11 @@
 """Megatron-LM's Table 1 (Narayanan et al., SC'21) predicted by ``plansim simulate``.
 
 Each published row becomes a plan as the authors ran it (``run_table_1.sh``): GPT with
-dropout, fp16 mixed precision, synchronous pipeline sends (the 2021 p2p code synchronised the
-device after every batched send/receive); with pipelining Megatron's local DDP (fp32 ``main_grad``
-accumulated by a separate add per micro-batch, all-reduced after the backward), without it
-PyTorch DDP (16-bit gradients, bucketed all-reduce overlapped with the backward),
+dropout, fp16 mixed precision with fp16 gradients (accumulated by autograd, no fp32 main_grad:
+the scripts at Megatron-LM 6985e58 pass neither --accumulate-allreduce-grads-in-fp32 nor
+contiguous buffers), synchronous pipeline sends (the 2021 p2p code synchronised the device after
+every batched send/receive); with pipelining Megatron's local DDP (one all-reduce after the
+backward), without it PyTorch DDP (bucketed all-reduce overlapped with the backward),
 full activation recomputation, unfused attention (fused scale-mask-softmax; no flash attention
 then), no sequence parallelism, the interleaved schedule where the row names virtual stages.
 The achieved TFLOP/s per GPU follows the paper's own count, which includes the recomputation
@@ -24,13 +25,15 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
     """The plan of one Table 1 row, as the authors' script set it."""
     lpvs = row.get("layers_per_virtual_stage")
     vpp = 1 if pd.isna(lpvs) else int(row["layers"]) // (int(row["pp"]) * int(lpvs))
-    # run_table_1.sh: --DDP-impl torch without pipelining (16-bit grads, bucketed all-reduce
-    # overlapped with backward), local with it (fp32 main_grad, all-reduce after backward).
+    # run_table_1.sh: --DDP-impl torch without pipelining (bucketed all-reduce overlapped with
+    # backward), local with it (all-reduce after backward).  Either way the gradients are fp16:
+    # the scripts (Megatron-LM 6985e58) pass neither --accumulate-allreduce-grads-in-fp32 nor
+    # --use-contiguous-buffers-in-ddp, so autograd accumulates into param.grad in fp16.
     local_ddp = int(row["pp"]) > 1
     return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
                 sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
-                precision="bf16-mixed", fp32_grads=local_ddp, overlap_grad_reduce=not local_ddp,
+                precision="bf16-mixed", fp32_grads=False, overlap_grad_reduce=not local_ddp,
                 ddp="megatron" if local_ddp else "torch",
                 grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused")
 

@@ -69,7 +69,7 @@ def test_1f1b_first_stage_holds_p_micro_batches(pp, m):
     output, _ = _run("llama3-8b", plan, gpn=2 * pp)
     stage0 = output.ranks[0].memory
     saved = sum(c.saved_bytes for c in output.chunk_costs if c.chunk.rank == 0)
-    assert stage0.peak_activations == pytest.approx(min(pp, m) * saved, rel=1e-9)
+    assert stage0.max_activations == pytest.approx(min(pp, m) * saved, rel=1e-9)
 
 
 def test_symmetry_data_parallel_replicas_do_the_same_compute():
@@ -97,7 +97,7 @@ def test_zero_stages_shrink_memory_monotonically():
 
 def test_recomputation_trades_memory_for_time():
     results = {rc: _run("llama3-8b", PLAN.replace(recompute=rc))[1] for rc in ("none", "selective", "full")}
-    acts = [results[rc].memory_breakdown["activations"] for rc in ("none", "selective", "full")]
+    acts = [results[rc].peak_activation_bytes for rc in ("none", "selective", "full")]
     assert acts[0] > acts[1] > acts[2]
     assert results["full"].step_time_s > results["none"].step_time_s
     assert results["full"].hfu > results["full"].mfu
@@ -192,7 +192,7 @@ def test_interleaved_first_stage_memory_factor(p, v):
     base = Plan(tp=1, pp=p, dp=1, global_batch=m, seq_len=1024)
     o1, _ = _run("llama3-8b", base, gpn=p)
     o2, _ = _run("llama3-8b", base.replace(schedule="interleaved", vpp=v), gpn=p)
-    ratio = o2.ranks[0].memory.peak_activations / o1.ranks[0].memory.peak_activations
+    ratio = o2.ranks[0].memory.max_activations / o1.ranks[0].memory.max_activations
     assert ratio == pytest.approx(1 + (p - 1) / (p * v), rel=1e-9)
 
 
