@@ -57,9 +57,12 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--attention", choices=("flash", "unfused"))
+    p.add_argument("--cp-comm", choices=("ring", "allgather"), help="context parallelism: ring attention or K/V all-gather")
+    p.add_argument("--ddp", choices=("megatron", "torch"), help="data-parallel wrapper (torch: PyTorch DDP's bucket copy)")
     p.add_argument("--framework", choices=("megatron", "pytorch"),
                    help="megatron: fused kernels, persistent grad buffer (default); pytorch: eager modules")
     p.add_argument("--fp32-grads", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--grad-accumulation-fusion", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--overlap-p2p", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--offload", action="append", default=[], metavar="WHAT=TIER",
@@ -70,7 +73,8 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     from plansim.api import load_plan
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
-                 "recompute", "sequence_parallel", "schedule", "precision", "attention", "framework", "fp32_grads",
+                 "recompute", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
+                 "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "first_stage_layers", "last_stage_layers"):
         value = getattr(args, name)
         if value is not None:

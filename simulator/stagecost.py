@@ -86,14 +86,31 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         if op.collective == "none" or op.comm_bytes <= 0:
             return 0.0, None
         group = getattr(groups, op.group)
+        if op.collective == "ring_exchange":  # size − 1 point-to-point steps to the ring neighbour
+            hop = collective_cost("send_recv", op.comm_bytes, Group(2, 2 if group.nodes == 1 else 1), cluster)
+            steps = group.size - 1
+            return 0.0, CollectiveCost(hop.latency_s * steps, hop.link, hop.volume_bytes * steps, hop.rate_Bps)
         return 0.0, collective_cost(op.collective, op.comm_bytes, group, cluster)
     raise ValueError(f"op kind {op.kind!r} unknown")
 
 
+def _hidden(comm: CollectiveCost, overlap_s: float) -> CollectiveCost:
+    """The part of ``comm`` that outlasts ``overlap_s`` of compute running beside it."""
+    if overlap_s <= 0 or comm.time_s <= 0:
+        return comm
+    left = max(0.0, comm.time_s - overlap_s) / comm.time_s
+    return CollectiveCost(comm.latency_s * left, comm.link, comm.volume_bytes * left, comm.rate_Bps)
+
+
 def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups) -> PhaseCost:
     cost = PhaseCost()
-    for op in ops:
-        seconds, comm = op_cost(op, cluster, groups)
+    costed = [(op, *op_cost(op, cluster, groups)) for op in ops]
+    compute_by_name = {op.name: seconds for op, seconds, comm in costed if comm is None}
+    for op, seconds, comm in costed:
+        if comm is not None and op.hidden_by:
+            partner = next((compute_by_name[n] for n in (op.hidden_by, f"{op.hidden_by}.bwd",
+                                                          f"{op.hidden_by}.recompute") if n in compute_by_name), 0.0)
+            comm = _hidden(comm, partner)
         if comm is not None:
             cost.comm.append(comm)
             cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))

@@ -13,6 +13,7 @@ PHASES = ("F", "B", "W", "R", "O")  # forward, input-grad, weight-grad, recomput
 
 #: the collective that carries gradients back through a forward collective
 CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
+             "ring_exchange": "ring_exchange",
              "all_to_all": "all_to_all", "none": "none"}
 
 
@@ -56,7 +57,8 @@ class Op:
     comm_bytes: float = 0.0
     has_weight: bool = False  # gemm with a trainable weight: backward has a weight-grad part
     bias_grad_bytes: float = 0.0  # gemm with a bias: its gradient is a reduction over dY's rows
-    bwd_bytes_factor: float = 1.5
+    bwd_bytes_factor: float = 1.5  # memory ops: backward traffic / forward; collectives: backward bytes / forward
+    hidden_by: str = ""  # a collective that overlaps this compute op (by forward name): only the excess shows
     recompute_selective: bool = False  # recomputed under selective recomputation
 
     @property
@@ -99,8 +101,9 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", bytes=op.bytes * op.bwd_bytes_factor,
                                  saved_bytes=0.0))
         elif op.kind == "collective" and op.collective != "none":
+            bytes_back = op.comm_bytes * (op.bwd_bytes_factor if op.collective == "ring_exchange" else 1.0)
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", collective=CONJUGATE[op.collective],
-                                 saved_bytes=0.0))
+                                 comm_bytes=bytes_back, saved_bytes=0.0))
     return b_ops, w_ops
 
 

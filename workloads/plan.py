@@ -15,6 +15,7 @@ PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
 ATTENTION = ("flash", "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
 DDP_IMPLS = ("megatron", "torch")
+CP_COMMS = ("ring", "allgather")
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -45,6 +46,8 @@ class Plan:
     precision: str = "bf16-mixed"
     offload: dict[str, str] = field(default_factory=dict)  # {"optimizer": "cpu", ...}
     overlap_grad_reduce: bool = True  # DP gradient reduction overlapped with backward
+    cp_comm: str = "ring"  # context parallelism: ring attention (K/V blocks pass round the ring,
+    #   overlapped with attention) or all-gather of K/V (Llama 3)
     ddp: str = "megatron"  # data-parallel wrapper: Megatron's (gradients live in its buffer) or PyTorch
     #   DDP ("torch": a second copy of the gradients in its 25 MiB communication buckets)
     overlap_p2p: bool = True  # pipeline sends overlap compute; False: the sender waits (Megatron 2021)
@@ -64,7 +67,7 @@ class Plan:
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                               ("attention", ATTENTION), ("framework", FRAMEWORKS),
-                              ("ddp", DDP_IMPLS)):
+                              ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS)):
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:

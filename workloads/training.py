@@ -93,9 +93,13 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
             ops.append(Op("rope", "memory", bytes=9 * rotated, bwd_bytes_factor=8 / 9))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
-    if plan.cp > 1:  # context parallelism: gather K and V of the whole sequence (Llama 3, arXiv:2407.21783)
+    if plan.cp > 1 and plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)
         ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
                       comm_bytes=2 * b * s * plan.cp * kv_cols * e))
+    elif plan.cp > 1:  # ring attention: the local K and V block visits every other rank of the ring,
+        # overlapped with attention on the block in hand; backward sends dK and dV along too
+        ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
+                      comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
     if plan.attention == "flash":
         # saves Q, K, V and the log-sum-exp; eager code also keeps the output, which it
         # transposes into a contiguous copy for the output projection

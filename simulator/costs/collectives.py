@@ -41,6 +41,8 @@ def traffic_bytes(op: str, nbytes: float, n: int) -> tuple[float, float]:
     """(bytes sent, bytes received) summed over all ranks; equal for every collective."""
     if n <= 1:
         return 0.0, 0.0
+    if op == "ring_exchange":  # every rank's block of ``nbytes`` visits the n − 1 others
+        return n * (n - 1) * nbytes, n * (n - 1) * nbytes
     if op in ("broadcast", "send_recv"):
         # ring pipeline: every rank but the last forwards S; every rank but the root receives S
         hops = (n - 1) if op == "broadcast" else 1
