@@ -110,7 +110,8 @@ def predict_op(kind: str, hardware: str, *, calibrated: bool = True, **shape: An
     if kind in ("h2d", "d2h"):
         from plansim.simulator.costs.transfers import host_transfer_time
         cluster, _ = resolve_cluster(hardware, calibrated=calibrated)
-        t = float(host_transfer_time(shape["bytes"], cluster.host_link, pinned=not shape.get("pageable", False)))
+        t = float(host_transfer_time(shape["bytes"], cluster.host_link, pinned=not shape.get("pageable", False),
+                                     direction=kind))
         return {"time_s": t, "bandwidth_GBps": shape["bytes"] / t / 1e9, "calibrated_profile": source}
     raise ValueError(f"kind: {kind!r} is not one of gemm, attention, memcpy, elementwise, h2d, d2h")
 

@@ -191,7 +191,8 @@ class Link(_Profile):
     latency_s: PositiveFloat  # per hop, as NCCL-style collectives see it
     switched: bool = True  # all-to-all reachable through a switch (NVSwitch, IB fabric)
     ports: PositiveInt = 1  # peer links per endpoint (meaningful for meshes)
-    pageable_fraction: float | None = Field(default=None, gt=0, le=1)  # pageable / pinned host-copy rate
+    pageable_fraction: float | None = Field(default=None, gt=0, le=1)  # pageable / pinned rate, host to device
+    pageable_d2h_fraction: float | None = Field(default=None, gt=0, le=1)  # the same, device to host
     op_efficiency: dict[str, float] | None = None  # per-collective busbw relative to all-reduce's
     op_latency_s: dict[str, float] | None = None  # per-collective latency beyond NCCL's protocol model
 

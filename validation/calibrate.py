@@ -116,7 +116,8 @@ def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
 
 
 def fit_host_link(link: Link, transfers: pd.DataFrame) -> tuple[dict, dict]:
-    """PCIe achievable bandwidth and latency (pinned copies), then the pageable fraction."""
+    """PCIe achievable bandwidth and latency (pinned copies), then the pageable fraction of
+    each direction."""
     rows = [r for r in transfers.to_dict("records") if r["kind"] in TRANSFER_KINDS]
     pinned = [r for r in rows if r["memory"] == "pinned"]
     pageable = [r for r in rows if r["memory"] == "pageable"]
@@ -134,24 +135,28 @@ def fit_host_link(link: Link, transfers: pd.DataFrame) -> tuple[dict, dict]:
                                 {"achievable_bw_Bps": 0.05 * link.bw_Bps, "latency_s": 0.1e-6},
                                 {"achievable_bw_Bps": link.bw_Bps, "latency_s": 100e-6})
         stats["transfers pinned"] = _stats(res_pinned(cluster_link))
-    if pageable:
-        base = link.model_copy(update=cluster_link)
-        meas = np.array([float(r["time_s"]) for r in pageable])
+    base = link.model_copy(update=cluster_link)
+    for direction, field in (("h2d", "pageable_fraction"), ("d2h", "pageable_d2h_fraction")):
+        part = [r for r in pageable if r["kind"] == direction]
+        if not part:
+            continue
+        meas = np.array([float(r["time_s"]) for r in part])
 
-        def res_pageable(p):
+        def res_pageable(p, part=part, meas=meas):
             trial = base.model_copy(update=p)
-            return _log_ratio((_host(r, trial) for r in pageable), meas)
+            return _log_ratio((_host(r, trial) for r in part), meas)
 
-        got = _fit_log(res_pageable, ["pageable_fraction"], {"pageable_fraction": 0.5},
-                       {"pageable_fraction": 0.02}, {"pageable_fraction": 1.0})
+        got = _fit_log(res_pageable, [field], {field: 0.5}, {field: 0.02}, {field: 1.0})
         cluster_link.update(got)
-        stats["transfers pageable"] = _stats(res_pageable(got))
+        base = base.model_copy(update=got)
+        stats[f"transfers pageable {direction}"] = _stats(res_pageable(got))
     return cluster_link, stats
 
 
 def _host(row, link: Link) -> float:
     from plansim.simulator.costs.transfers import host_transfer_time
-    return float(host_transfer_time(float(row["bytes"]), link, pinned=row["memory"] == "pinned"))
+    return float(host_transfer_time(float(row["bytes"]), link, pinned=row["memory"] == "pinned",
+                                    direction=row["kind"]))
 
 
 def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, dict, dict]:

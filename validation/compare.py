@@ -162,7 +162,8 @@ def predict_transfer(row, cluster: Cluster) -> float:
     """Seconds for one ``transfers.csv`` host<->device row over the cluster's host link."""
     kind = row["kind"]
     if kind in ("h2d", "d2h"):
-        return float(host_transfer_time(_num(row, "bytes"), cluster.host_link, pinned=row["memory"] == "pinned"))
+        return float(host_transfer_time(_num(row, "bytes"), cluster.host_link, pinned=row["memory"] == "pinned",
+                                        direction=kind))
     raise ValueError(f"transfers: no prediction for kind {kind!r}")
 
 

@@ -13,11 +13,18 @@ from plansim.simulator.hardware import Link, Storage
 DEFAULT_PAGEABLE_FRACTION = 0.5
 
 
-def host_transfer_time(nbytes, link: Link, pinned: bool = True):
-    """Seconds to copy ``nbytes`` between host and device over ``link`` (PCIe)."""
+def host_transfer_time(nbytes, link: Link, pinned: bool = True, direction: str = "h2d"):
+    """Seconds to copy ``nbytes`` between host and device over ``link`` (PCIe).
+
+    Pageable copies are staged through pinned buffers by a CPU memcpy, whose speed differs by
+    direction (into the staging buffer for host-to-device, out of it for device-to-host), so
+    each direction has its own pageable fraction (falling back to the host-to-device one)."""
     rate = link.achievable_bw_Bps
     if not pinned:
-        rate = rate * (getattr(link, "pageable_fraction", None) or DEFAULT_PAGEABLE_FRACTION)
+        fraction = link.pageable_fraction or DEFAULT_PAGEABLE_FRACTION
+        if direction == "d2h":
+            fraction = link.pageable_d2h_fraction or fraction
+        rate = rate * fraction
     return link.latency_s + np.asarray(nbytes, float) / rate
 
 
