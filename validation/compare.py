@@ -183,7 +183,11 @@ def step_plan(row):
     from plansim.workloads.plan import Plan
 
     schedule = str(row.get("schedule", "-"))
-    return Plan(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]),
+    # suite parallel2: the steps columns carry no ep or cp; both runs used 2 ranks (case ids "-ep2-", "-cp2-")
+    ep = int(row["dp"]) if row["strategy"] == "ep" else 1
+    cp = int(row.get("world_size") or 2) if row["strategy"] == "cp" else 1
+    return Plan(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), ep=ep, cp=cp,
+                cp_comm="allgather" if cp > 1 else "ring",
                 zero=3 if row["strategy"] == "fsdp" else 0,
                 micro_batch=int(row["micro_batch"]), global_batch=int(row["global_batch"]),
                 seq_len=int(row["seq_len"]), recompute=str(row.get("recompute") or "none"),

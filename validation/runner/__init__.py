@@ -15,7 +15,8 @@ from plansim.validation.runner.common import SUITES, split_for, write_csv  # noq
 __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 
 #: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
-EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"}}
+EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
+                "parallel2": {"steps_parallel2": "steps"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -30,10 +31,11 @@ def _torch():
 
 
 def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cuda", log=None) -> list[str]:
-    """Run ``suite`` (kernels|transfers|collectives|steps|all, or gpt2021) on the visible GPUs;
+    """Run ``suite`` (kernels|transfers|collectives|steps|all, or gpt2021, parallel2) on the visible GPUs;
     write one tidy CSV per suite and ``provenance.json`` into ``out_dir``; return the written paths.
     ``gpt2021`` (Megatron-LM 2021's GPT operators and steps) writes ``kernels_gpt.csv`` and
-    ``steps_gpt.csv`` with the kernels and steps columns; ``all`` does not include it.
+    ``steps_gpt.csv`` with the kernels and steps columns; ``parallel2`` (2-GPU expert and context
+    parallelism) writes ``steps_parallel2.csv``; ``all`` includes neither.
 
     ``quick`` runs a few small cases of each suite (a smoke test, not data to keep).
     ``device="cpu"`` (with ``quick`` only) exercises the code paths without a GPU (gloo).
@@ -73,6 +75,18 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                 written.append(write_csv(os.path.join(out_dir, f"{name}.csv"), columns, rows))
                 log(f"== {s}/{name}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                     f"{time.time() - ts:.0f} s -> {written[-1]}")
+            continue
+        if s == "parallel2":
+            from plansim.validation.runner import parallel2
+
+            if n_gpus < 2:
+                log("parallel2: skipped, one GPU visible (needs 2)")
+                continue
+            _release(torch, device)
+            rows = run_workers("steps", parallel2.cases(quick, 2), 2, device, quick, WORKER_TIMEOUT_S, log)
+            written.append(write_csv(os.path.join(out_dir, "steps_parallel2.csv"), "steps", rows))
+            log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
+                f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
         if s == "kernels":
             from plansim.validation.runner import kernels

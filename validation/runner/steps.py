@@ -187,6 +187,10 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
 # --- several processes (inside _worker, process group initialised) ----------------------
 def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick: bool):
     """Run one 2-rank case; returns the row on rank 0 (None elsewhere).  Raises on failure."""
+    if case["strategy"] in ("ep", "cp"):  # suite parallel2
+        from plansim.validation.runner import parallel2
+
+        return parallel2.run_dist_case(case, rank, world, device, quick)
     cfg = LlamaConfig.named(case["model"])
     n = case["tp"] * case["pp"] * case["dp"]
     if n != world:
@@ -261,13 +265,19 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
     else:
         raise ValueError(f"unknown strategy {strategy}")
 
+    row = time_dist(case, step, device, quick, extra)
+    model = inner = opt = data = step = runner = None  # noqa: F841
+    _free(device)
+    dist.barrier()
+    return row
+
+
+def time_dist(case: dict, step, device: torch.device, quick: bool, extra: dict):
+    """Time ``step`` on every rank; per step the max over ranks, peak memory the max over ranks;
+    the row on rank 0 (None elsewhere)."""
     times, peak = _time_steps(step, device, quick)
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     pk = torch.tensor([float(peak)], dtype=torch.float64, device=device)
     dist.all_reduce(pk, op=dist.ReduceOp.MAX)
-    row = _finish(case, t.tolist(), pk.item(), extra) if rank == 0 else None
-    model = inner = opt = data = step = runner = None  # noqa: F841
-    _free(device)
-    dist.barrier()
-    return row
+    return _finish(case, t.tolist(), pk.item(), extra) if dist.get_rank() == 0 else None
