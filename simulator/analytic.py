@@ -10,7 +10,7 @@ engine, so the two agree wherever nothing contends:
   is the sum of its pieces, which is exactly how ``cost_workload`` sums a chunk;
 * collectives (pipeline p2p, data-parallel buckets, ZeRO gathers) are priced by
   :func:`~plansim.simulator.costs.collectives.collective_cost` with the engine's groups;
-* static memory is :func:`~plansim.simulator.memory.model_state_bytes`, working memory the
+* static memory is :func:`~plansim.simulator.memory.rank_model_states`, working memory the
   engine's own ``TrainingSimulation._transient``, and the optimizer step the engine's own
   ``TrainingSimulation._optimizer``; the activation peak replays the schedule's allocation order
   (:func:`~plansim.simulator.schedules.build_schedule`), so peak memory is exact, not estimated.
@@ -42,7 +42,7 @@ from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import model_state_bytes, optimizer_transient_bytes, static_bytes, usable_memory_bytes
+from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
@@ -244,7 +244,6 @@ class AnalyticModel:
         p = plan.pp
         dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
         expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
-        shard_experts = max(1, plan.dp * plan.cp // plan.ep)
         m_eff = plan.num_microbatches if plan.schedule == "gpipe" else min(plan.num_microbatches, 2 * p)
         peaks = np.zeros(p)
         details = []
@@ -261,15 +260,10 @@ class AnalyticModel:
         t_f, t_b = hit
         for r in range(p):
             skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
-                    plan.precision, plan.fp32_grads)
+                    plan.precision, plan.fp32_grads, plan.ddp, tuple(sorted(plan.offload.items())))
             states = self._memo.get(skey)
             if states is None:
-                states = model_state_bytes(float(dense_r[r]), plan)
-                if expert_r[r]:
-                    e = model_state_bytes(float(expert_r[r]), plan, shard_over=shard_experts)
-                    states = type(states)(states.params + e.params, states.grads + e.grads,
-                                          states.optimizer + e.optimizer)
-                self._memo[skey] = states
+                states = self._memo[skey] = rank_model_states(float(dense_r[r]), float(expert_r[r]), plan)
             static = static_bytes(states, plan)
             local, matrix, kind, stage = _observations(plan.schedule, p, m_eff, plan.vpp, r)
             act = matrix @ costs[local, SAVED] / 2.0

@@ -23,7 +23,7 @@ from plansim.simulator.costs.collectives import CollectiveCost, Group, collectiv
 from plansim.simulator.costs.compute import memory_bound_time
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, model_state_bytes, optimizer_transient_bytes,
+from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_transient_bytes, rank_model_states,
                                       static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
@@ -191,12 +191,7 @@ class TrainingSimulation:
         for rank in ranks:
             params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
             dense = sum(c.dense_params for c in self.costs if c.chunk.rank == rank.index)
-            expert = params - dense
-            states = model_state_bytes(dense, plan)
-            if expert:
-                e_states = model_state_bytes(expert, plan, shard_over=max(1, plan.dp * plan.cp // plan.ep))
-                states = type(states)(states.params + e_states.params, states.grads + e_states.grads,
-                                      states.optimizer + e_states.optimizer)
+            states = rank_model_states(dense, params - dense, plan)
             rank.stats.model_state = states
             rank.stats.memory = MemoryTimeline(static_bytes(states, plan))
 

@@ -29,6 +29,7 @@ class ModelStateBytes:
     params: float
     grads: float
     optimizer: float
+    ddp_buckets: float = 0.0  # PyTorch DDP's second copy of the gradients it reduces
 
     @property
     def total(self) -> float:
@@ -60,14 +61,27 @@ def model_state_bytes(params_on_rank: float, plan: Plan, shard_over: int | None 
     )
 
 
+def rank_model_states(dense_params: float, expert_params: float, plan: Plan) -> ModelStateBytes:
+    """Model states of one rank: dense parameters sharded over the data-parallel ranks, routed
+    experts over the expert-data-parallel ones (dp·cp/ep).  PyTorch DDP (``ddp="torch"``, no
+    ZeRO) keeps a bucket copy of the gradients it all-reduces: the dense ones whenever dp·cp > 1,
+    the experts' only when they have data-parallel replicas."""
+    dense = model_state_bytes(dense_params, plan)
+    expert_dp = max(1, plan.dp * plan.cp // plan.ep)
+    experts = model_state_bytes(expert_params, plan, shard_over=expert_dp)
+    buckets = 0.0
+    if plan.ddp == "torch" and plan.zero == 0:
+        buckets = (dense.grads if plan.dp * plan.cp > 1 else 0.0) + (experts.grads if expert_dp > 1 else 0.0)
+    return ModelStateBytes(dense.params + experts.params, dense.grads + experts.grads,
+                           dense.optimizer + experts.optimizer, buckets)
+
+
 def static_bytes(states: ModelStateBytes, plan: Plan) -> float:
     """What a rank holds for the whole step: parameters, optimizer states, the workspace, the
     gradients where they live in a persistent buffer (Megatron) rather than being created by
     backward (PyTorch, ``framework="pytorch"``), and PyTorch DDP's bucket copy of them."""
-    static = states.params + states.optimizer + WORKSPACE_BYTES
+    static = states.params + states.optimizer + WORKSPACE_BYTES + states.ddp_buckets
     if plan.framework != "pytorch":
-        static += states.grads
-    if plan.ddp == "torch" and plan.zero == 0 and plan.dp * plan.cp > 1:
         static += states.grads
     return static
 
