@@ -27,6 +27,7 @@ from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer
                                       static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
+from plansim.workloads.plan import PlanError
 from plansim.workloads.training import ACT_BYTES, TrainingWorkload
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
@@ -94,8 +95,16 @@ class _Rank:
 class TrainingSimulation:
     """Simulate one iteration of ``workload`` on ``cluster``."""
 
+    #: offload placements the engine models (transfers and their time); others are refused
+    #: rather than simulated as free memory
+    SUPPORTED_OFFLOAD = {("optimizer", "cpu")}
+
     def __init__(self, workload: TrainingWorkload, cluster: Cluster, record_trace: bool = False,
                  trace_detail: str = "phase") -> None:
+        for what, tier in workload.plan.offload.items():
+            if tier != "gpu" and (what, tier) not in self.SUPPORTED_OFFLOAD:
+                raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
+                                + ", ".join(f"{w}={t}" for w, t in sorted(self.SUPPORTED_OFFLOAD)))
         self.trace_detail = trace_detail
         self.workload = workload
         self.plan = workload.plan

@@ -8,6 +8,7 @@ out: the link counts what it carried, and the tests check it against what was of
 from __future__ import annotations
 
 import itertools
+import math
 
 import simpy
 
@@ -73,7 +74,10 @@ class FlowLink:
         if generation != self._generation:
             return  # superseded by a later start or finish
         self._advance()
-        tolerance = 1e-9 * self.capacity_Bps + 1e-6
+        # what the link moves in a picosecond, or in the smallest step the clock can still take
+        # at this time (float resolution): a flow closer than that to done is done
+        resolution = max(1e-12, 4 * math.ulp(self.env.now))
+        tolerance = resolution * self.capacity_Bps * len(self._remaining) + 1e-9
         finished = [fid for fid, left in self._remaining.items() if left <= tolerance]
         for fid in finished:
             self.bytes_carried += self._remaining.pop(fid)  # the rounding residue
