@@ -82,7 +82,19 @@ class _Rank:
         self.intra = FlowLink(env, f"rank{index}.nvlink", cluster.intra_node_link.achievable_bw_Bps)
         nic = cluster.nic_bw_per_gpu_Bps if cluster.inter_node_link is not None else cluster.intra_node_link.achievable_bw_Bps
         self.inter = FlowLink(env, f"rank{index}.nic", nic)
-        self.host = FlowLink(env, f"rank{index}.pcie", cluster.host_link.achievable_bw_Bps)
+        # PCIe is full duplex: host-to-device and device-to-host flows do not share bandwidth
+        self.h2d = FlowLink(env, f"rank{index}.pcie.h2d", cluster.host_link.achievable_bw_Bps)
+        self.d2h = FlowLink(env, f"rank{index}.pcie.d2h", cluster.host_link.achievable_bw_Bps)
+        # a node's storage tiers are shared by its GPUs: each rank gets its share of each direction
+        self.storage_read: dict[str, FlowLink] = {}
+        self.storage_write: dict[str, FlowLink] = {}
+        for tier in cluster.storage:
+            if tier.kind not in self.storage_read:
+                share = cluster.gpus_per_node
+                self.storage_read[tier.kind] = FlowLink(env, f"rank{index}.{tier.kind}.read",
+                                                        tier.effective_read_bw_Bps / share)
+                self.storage_write[tier.kind] = FlowLink(env, f"rank{index}.{tier.kind}.write",
+                                                         tier.effective_write_bw_Bps / share)
         self.dp_stream = simpy.Resource(env, capacity=1)
         self.gather_stream = simpy.Resource(env, capacity=1)
         self.pending: list[simpy.Event] = []
@@ -97,7 +109,7 @@ class TrainingSimulation:
 
     #: offload placements the engine models (transfers and their time); others are refused
     #: rather than simulated as free memory
-    SUPPORTED_OFFLOAD = {("optimizer", "cpu")}
+    SUPPORTED_OFFLOAD = {("optimizer", "cpu"), ("optimizer", "nvme"), ("optimizer", "cxl"), ("activations", "cpu")}
 
     def __init__(self, workload: TrainingWorkload, cluster: Cluster, record_trace: bool = False,
                  trace_detail: str = "phase") -> None:
@@ -105,6 +117,9 @@ class TrainingSimulation:
             if tier != "gpu" and (what, tier) not in self.SUPPORTED_OFFLOAD:
                 raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
                                 + ", ".join(f"{w}={t}" for w, t in sorted(self.SUPPORTED_OFFLOAD)))
+            if tier in ("nvme", "cxl") and not any(t.kind == tier for t in cluster.storage):
+                have = ", ".join(sorted({t.kind for t in cluster.storage})) or "none"
+                raise PlanError(f"offload.{what}: cluster {cluster.name} has no {tier} tier (it has: {have})")
         self.trace_detail = trace_detail
         self.workload = workload
         self.plan = workload.plan
@@ -293,6 +308,57 @@ class TrainingSimulation:
                 rank.pending.append(done)
 
         grads_allocated: set[int] = set()
+        offload_acts = plan.offload.get("activations", "gpu") == "cpu"
+        offloaded: dict[tuple[int, int], simpy.Event] = {}
+
+        def offload_done(key: tuple[int, int]) -> simpy.Event:
+            if key not in offloaded:
+                offloaded[key] = env.event()
+            return offloaded[key]
+
+        def offload_activations(rank: _Rank, c: ChunkCost, label: str, done: simpy.Event):
+            """Layer by layer, as the forward produces them (evenly over its compute), copy the
+            chunk's saved activations but the last layer's to host memory; each layer's device copy
+            is held from its production until its copy is over (copies queue on one stream)."""
+            layers = c.chunk.num_layers
+            per_layer = c.saved_bytes / layers
+            step = c.phases["F"].compute_s / layers
+            start = env.now
+            produced = [env.event() for _ in range(layers - 1)]
+
+            def producer():
+                for i, ev in enumerate(produced):
+                    yield env.timeout(max(0.0, start + (i + 1) * step - env.now))
+                    rank.stats.memory.allocate(env.now, per_layer)
+                    ev.succeed()
+
+            env.process(producer())
+            for ev in produced:
+                yield ev
+                yield rank.d2h.transfer(per_layer)
+                rank.stats.memory.free(env.now, per_layer)
+            self._trace(rank, f"offload acts {label}", "copy", start, env.now, bytes=per_layer * (layers - 1))
+            done.succeed()
+
+        def fetch_activations(rank: _Rank, c: ChunkCost, backward_s: float):
+            """Bring the offloaded layers back one at a time in backward order, each held from
+            its copy until the backward has passed it (evenly over the backward's compute)."""
+            layers = c.chunk.num_layers
+            per_layer = c.saved_bytes / layers
+            start = env.now
+            for k in range(1, layers):  # layer L-1 is resident; L-2 .. 0 come back in turn
+                rank.stats.memory.allocate(env.now, per_layer)
+                yield rank.h2d.transfer(per_layer)
+                passed = start + (k + 1) * backward_s / layers
+                if env.now < passed:
+                    yield env.timeout(passed - env.now)
+                rank.stats.memory.free(env.now, per_layer)
+            self._trace(rank, "fetch acts", "copy", start, env.now, bytes=per_layer * (layers - 1))
+
+        def offloadable(c: ChunkCost) -> float:
+            """Activations a chunk sends to the host per micro-batch: all but its last layer's,
+            which the backward needs first and which stays on the device."""
+            return c.saved_bytes * (c.chunk.num_layers - 1) / c.chunk.num_layers if c.chunk.num_layers else 0.0
 
         def blocking(rank: _Rank, send):
             """Synchronous point-to-point (Megatron before p2p overlap): compute waits for the send."""
@@ -314,11 +380,13 @@ class TrainingSimulation:
                         wait = env.now
                         yield chunk_gathered.pop(vs)
                         rank.stats.comm_exposed_s += env.now - wait
+                    if offload_acts:  # layer by layer as the forward produces them
+                        env.process(offload_activations(rank, c, label, offload_done((mb, vs))))
                     if plan.zero >= 3 and plan.dp * plan.cp > 1:
                         yield from zero3_phase(rank, c, c.phases["F"], label, with_reduce=False)
                     else:
                         yield from self._run_phase(env, rank, c.phases["F"], label)
-                    mem.allocate(env.now, c.saved_bytes, transient_f[vs])
+                    mem.allocate(env.now, c.saved_bytes - (offloadable(c) if offload_acts else 0.0), transient_f[vs])
                     if vs < last_vs:
                         send = env.process(p2p(rank, vs + 1, act_ready[(mb, vs + 1)], f"send act mb{mb}", True))
                         if not plan.overlap_p2p:
@@ -329,6 +397,12 @@ class TrainingSimulation:
                         yield grad_ready[(mb, vs)]
                         self._trace(rank, f"wait grad mb{mb}", "bubble", wait, env.now)
                     cost = c.phases["Bi"] if split_w else c.phases["B"]
+                    fetch = None
+                    if offload_acts:  # back layer by layer, beside the backward (last layer resident)
+                        wait = env.now
+                        yield offload_done((mb, vs))
+                        rank.stats.transfer_exposed_s += env.now - wait
+                        fetch = env.process(fetch_activations(rank, c, cost.compute_s))
                     segments, launch = (1, None)
                     if not split_w and final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
@@ -336,7 +410,12 @@ class TrainingSimulation:
                         yield from zero3_phase(rank, c, cost, label, with_reduce=not split_w)
                     else:
                         yield from self._run_phase(env, rank, cost, label, segments, launch)
-                    mem.free(env.now, c.saved_bytes * (0.5 if split_w else 1.0), transient_b[vs])
+                    if fetch is not None:  # the backward of a layer needs its activations back
+                        wait = env.now
+                        yield fetch
+                        rank.stats.transfer_exposed_s += env.now - wait
+                    kept = c.saved_bytes - (offloadable(c) if offload_acts else 0.0)
+                    mem.free(env.now, kept * (0.5 if split_w else 1.0), transient_b[vs])
                     if grads_in_backward and vs not in grads_allocated:
                         grads_allocated.add(vs)
                         mem.allocate_grads(env.now, self._grad_bytes(c))
@@ -381,7 +460,8 @@ class TrainingSimulation:
             env.process(pipeline_rank(rank))
         env.run()
         step = max(r.stats.end_s for r in ranks)
-        links = [l for r in ranks for l in (r.intra, r.inter, r.host)]
+        links = [link for r in ranks for link in (r.intra, r.inter, r.h2d, r.d2h, *r.storage_read.values(),
+                                                   *r.storage_write.values())]
         return EngineOutput(step, [r.stats for r in ranks], self.events, links, self.costs)
 
     def _grad_bytes(self, c: ChunkCost) -> float:
@@ -412,18 +492,26 @@ class TrainingSimulation:
         return out
 
     def _optimizer(self, env, rank: _Rank):
-        """AdamW over the rank's shard: memory-bound on the GPU, or on the CPU when offloaded."""
+        """AdamW over the rank's shard: memory-bound on the GPU, or on the host CPU when offloaded
+        (ZeRO-Offload: gradients down, CPU Adam, parameters up), its states streamed from NVMe or
+        CXL memory when they live there (ZeRO-Infinity: read and written once per step, beside
+        the CPU's work).  A node's CPU cores and storage are shared by its GPUs."""
         plan, cluster = self.plan, self.cluster
         params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
         shard = params / (plan.dp * plan.cp) if plan.zero >= 1 else params
         start = env.now
-        if plan.offload.get("optimizer", "gpu") == "cpu":
-            _, g_b, _ = bytes_per_param(plan)
-            yield rank.host.transfer(shard * g_b)  # gradients down
-            yield env.timeout(shard / cluster.host.cpu_adam_params_per_s)
-            yield rank.host.transfer(shard * 2.0)  # updated bf16 parameters up
+        tier = plan.offload.get("optimizer", "gpu")
+        if tier != "gpu":
+            _, g_b, o_b = bytes_per_param(plan)
+            yield rank.d2h.transfer(shard * g_b)  # gradients down
+            cpu = env.timeout(shard * cluster.gpus_per_node / cluster.host.cpu_adam_params_per_s)
+            if tier in ("nvme", "cxl"):
+                yield rank.storage_read[tier].transfer(shard * o_b) & rank.storage_write[tier].transfer(shard * o_b) & cpu
+            else:
+                yield cpu
+            yield rank.h2d.transfer(shard * 2.0)  # updated 16-bit parameters up
             rank.stats.transfer_exposed_s += env.now - start
-            self._trace(rank, "optimizer (cpu)", "copy", start, env.now)
+            self._trace(rank, f"optimizer ({tier})", "copy", start, env.now)
             return
         if plan.precision == "bf16-pure":
             per_param = 14.0  # read p, g, m, v (bf16); write p, m, v
