@@ -428,7 +428,7 @@ class TrainingSimulation:
                     if final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
                     yield from self._run_phase(env, rank, c.phases["W"], label, segments, launch)
-                    mem.free(env.now, c.saved_bytes * 0.5)
+                    mem.free(env.now, (c.saved_bytes - (offloadable(c) if offload_acts else 0.0)) * 0.5)
             # gradients not reduced during backward are reduced now
             if not plan.overlap_grad_reduce:
                 for c in self.costs:
