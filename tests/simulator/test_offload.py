@@ -84,3 +84,13 @@ def test_states_on_one_shared_ssd_are_slower_than_on_the_host():
 def test_placements_not_simulated_are_refused_not_free(offload, needle):
     with pytest.raises(PlanError, match=needle):
         _run(PIPELINE.replace(offload=offload))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zero-bubble"])
+def test_offloaded_activations_are_all_accounted_for(schedule):
+    """Every byte allocated for activations (on the device or brought back) is freed by the end
+    of the step, and the device never holds a negative amount."""
+    out, _ = _run(PIPELINE.replace(schedule=schedule, offload={"activations": "cpu"}))
+    for rank in out.ranks:
+        assert rank.memory.activations == pytest.approx(0.0, abs=1.0)
+        assert min(b for _, b in rank.memory.samples) >= 0
