@@ -111,6 +111,7 @@ class MemoryTimeline:
         self.peak_bytes = static_bytes
         self.peak_activations = 0.0  # activations at the moment of the overall peak
         self.max_activations = 0.0  # the most activations ever held at once
+        self.over_freed = 0.0  # bytes freed beyond what was held (0 unless the accounting is wrong)
         self.peak_grads = 0.0
         self.peak_transient = 0.0
         self.samples: list[tuple[float, float]] = [(0.0, static_bytes)]
@@ -136,6 +137,8 @@ class MemoryTimeline:
 
     def free(self, now: float, nbytes: float, transient: float = 0.0) -> None:
         self._observe(now, transient)  # working memory of the backward is live before the free
+        # freeing more than is held would be an accounting error: count it, so tests can see it
+        self.over_freed += max(0.0, nbytes - self.activations - 1e-6 * max(1.0, nbytes))
         self.activations = max(0.0, self.activations - nbytes)
         if self.activations < 1e-6 * max(1.0, nbytes):
             self.activations = 0.0
