@@ -117,6 +117,7 @@ def test_simulation_invariants(case):
         assert r.compute_s >= 0 and r.comm_exposed_s >= -1e-12 and r.transfer_exposed_s >= 0
         assert 0 <= r.end_s <= step * (1 + EPS)
         assert r.memory.peak_bytes >= max(b for _, b in r.memory.samples) * (1 - EPS)
+        assert r.memory.over_freed == 0.0  # never freed more activations than were held
         assert r.compute_s <= r.end_s * (1 + EPS) + 1e-12
     assert result.peak_memory_bytes == max(r.memory.peak_bytes for r in output.ranks)
     assert result.fits == (result.peak_memory_bytes <= result.device_memory_bytes)
