@@ -153,6 +153,13 @@ def write_frame(frame, path: str) -> None:
         raise PlanError(f"out: {path!r} must end in .parquet or .csv")
 
 
+#: how a metric column is drawn: (axis label, scale applied to the column)
+_AXES = {"tokens_per_s": ("throughput (tokens/s, cluster)", 1.0),
+         "peak_memory_bytes": ("peak memory per GPU (GiB)", 1 / 2**30),
+         "cost_per_million_tokens_usd": ("cost (USD per million tokens)", 1.0),
+         "mfu": ("MFU (%)", 100.0), "time_to_train_days": ("time to train (days)", 1.0)}
+
+
 def plot_frame(frame, path: str, pareto: str | None) -> None:
     """Scatter of the shown plans on two metrics (the --pareto pair, else throughput vs memory)."""
     import matplotlib
@@ -162,13 +169,14 @@ def plot_frame(frame, path: str, pareto: str | None) -> None:
     from plansim.planner.search import PARETO_METRICS, pareto_front
     metrics = [m.strip() for m in (pareto or "throughput,memory").split(",")][:2]
     (xc, _), (yc, _) = PARETO_METRICS[metrics[0]], PARETO_METRICS[metrics[1]]
+    (x_label, x_scale), (y_label, y_scale) = _AXES.get(xc, (xc, 1.0)), _AXES.get(yc, (yc, 1.0))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if not frame.empty:
-        ax.scatter(frame[xc], frame[yc], s=18, alpha=0.5, label="plans")
+        ax.scatter(frame[xc] * x_scale, frame[yc] * y_scale, s=18, alpha=0.5, label="plans shown")
         front = pareto_front(frame, metrics).sort_values(xc)
-        ax.plot(front[xc], front[yc], "o-", color="C3", label="Pareto front")
-    ax.set_xlabel(xc)
-    ax.set_ylabel(yc)
+        ax.plot(front[xc] * x_scale, front[yc] * y_scale, "o-", color="C3", label="Pareto front")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.legend()
     ax.set_title("plansim search")
     fig.tight_layout()
