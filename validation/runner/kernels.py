@@ -95,8 +95,25 @@ def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3, rate:
     return row
 
 
+def _spin_up(device, seconds: float = 0.5) -> None:
+    """Keep the GPU busy with large GEMMs for ``seconds`` so its clocks have left idle before the
+    first case is timed (the first GEMM of the stored runs ran while clocks ramped)."""
+    if device.type != "cuda":
+        return
+    import time
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a = (a @ a).mul_(1e-3)
+        torch.cuda.synchronize(device)
+
+
 def _start(device, quick: bool, seed: int, log):
-    """(generator seeded ``seed``, samples per case, rows, ``emit(row)`` that logs and appends)."""
+    """(generator seeded ``seed``, samples per case, rows, ``emit(row)`` that logs and appends);
+    spins the GPU up first."""
+    if not quick:
+        _spin_up(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     rows: list[dict] = []
