@@ -101,11 +101,12 @@ def _spin_up(device, seconds: float = 0.5) -> None:
     if device.type != "cuda":
         return
     import time
-    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    a, b = (torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         for _ in range(20):
-            a = (a @ a).mul_(1e-3)
+            torch.mm(a, b, out=c)  # random operands: zeros would draw less power than real work
         torch.cuda.synchronize(device)
 
 
