@@ -5,7 +5,10 @@ parallelism per Korthikanti et al. 2022): norm, [all-gather], QKV GEMM, RoPE, at
 output GEMM, all-reduce or [reduce-scatter], residual, norm, [all-gather], MLP GEMMs and
 activation, down GEMM, all-reduce or [reduce-scatter], residual.  MoE layers replace the MLP
 by router, all-to-all dispatch, expert GEMMs and all-to-all combine.  The first stage adds the
-embedding, the last the final norm, logits GEMM and cross-entropy loss.
+embedding, the last the final norm, logits GEMM and cross-entropy loss.  Context parallelism
+adds the K/V exchange (ring attention, or Llama 3's all-gather) beside the attention core.
+``Plan.framework`` picks Megatron's fused kernels or eager PyTorch modules (separate q/k/v and
+gate/up projections, unfused RoPE, SwiGLU, masking and dropout-then-add).
 
 Saved-tensor accounting follows Korthikanti et al. 2022 §4.1 tensor by tensor (each tensor
 is charged to exactly one op), so that for a GPT layer with dropout the sum is
