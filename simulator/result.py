@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from plansim.simulator.engine import EngineOutput, TraceEvent
-from plansim.simulator.memory import WORKSPACE_BYTES, usable_memory_bytes
+from plansim.simulator.memory import usable_memory_bytes
 
 
 @dataclass
@@ -93,8 +93,10 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     peak_rank = max(output.ranks, key=lambda r: r.memory.peak_bytes)
     mem = peak_rank.memory
     states = peak_rank.model_state
-    # gradients live at the peak: a persistent buffer (and DDP's buckets) plus those backward made
-    grads = mem.static_bytes - states.params - states.optimizer - WORKSPACE_BYTES + mem.peak_grads
+    # gradients live at the peak: Megatron's persistent buffer or those backward had made
+    # (PyTorch), plus DDP's bucket copy
+    made = mem.peak_grads if plan.framework == "pytorch" else states.grads
+    grads = made + states.ddp_buckets
     other = mem.peak_bytes - states.params - states.optimizer - grads - mem.peak_activations
     last = max(output.ranks, key=lambda r: r.end_s)
     bubble = max(0.0, step - last.compute_s - last.comm_exposed_s - last.transfer_exposed_s)
