@@ -1,0 +1,253 @@
+"""Suite ``power``: what the board power limit does to the clock under sustained load.
+
+A GPU that runs dense tensor-core work for longer than its power controller's window settles at
+a lower SM clock than it shows in a short benchmark (the board holds its power limit; the clock
+pays).  Short kernel and step measurements see the boost clock; a training run of hours sees
+the settled one.  This suite measures both, with the board's power, SM clock and temperature
+sampled by ``nvidia-smi`` every 100 ms beside the work:
+
+* ``gemm``: back-to-back 8192³ bf16 products for 60 s (TFLOP/s per 0.5 s window);
+* ``hbm``: back-to-back 1 GiB elementwise adds (read 2, write 1) for 30 s (GB/s per window);
+* ``mix-U``: loops of GEMMs then adds, sized so that the GEMMs take a fraction U of the time
+  at boost clock, 30 s each (U = 0.75, 0.5, 0.25) — the duty-cycle evidence;
+* ``step-<case>``: whole single-GPU training steps (the ``steps`` suite's model and step) run
+  back to back for 60 s — the held-out check of the sustained prediction.
+
+Writes ``power.csv`` (one row per window of each phase) and ``power_samples.csv`` (raw samples).
+Idle gaps between phases let the card cool as it would between runs.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import subprocess
+import tempfile
+import time
+
+import torch
+from plansim.validation.runner.timing import sync
+
+GEMM_N = 8192
+ADD_ELEMS = 1 << 29  # 1 GiB of bf16 per operand
+WINDOW_S = 0.5
+SAMPLE_FIELDS = ("timestamp", "power.draw", "power.draw.instant", "clocks.sm", "clocks.mem", "temperature.gpu",
+                 "clocks_event_reasons.sw_power_cap", "clocks_event_reasons.sw_thermal_slowdown",
+                 "clocks_event_reasons.hw_slowdown")
+COLUMNS = ("phase", "window", "t_start_s", "duration_s", "gemm_s", "other_s", "tflops", "gbps", "step_time_s",
+           "power_w", "sm_clock_mhz", "temperature_c", "power_cap_active")
+
+
+class Sampler:
+    """``nvidia-smi --query-gpu ... -lms 100`` in the background, written to a CSV file."""
+
+    def __init__(self, path: str, interval_ms: int = 100):
+        fields = [f for f in SAMPLE_FIELDS if self._probe([f]) is not None]  # those this driver knows
+        self.fields = fields
+        self.path = path
+        self._fh = open(path, "w")  # noqa: SIM115 - held open for the sampler's lifetime
+        self._fh.write(",".join(fields) + "\n")
+        self._fh.flush()
+        self._proc = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(fields)}",
+                                       "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
+                                      stdout=self._fh, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def _probe(fields):
+        out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, check=False)
+        return out.stdout if out.returncode == 0 and "Field" not in out.stdout else None
+
+    def stop(self) -> list[dict]:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+        self._fh.close()
+        rows = []
+        with open(self.path) as fh:
+            for rec in csv.DictReader(fh, skipinitialspace=True):
+                try:
+                    stamp = _dt.datetime.strptime(rec["timestamp"].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                except (ValueError, KeyError):
+                    continue
+                rec["t"] = stamp
+                rows.append(rec)
+        return rows
+
+
+def _num(value) -> float:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return float("nan")
+
+
+def _gemm_block(a, b, c, count):
+    for _ in range(count):
+        torch.matmul(a, b, out=c)
+
+
+def _add_block(x, y, z, count):
+    for _ in range(count):
+        torch.add(x, y, out=z)
+
+
+def _loop(seconds: float, gemms: int, adds: int, bufs, device) -> list[tuple[float, float, float]]:
+    """(wall start, gemm seconds, add seconds) per iteration, iterations grouped into windows."""
+    a, b, c, x, y, z = bufs
+    out, pending = [], []
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.time()
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        evs[0].record()
+        _gemm_block(a, b, c, gemms)
+        evs[1].record()
+        _add_block(x, y, z, adds)
+        evs[2].record()
+        pending.append((t0, evs))
+        if len(pending) > 32:  # keep the launch queue bounded without draining it
+            pending[-32][1][2].synchronize()
+    sync(device)
+    for t0, evs in pending:
+        out.append((t0, evs[0].elapsed_time(evs[1]) / 1e3, evs[1].elapsed_time(evs[2]) / 1e3))
+    return out
+
+
+def _windows(phase: str, iters, t_origin: float, gemm_flops: float, add_bytes: float, gemms: int, adds: int):
+    rows, start, acc = [], None, []
+    for t0, g, e in iters:
+        start = t0 if start is None else start
+        acc.append((g, e))
+        if t0 - start >= WINDOW_S:
+            rows.append(_window_row(phase, len(rows), start - t_origin, acc, gemm_flops * gemms, add_bytes * adds))
+            start, acc = None, []
+    return rows
+
+
+def _window_row(phase, index, t_start, acc, flops, nbytes):
+    g = sum(x for x, _ in acc)
+    e = sum(y for _, y in acc)
+    return {"phase": phase, "window": index, "t_start_s": round(t_start, 3), "duration_s": g + e,
+            "gemm_s": g, "other_s": e, "tflops": flops * len(acc) / g / 1e12 if g else None,
+            "gbps": nbytes * len(acc) / e / 1e9 if e else None}
+
+
+def _steps_phase(case: dict, seconds: float, device, t_origin: float) -> list[dict]:
+    """Back-to-back training steps of a ``steps``-suite case for ``seconds``; one row per step."""
+    from plansim.validation.runner import steps
+    from plansim.validation.runner.model import LlamaConfig, pick_attention
+
+    cfg = LlamaConfig.named(case["model"])
+    model = steps._build(cfg, device, 0, recompute=case["recompute"])
+    pick_attention(model, device)
+    opt, _ = steps._optimizer(model.parameters(), device)
+    data = steps._batches(cfg, case["micro_batch"], case["seq_len"], 2, device, 1)
+    step = steps._train_step(model, opt, data, case["num_microbatches"])
+    for i in range(3):
+        step(i)
+    sync(device)
+    events = []
+    first = torch.cuda.Event(enable_timing=True)
+    first.record()
+    sync(device)
+    t_first = time.time()
+    t_end = t_first + seconds
+    i = 0
+    while time.time() < t_end:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step(3 + i)
+        b.record()
+        events.append((a, b))
+        if len(events) > 2:  # two steps in flight at most: the host never drains the queue
+            events[-3][1].synchronize()
+        i += 1
+    sync(device)
+    marks = [(t_first + first.elapsed_time(a) / 1e3, a.elapsed_time(b) / 1e3) for a, b in events]
+    rows = [{"phase": f"step-{case['case_id']}", "window": k, "t_start_s": round(t0 - t_origin, 3),
+             "duration_s": dt, "step_time_s": dt} for k, (t0, dt) in enumerate(marks)]
+    del model, opt, data, step
+    steps._free(device)
+    return rows
+
+
+def _attach_samples(rows: list[dict], samples: list[dict], t_origin: float) -> None:
+    """Mean power, SM clock and temperature of the samples inside each row's window."""
+    for row in rows:
+        lo = t_origin + row["t_start_s"]
+        hi = lo + row["duration_s"]
+        inside = [s for s in samples if lo <= s["t"] <= hi] or \
+                 sorted(samples, key=lambda s: abs(s["t"] - (lo + hi) / 2))[:1]
+        power_key = "power.draw.instant" if inside and "power.draw.instant" in inside[0] else "power.draw"
+        for key, col in ((power_key, "power_w"), ("clocks.sm", "sm_clock_mhz"), ("temperature.gpu", "temperature_c")):
+            vals = [_num(s.get(key)) for s in inside]
+            vals = [v for v in vals if not math.isnan(v)]
+            row[col] = round(sum(vals) / len(vals), 1) if vals else None
+        caps = [str(s.get("clocks_event_reasons.sw_power_cap", "")).strip() for s in inside]
+        row["power_cap_active"] = round(sum(c.lower() == "active" for c in caps) / len(caps), 2) if caps else None
+
+
+def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Run every phase; write power.csv and power_samples.csv into ``out_dir``."""
+    scale = 0.1 if quick else 1.0
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = 2048 if quick else GEMM_N
+    elems = (1 << 24) if quick else ADD_ELEMS
+    bf = torch.bfloat16
+    bufs = (torch.randn(n, n, device=device, dtype=bf, generator=gen),
+            torch.randn(n, n, device=device, dtype=bf, generator=gen), torch.empty(n, n, device=device, dtype=bf),
+            torch.randn(elems, device=device, dtype=bf, generator=gen),
+            torch.randn(elems, device=device, dtype=bf, generator=gen), torch.empty(elems, device=device, dtype=bf))
+    gemm_flops, add_bytes = 2.0 * n ** 3, 3.0 * elems * 2
+    # boost-clock cost of one GEMM and one add (short bursts after a 1 s spin-up)
+    _loop(1.0 * scale + 0.2, 4, 4, bufs, device)
+    probe = _loop(0.3, 4, 4, bufs, device)
+    t_gemm = min(g for _, g, _ in probe) / 4
+    t_add = min(e for _, _, e in probe) / 4
+    samples_path = os.path.join(out_dir, "power_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    rows: list[dict] = []
+
+    def idle(seconds):
+        time.sleep(seconds * scale)
+
+    idle(5)
+    plan = [("gemm", 60, 8, 0), ("cool", 20, 0, 0), ("hbm", 30, 0, 8)]
+    for u in (0.75, 0.5, 0.25):
+        gemms = 8
+        adds = max(1, round(gemms * t_gemm * (1 - u) / u / t_add))
+        plan += [(f"mix-{u}", 30, gemms, adds), ("cool", 10, 0, 0)]
+    for phase, seconds, gemms, adds in plan:
+        if phase == "cool":
+            idle(seconds)
+            continue
+        iters = _loop(seconds * scale, gemms, adds, bufs, device)
+        got = _windows(phase, iters, t_origin, gemm_flops, add_bytes, gemms, adds)
+        rows += got
+        log(f"power {phase:<10} {len(got)} windows; first {got[0].get('tflops') or 0:.0f} TF/s "
+            f"{got[0].get('gbps') or 0:.0f} GB/s, last {got[-1].get('tflops') or 0:.0f} TF/s "
+            f"{got[-1].get('gbps') or 0:.0f} GB/s" if got else f"power {phase}: no windows")
+    del bufs
+    torch.cuda.empty_cache()
+    from plansim.validation.runner.steps import _case
+
+    step_cases = ([_case("tiny", "single", mb=2, seq=64, recompute="full")] if quick else
+                  [_case("llama3.2-3b-untied", "single", mb=4, seq=2048, recompute="full"),
+                   _case("tinyllama-1.1b", "single", mb=8, seq=2048, recompute="full")])
+    for case in step_cases:
+        idle(15)
+        got = _steps_phase(case, 60 * scale, device, t_origin)
+        rows += got
+        log(f"power step {case['case_id']}: {len(got)} steps, first {got[0]['step_time_s']:.4f} s, "
+            f"last {got[-1]['step_time_s']:.4f} s")
+    samples = sampler.stop()
+    _attach_samples(rows, samples, t_origin)
+    path = os.path.join(out_dir, "power.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return [path] + ([samples_path] if not quick else [])
