@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100-x1"
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100-x1" / "power"
 EDGE_S = 5.0  # seconds at the start and at the end of a phase that are compared
 
 

@@ -5,6 +5,8 @@ that the steady state it shows agrees with the short runs the validation suites 
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -17,6 +19,13 @@ MAX_SM_CLOCK_MHZ = 1980.0  # nvidia-smi clocks.max.sm of the same card
 @pytest.fixture(scope="module")
 def summary() -> pd.DataFrame:
     return summarize_power(load_power()).set_index("phase")
+
+
+def test_provenance_names_the_card_and_the_command():
+    prov = json.loads((DEFAULT_DIR / "provenance.json").read_text())
+    assert prov["gpu_name"].startswith("NVIDIA H100")
+    assert prov["driver"] and prov["torch"] and prov["date"]
+    assert "--suite power" in prov["command"] and prov["quick"] is False
 
 
 def test_power_and_clock_stay_within_the_cards_limits():
@@ -44,7 +53,7 @@ def test_gemm_rate_falls_as_the_tensor_cores_get_busier(summary):
     assert rates == sorted(rates, reverse=True)
     assert clocks == sorted(clocks, reverse=True)
     # the continuous stream is power-capped: below the short-burst rate of the kernels suite
-    kernels = pd.read_csv(DEFAULT_DIR / "kernels.csv")
+    kernels = pd.read_csv(DEFAULT_DIR.parent / "kernels.csv")
     burst = kernels[(kernels.kind == "gemm") & (kernels.m == 8192) & (kernels.n == 8192) & (kernels.k == 8192)
                     & (kernels.dtype == "bf16")]["tflops"]
     assert len(burst) == 1
@@ -61,7 +70,7 @@ def test_memory_bound_stream_is_not_throttled(summary):
 def test_ten_step_runs_measure_the_steady_state(summary):
     """The steps suite times 10 steps after 3 warm-ups; a minute of the same steps ends within
     3 % of that, so the validated step times are what a long run sustains."""
-    steps = pd.read_csv(DEFAULT_DIR / "steps.csv").set_index("case_id")
+    steps = pd.read_csv(DEFAULT_DIR.parent / "steps.csv").set_index("case_id")
     phases = [p for p in summary.index if p.startswith("step-")]
     assert len(phases) == 2
     for phase in phases:
