@@ -80,7 +80,8 @@ def test_measure_without_gpu_raises_the_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", fake)
     import plansim.validation.runner as runner
 
-    with pytest.raises(RuntimeError, match="no CUDA GPU found: plansim measure needs one"):
-        runner.measure("all", str(tmp_path))
+    for suite in ("all", "power", "parallel2", "gpt2021"):
+        with pytest.raises(RuntimeError, match="no CUDA GPU found: plansim measure needs one"):
+            runner.measure(suite, str(tmp_path))
     with pytest.raises(ValueError, match="suite"):
         runner.measure("nope", str(tmp_path))
