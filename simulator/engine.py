@@ -145,18 +145,10 @@ class TrainingSimulation:
         if cost.volume_bytes and cost.link != "none":
             yield rank.link(cost.link).transfer(cost.volume_bytes)
 
-    def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
-        """Compute, then the phase's inline (tensor/context/expert-parallel) communication."""
-        start = env.now
-        for s in range(segments):
-            yield env.timeout(cost.compute_s / segments)
-            if on_segment is not None:
-                on_segment(s)
-        rank.stats.compute_s += env.now - start
-        rank.stats.flops += cost.flops
-        compute_end = env.now
+    def _flows(self, env, rank: _Rank, comms: list[CollectiveCost]):
+        """Collectives one after another, merged per link (one flow per link and phase)."""
         by_link: dict[str, CollectiveCost] = {}
-        for c in cost.comm:
+        for c in comms:
             if c.link == "none" and not c.latency_s:
                 continue
             prev = by_link.get(c.link)
@@ -164,6 +156,22 @@ class TrainingSimulation:
                                                                      prev.volume_bytes + c.volume_bytes, c.rate_Bps)
         for c in by_link.values():
             yield from self._flow(env, rank, c)
+
+    def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
+        """Compute, with the communication it hides running beside it on the links, then the
+        phase's exposed inline (tensor/context/expert-parallel) communication."""
+        start = env.now
+        beside = env.process(self._flows(env, rank, cost.beside)) if cost.beside else None
+        for s in range(segments):
+            yield env.timeout(cost.compute_s / segments)
+            if on_segment is not None:
+                on_segment(s)
+        rank.stats.compute_s += env.now - start
+        rank.stats.flops += cost.flops
+        compute_end = env.now
+        yield from self._flows(env, rank, cost.comm)
+        if beside is not None and beside.is_alive:  # slowed by contention past the compute it hid behind
+            yield beside
         rank.stats.comm_exposed_s += env.now - compute_end
         if self.record_trace:
             self._trace_ops(rank, cost, label, start, compute_end, env.now)

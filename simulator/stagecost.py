@@ -50,13 +50,15 @@ class PhaseCost:
 
     compute_s: float = 0.0
     flops: float = 0.0
-    comm: list[CollectiveCost] = field(default_factory=list)
+    comm: list[CollectiveCost] = field(default_factory=list)  # exposed: runs after the compute
+    beside: list[CollectiveCost] = field(default_factory=list)  # runs during the compute, hidden by it
     ops: list[tuple[str, float, str]] = field(default_factory=list)  # (name, seconds, stream) for traces
 
     def add(self, other: "PhaseCost", times: int = 1) -> None:
         self.compute_s += other.compute_s * times
         self.flops += other.flops * times
         self.comm.extend(other.comm * times)
+        self.beside.extend(other.beside * times)
         self.ops.extend(other.ops * times)
 
     @property
@@ -94,23 +96,32 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
     raise ValueError(f"op kind {op.kind!r} unknown")
 
 
-def _hidden(comm: CollectiveCost, overlap_s: float) -> CollectiveCost:
-    """The part of ``comm`` that outlasts ``overlap_s`` of compute running beside it."""
+def _split(comm: CollectiveCost, overlap_s: float) -> tuple[CollectiveCost, CollectiveCost | None]:
+    """``comm`` as (the part that outlasts ``overlap_s`` of compute beside it, the part hidden by
+    that compute); both parts carry their bytes, so links still see every byte sent."""
     if overlap_s <= 0 or comm.time_s <= 0:
-        return comm
+        return comm, None
     left = max(0.0, comm.time_s - overlap_s) / comm.time_s
-    return CollectiveCost(comm.latency_s * left, comm.link, comm.volume_bytes * left, comm.rate_Bps)
+    exposed = CollectiveCost(comm.latency_s * left, comm.link, comm.volume_bytes * left, comm.rate_Bps)
+    hidden = CollectiveCost(comm.latency_s * (1 - left), comm.link, comm.volume_bytes * (1 - left), comm.rate_Bps)
+    return exposed, hidden
 
 
-def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups) -> PhaseCost:
+def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, float] | None = None) -> PhaseCost:
+    """Cost a phase's ops.  A collective with ``hidden_by`` shows only what outlasts that compute
+    op, looked up in this phase or in ``beside`` (compute seconds of a phase that runs with it:
+    the weight gradients beside the input gradients)."""
     cost = PhaseCost()
     costed = [(op, *op_cost(op, cluster, groups)) for op in ops]
-    compute_by_name = {op.name: seconds for op, seconds, comm in costed if comm is None}
+    compute_by_name = dict(beside or {})
+    compute_by_name.update({op.name: seconds for op, seconds, comm in costed if comm is None})
     for op, seconds, comm in costed:
         if comm is not None and op.hidden_by:
             partner = next((compute_by_name[n] for n in (op.hidden_by, f"{op.hidden_by}.bwd",
                                                           f"{op.hidden_by}.recompute") if n in compute_by_name), 0.0)
-            comm = _hidden(comm, partner)
+            comm, hidden = _split(comm, partner)
+            if hidden is not None:
+                cost.beside.append(hidden)
         if comm is not None:
             cost.comm.append(comm)
             cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))
@@ -143,7 +154,12 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCos
         key = id(forward)
         if key not in cache:
             lists = workload.phases(forward)
-            costs = {name: cost_ops(ops, cluster, groups) for name, ops in lists.items()}
+            costs = {name: cost_ops(ops, cluster, groups) for name, ops in lists.items() if name != "B"}
+            # input- and weight-gradient GEMMs of a layer run together unless a zero-bubble
+            # schedule defers the weight gradients: only then may a B collective hide behind a W GEMM
+            together = workload.plan.schedule != "zero-bubble"
+            weight_grads = {name: s for name, s, stream in costs["W"].ops if stream == "compute"} if together else {}
+            costs["B"] = cost_ops(lists["B"], cluster, groups, beside=weight_grads)
             cache[key] = costs
         return cache[key]
 

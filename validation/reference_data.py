@@ -36,6 +36,21 @@ def load_megatron_table1() -> pd.DataFrame:
     return df
 
 
+def load_korthikanti2022() -> pd.DataFrame:
+    """Measured Megatron-LM iteration times of Korthikanti et al. 2022 (arXiv:2205.05198): four
+    GPT models, full recomputation vs sequence parallelism + selective recomputation."""
+    path = resources.files(_PACKAGE).joinpath("reference", "korthikanti2022.csv")
+    with path.open("r", encoding="utf-8") as fh:
+        return pd.read_csv(fh)
+
+
+def megatron_model_flops_per_iteration(row: Mapping[str, Any]) -> float:
+    """Model FLOPs per iteration, no recomputation: 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))
+    (Korthikanti et al. 2022 §6, the numerator of their MFU)."""
+    b, s, l, h, v = (float(row[k]) for k in ("global_batch", "seq_len", "layers", "hidden", "vocab"))
+    return 72.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h))
+
+
 def megatron_gpt_spec(row: Mapping[str, Any]) -> ModelSpec:
     """The GPT model of one Table 1 row: GELU MLP 4h, LayerNorm, learned positions, biases, dropout,
     tied embeddings, vocabulary 51,200, sequence 2048 (the paper's setup)."""
@@ -44,7 +59,7 @@ def megatron_gpt_spec(row: Mapping[str, Any]) -> ModelSpec:
     # authors' script; ModelSpec records dropout where it has the field (activation memory).
     extra = {"dropout": True} if "dropout" in {f.name for f in dataclasses.fields(ModelSpec)} else {}
     return ModelSpec(
-        name=f"megatron-gpt-{float(row['params_b']):g}b",
+        name=f"megatron-gpt-{row['model'] if 'model' in row else format(float(row['params_b']), 'g') + 'b'}",
         num_layers=int(row["layers"]),
         hidden=hidden,
         num_heads=int(row["heads"]),

@@ -59,6 +59,8 @@ class Op:
     bias_grad_bytes: float = 0.0  # gemm with a bias: its gradient is a reduction over dY's rows
     bwd_bytes_factor: float = 1.5  # memory ops: backward traffic / forward; collectives: backward bytes / forward
     hidden_by: str = ""  # a collective that overlaps this compute op (by forward name): only the excess shows
+    bwd_collective: str = ""  # the collective its backward runs ("": the CONJUGATE of ``collective``)
+    bwd_hidden_by: str = ""  # the compute op (by its backward name) that its backward collective runs beside
     recompute_selective: bool = False  # recomputed under selective recomputation
 
     @property
@@ -77,8 +79,10 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
     trainable weights (2× forward FLOPs in all), plus a bias gradient (a row reduction of dY)
     where the layer has a bias; the forward bias add is fused into the GEMM or the next kernel.
     ``accumulate_bytes_per_weight`` > 0 adds the separate kernel that adds each micro-batch's
-    weight gradient into the accumulated one (unfused gradient accumulation).  Attention backward is its own kernel; memory
-    ops move ``bwd_bytes_factor`` times their forward bytes; collectives become their conjugate.
+    weight gradient into the accumulated one (unfused gradient accumulation).  Attention backward
+    is its own kernel; memory ops move ``bwd_bytes_factor`` times their forward bytes;
+    collectives become their conjugate, or the ``bwd_collective`` they name (Megatron's f and g
+    operators), and run beside ``bwd_hidden_by`` where they name it.
     """
     b_ops: list[Op] = []
     w_ops: list[Op] = []
@@ -100,10 +104,13 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
         elif op.kind in ("memory", "norm"):
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", bytes=op.bytes * op.bwd_bytes_factor,
                                  saved_bytes=0.0))
-        elif op.kind == "collective" and op.collective != "none":
+        elif op.kind == "collective":
+            collective = op.bwd_collective or CONJUGATE[op.collective]
+            if collective == "none":
+                continue
             bytes_back = op.comm_bytes * (op.bwd_bytes_factor if op.collective == "ring_exchange" else 1.0)
-            b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", collective=CONJUGATE[op.collective],
-                                 comm_bytes=bytes_back, saved_bytes=0.0))
+            b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", collective=collective,
+                                 comm_bytes=bytes_back, saved_bytes=0.0, hidden_by=op.bwd_hidden_by or op.hidden_by))
     return b_ops, w_ops
 
 

@@ -31,15 +31,39 @@ def gemm_dtype(plan: Plan) -> str:
     return "fp8" if plan.precision == "fp8" else "bf16"
 
 
-def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str) -> Op:
-    """The TP collective after a row-parallel GEMM or before a column-parallel one."""
+def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, column_gemm: str = "") -> Op:
+    """The TP collective after a row-parallel GEMM or before a column-parallel one.
+
+    Megatron's g (after a row-parallel GEMM) all-reduces forward and does nothing backward; its f
+    (before a column-parallel GEMM) does nothing forward and all-reduces the input gradient
+    backward.  With sequence parallelism g is a reduce-scatter and f an all-gather, each with the
+    other as its backward.  With ``plan.tp_comm_overlap`` f's backward collective runs beside the
+    weight-gradient GEMM of ``column_gemm`` (Megatron-LM's asynchronous TP all-reduce, 2021 on,
+    and its reduce-scatter under sequence parallelism).
+    """
     if plan.tp == 1:
         return Op(name, "collective", collective="none", group="tp")
-    if plan.sequence_parallel:
-        return Op(name, "collective", collective=sequence_parallel_op, group="tp", comm_bytes=nbytes)
-    if sequence_parallel_op == "all_gather":  # Megatron's f: identity forward, all-reduce backward
-        return Op(name, "collective", collective="none", group="tp", comm_bytes=nbytes)
-    return Op(name, "collective", collective="all_reduce", group="tp", comm_bytes=nbytes)
+    if sequence_parallel_op == "all_gather":  # f
+        beside = f"{column_gemm}.wgrad" if column_gemm and plan.tp_comm_overlap else ""
+        forward = "all_gather" if plan.sequence_parallel else "none"
+        backward = "reduce_scatter" if plan.sequence_parallel else "all_reduce"
+        return Op(name, "collective", collective=forward, bwd_collective=backward, group="tp", comm_bytes=nbytes,
+                  bwd_hidden_by=beside)
+    if plan.sequence_parallel:  # g
+        return Op(name, "collective", collective="reduce_scatter", group="tp", comm_bytes=nbytes)
+    return Op(name, "collective", collective="all_reduce", bwd_collective="none", group="tp", comm_bytes=nbytes)
+
+
+def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
+    """Megatron under sequence parallelism saves a column-parallel GEMM's input sharded and
+    all-gathers it again in backward for the weight gradient, beside the input-gradient GEMM
+    when ``plan.tp_comm_overlap`` (Korthikanti et al. 2022 §4.2.2).  Placed after the GEMM in
+    forward order so that its backward comes before the GEMM's."""
+    if not (plan.tp > 1 and plan.sequence_parallel and plan.framework == "megatron"):
+        return []
+    beside = f"{column_gemm}.dgrad" if plan.tp_comm_overlap else ""
+    return [Op(f"{column_gemm}.regather", "collective", collective="none", bwd_collective="all_gather", group="tp",
+               comm_bytes=nbytes, bwd_hidden_by=beside)]
 
 
 def _norm(name: str, model: ModelSpec, tokens: float) -> Op:
@@ -78,7 +102,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
 
     ops: list[Op] = [
         _norm("norm1", model, tok_sp),
-        _tp_comm("attn.allgather", full, plan, "all_gather"),
+        _tp_comm("attn.allgather", full, plan, "all_gather", column_gemm="q" if eager else "qkv"),
     ]
     qkv_bias = (model.bias or model.qkv_bias)
     if eager:  # three projections sharing one saved input
@@ -90,6 +114,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         ops.append(Op("qkv", "gemm", gemm=(tokens, q_cols + 2 * kv_cols, h), dtype=dtype, has_weight=True,
                       saved_bytes=tok_sp * h * e,
                       bias_grad_bytes=tokens * (q_cols + 2 * kv_cols) * e if qkv_bias else 0.0))
+        ops += _regather("qkv", full, plan)
     if model.position == "rope":
         rotated = tokens * (q_cols + kv_cols) * e
         if eager:  # x·cos + cat(−x2, x1)·sin: five elementwise kernels, nine passes over x
@@ -147,10 +172,12 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     dtype = gemm_dtype(plan)
     up_cols = f * (2 if model.mlp == "swiglu" else 1)
     ops = []
+    eager_swiglu = model.mlp == "swiglu" and plan.framework == "pytorch"
     if tp_comms:
-        ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather"))
+        ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather",
+                            column_gemm=f"{prefix}.gate" if eager_swiglu else f"{prefix}.up"))
     saved_in = tokens * h * e if saved_input is None else saved_input
-    if model.mlp == "swiglu" and plan.framework == "pytorch":
+    if eager_swiglu:
         # gate and up projections apart; silu(gate) then ·up: saves gate, silu(gate) and up
         ops += [Op(f"{prefix}.gate", "gemm", gemm=(int(tokens), int(f), h), dtype=dtype, has_weight=True,
                    saved_bytes=saved_in),
@@ -161,6 +188,8 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     else:
         ops.append(Op(f"{prefix}.up", "gemm", gemm=(int(tokens), int(up_cols), h), dtype=dtype, has_weight=True,
                       saved_bytes=saved_in, bias_grad_bytes=tokens * up_cols * e if model.bias else 0.0))
+        if tp_comms:
+            ops += _regather(f"{prefix}.up", full, plan)
     if model.mlp == "swiglu" and plan.framework != "pytorch":  # fused: reads gate and up, saves both
         ops.append(Op(f"{prefix}.swiglu", "memory", bytes=3 * tokens * f * e, saved_bytes=2 * tokens * f * e,
                       bwd_bytes_factor=5 / 3))

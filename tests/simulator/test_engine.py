@@ -213,20 +213,52 @@ def test_data_parallel_traffic_per_zero_stage():
     assert volume[3] == pytest.approx(1.5 * volume[0], rel=1e-6)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("sp", [True, False])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_tensor_parallel_traffic(sp, recompute):
+def test_tensor_parallel_traffic(sp, recompute, overlap):
     """Megatron TP per micro-batch: per layer 2 all-reduces of b·s·h forward and 2 backward, and
     one more of each forward one when the layer is recomputed in full; one for the embedding
     (forward) and one for the logits' input (backward).  With sequence parallelism each
-    all-reduce becomes a reduce-scatter plus an all-gather: the same bytes (Korthikanti 2022 §4.2.2).
+    all-reduce becomes a reduce-scatter plus an all-gather: the same bytes (Korthikanti 2022 §4.2.2),
+    and backward all-gathers the two column-parallel GEMMs' inputs again for their weight
+    gradients (two all-gathers: one all-reduce's bytes per layer).  Hiding the backward
+    collectives behind GEMMs changes when bytes move, never how many.
     Messages are large enough for NCCL's Simple protocol, whose wire bytes equal the data bytes
     (LL and LL128 add flags on the wire)."""
     t, b, s = 8, 1, 8192
     spec = load_model("llama3-8b")
     out, _ = _run("llama3-8b", Plan(tp=t, sequence_parallel=sp, global_batch=1, micro_batch=b, seq_len=s,
-                                    recompute=recompute))
-    per_layer = 6 if recompute == "full" else 4
+                                    recompute=recompute, tp_comm_overlap=overlap))
+    per_layer = (6 if recompute == "full" else 4) + (1 if sp else 0)
     all_reduces = per_layer * spec.num_layers + 2
     expected = all_reduces * 2 * (t - 1) / t * b * s * spec.hidden * 2
     assert sum(link.bytes_offered for link in out.links) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("sp", [True, False])
+def test_tp_comm_overlap_hides_backward_collectives_behind_gemms(sp):
+    """Megatron's asynchronous TP collectives: the input-gradient all-reduce (reduce-scatter with
+    SP) of each column-parallel GEMM runs beside its weight-gradient GEMM, and with SP the
+    re-gather of its input beside its input-gradient GEMM.  Compute is unchanged; the exposed
+    communication shrinks, by no more than the backward collectives' own time, and the step
+    stays above compute alone."""
+    plan = Plan(tp=8, sequence_parallel=sp, global_batch=2, micro_batch=1, seq_len=8192)
+    _, hidden = _run("llama3-8b", plan.replace(tp_comm_overlap=True))
+    _, inline = _run("llama3-8b", plan.replace(tp_comm_overlap=False))
+    assert hidden.time_breakdown["compute"] == pytest.approx(inline.time_breakdown["compute"], rel=1e-9)
+    saved = inline.step_time_s - hidden.step_time_s
+    assert saved > 0
+    # forward collectives (two per layer) stay exposed: at most the backward share can go
+    assert hidden.time_breakdown["exposed_communication"] >= 0.4 * inline.time_breakdown["exposed_communication"]
+    assert hidden.step_time_s > hidden.time_breakdown["compute"]
+
+
+def test_tp_comm_overlap_is_off_when_zero_bubble_defers_weight_gradients():
+    """ZB-H1 runs weight gradients later, so nothing is beside the input-gradient all-reduces
+    (without SP there is no re-gather, whose partner, the input-gradient GEMM, stays)."""
+    plan = Plan(tp=8, pp=2, global_batch=8, micro_batch=1, seq_len=4096, schedule="zero-bubble",
+                sequence_parallel=False)
+    _, on = _run("llama3-8b", plan.replace(tp_comm_overlap=True), nodes=2)
+    _, off = _run("llama3-8b", plan.replace(tp_comm_overlap=False), nodes=2)
+    assert on.step_time_s == pytest.approx(off.step_time_s, rel=1e-9)
