@@ -24,6 +24,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from plansim.validation.calibrate import calibrate
     from plansim.validation.compare import CALIBRATED_DIR, data_folders
 
+    if args.from_vidur:
+        from plansim.validation.compare import DATA_DIR
+        from plansim.validation.vidur import calibrate_from_vidur
+        data = Path(args.data) if args.data else DATA_DIR
+        try:
+            path = calibrate_from_vidur(data / "vidur", CALIBRATED_DIR, Path(args.out) if args.out else None)
+        except (ValueError, OSError) as exc:
+            return _fail(f"plansim calibrate: {str(exc).splitlines()[0]}")
+        print(f"{path.stem}: {path}")
+        return 0
+
     data = Path(args.data) if args.data else None
     try:
         from plansim.validation.compare import DATA_DIR
@@ -98,6 +109,9 @@ def add_parsers(subparsers, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="measurement folder (default: validation/data)")
     p.add_argument("--device", action="append", default=[], help="fit only this device (repeatable)")
     p.add_argument("--out", help="where to write <device>.yaml (default: hardware_profiles/calibrated)")
+    p.add_argument("--from-vidur", action="store_true",
+                   help="fit the A100 (never measured here) from Vidur's A100/H100 GEMM time ratios, anchored to "
+                        "the calibrated H100 profile")
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("validate", help="predict every held-out measured case and report the error")

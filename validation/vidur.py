@@ -1,4 +1,4 @@
-"""Vidur's published profiling tables as a further held-out check (never fitted).
+"""Vidur's published profiling tables: a further held-out check, and the A100's GEMM rate.
 
 Vidur (Agrawal et al., MLSys 2024; github.com/microsoft/vidur, MIT licence) ships per-operator
 timings measured on A100 and H100 nodes: ``data/profiling/compute/<gpu>/<org>/<model>/mlp.csv``
@@ -19,21 +19,31 @@ Mapping (vidur/profiling/mlp/mlp_impl.py): with ``h = n_embd``, ``d = h / n_head
 and the network tables map to ``collective_cost`` on one DGX node with ``num_workers`` ranks
 (rows with ``devices_per_node == num_workers``: the whole group inside one node; sizes of
 1 MiB and more, see ``MIN_COLLECTIVE_BYTES``).  The A100 rows are scored on the datasheet
-``a100-80gb`` profile (nothing of ours was measured on an A100); the H100 rows on the
+``a100-80gb`` profile (nothing of ours was measured on an A100) as calibrated by
+``calibrate_from_vidur`` (``plansim calibrate --from-vidur``): its GEMM rate comes from the ratio
+of Vidur's A100 and H100 times for the same shapes, on the calibration split of the
+training-sized GEMMs, and those rows are then not scored.  The H100 rows are scored on the
 calibrated ``h100-sxm`` profile, whose parameters come from our own H100, never from Vidur.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from plansim.simulator.costs import compute
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.calibration import calibrate_cluster, read_calibration
 from plansim.simulator.hardware import build_cluster
+from plansim.validation.compare import rel
+
+#: transfer calibration (``calibrate_from_vidur``): the device we never measured, the one we did,
+#: and the GEMMs used (training-sized: at least this many tokens)
+TRANSFER_TARGET, TRANSFER_ANCHOR, TRANSFER_MIN_TOKENS = "a100", "h100", 1024
 
 #: Vidur's device folder -> (our device profile, our cluster profile)
 DEVICES = {"h100": ("h100-sxm", "dgx-h100"), "a100": ("a100-80gb", "dgx-a100")}
@@ -114,8 +124,29 @@ def _cluster(gpu: str, profiles_dir: Path | None, calibrated: bool):
     return cluster
 
 
+def _gemm_rows(vidur_dir: Path, gpu: str):
+    """(case id, m, n, k, measured seconds) of every usable GEMM of Vidur's ``gpu`` tables."""
+    for table in sorted((Path(vidur_dir) / "compute" / gpu).glob("*/*/mlp.csv")):
+        model = f"{table.parent.parent.name}/{table.parent.name}"
+        for row in pd.read_csv(table).to_dict("records"):
+            for op, (m, n, k) in gemm_shapes(row).items():
+                measured = float(row[f"time_stats.{op}.median"]) * 1e-3
+                if measured > 0 and float(n).is_integer() and float(k).is_integer():
+                    yield (f"{model}:{op}:T{int(m)}:tp{int(row['num_tensor_parallel_workers'])}", m, n, k,
+                           measured)
+
+
+def _fitted_vidur_ids(profiles_dir: Path | None, device: str) -> set[str]:
+    """Vidur case ids a calibrated profile was fitted on (never scored as held-out)."""
+    path = Path(profiles_dir) / f"{device}.yaml" if profiles_dir is not None else None
+    if path is None or not path.is_file():
+        return set()
+    return set(((read_calibration(path).get("case_ids") or {}).get("vidur") or {}).get("vidur", []))
+
+
 def score_vidur(vidur_dir: Path, profiles_dir: Path | None, calibrated: bool = True) -> list[dict]:
-    """One record per (table row, operator): Vidur's measured median against our prediction."""
+    """One record per (table row, operator): Vidur's measured median against our prediction.
+    Rows a calibrated profile was fitted on (``calibrate_from_vidur``) are left out."""
     vidur_dir = Path(vidur_dir)
     records: list[dict] = []
     if not vidur_dir.is_dir():
@@ -123,18 +154,13 @@ def score_vidur(vidur_dir: Path, profiles_dir: Path | None, calibrated: bool = T
     for gpu in DEVICES:
         cluster = _cluster(gpu, profiles_dir, calibrated)
         device = cluster.device
-        for table in sorted((vidur_dir / "compute" / gpu).glob("*/*/mlp.csv")):
-            model = f"{table.parent.parent.name}/{table.parent.name}"
-            frame = pd.read_csv(table)
-            for row in frame.to_dict("records"):
-                for op, (m, n, k) in gemm_shapes(row).items():
-                    measured = float(row[f"time_stats.{op}.median"]) * 1e-3
-                    if not measured > 0 or not float(n).is_integer() or not float(k).is_integer():
-                        continue
-                    predicted = float(compute.gemm_time(m, n, k, "fp16", device))
-                    records.append(_rec(f"vidur-{gpu}", device.name,
-                                        f"{model}:{op}:T{int(m)}:tp{int(row['num_tensor_parallel_workers'])}",
-                                        f"gemm-{op}", measured, predicted, np.nan))
+        fitted = _fitted_vidur_ids(profiles_dir, device.name) if calibrated else set()
+        for case_id, m, n, k, measured in _gemm_rows(vidur_dir, gpu):
+            if case_id in fitted:
+                continue
+            predicted = float(compute.gemm_time(m, n, k, "fp16", device))
+            records.append(_rec(f"vidur-{gpu}", device.name, case_id, f"gemm-{case_id.split(':')[1]}",
+                                measured, predicted, np.nan))
         net = next((n for n, g in NETWORKS.items() if g == gpu), None)
         for name in ("all_reduce", "send_recv"):
             table = vidur_dir / "network" / str(net) / f"{name}.csv"
@@ -151,10 +177,61 @@ def score_vidur(vidur_dir: Path, profiles_dir: Path | None, calibrated: bool = T
     return records
 
 
+def calibrate_from_vidur(vidur_dir: Path, profiles_dir: Path, out_dir: Path | None = None) -> Path:
+    """Fit the A100's ``achievable_gemm_fraction`` without an A100: from the *ratio* of Vidur's
+    A100 and H100 times for the same GEMM (one harness, one software stack, so the harness's own
+    overheads largely cancel), applied to our calibrated H100 prediction, which rests on our
+    own H100 measurements.  Target per shape: t_A100 = (Vidur A100 / Vidur H100) · plansim H100.
+
+    Uses the calibration split (crc32 of the case id, as for our measurements) of the
+    training-sized GEMMs (≥ ``TRANSFER_MIN_TOKENS`` tokens) measured on both; writes
+    ``<out_dir>/a100-80gb.yaml`` with the fitted case ids, which ``score_vidur`` then leaves out.
+    """
+    from plansim.validation.calibrate import _fit_log, _log_ratio, _stats
+    from plansim.validation.runner.common import split_for
+
+    out_dir = Path(out_dir or profiles_dir)
+    anchor = _cluster(TRANSFER_ANCHOR, profiles_dir, calibrated=True).device
+    if not (Path(profiles_dir) / f"{anchor.name}.yaml").is_file():
+        raise ValueError(f"profiles: no calibrated {anchor.name} profile under {profiles_dir} to anchor to")
+    target = build_cluster(*DEVICES[TRANSFER_TARGET]).device
+    anchor_times = {c: t for c, *_, t in _gemm_rows(vidur_dir, TRANSFER_ANCHOR)}
+    cases = [(c, m, n, k, t * float(compute.gemm_time(m, n, k, "fp16", anchor)) / anchor_times[c])
+             for c, m, n, k, t in _gemm_rows(vidur_dir, TRANSFER_TARGET)
+             if c in anchor_times and m >= TRANSFER_MIN_TOKENS and split_for("vidur", c) == "calibration"]
+    if not cases:
+        raise ValueError(f"vidur: no GEMM measured on both {TRANSFER_TARGET} and {TRANSFER_ANCHOR} under {vidur_dir}")
+    wanted = np.array([c[4] for c in cases])
+
+    def residual(params: dict) -> np.ndarray:
+        device = target.model_copy(update=params)
+        return _log_ratio((compute.gemm_time(m, n, k, "fp16", device) for _, m, n, k, _ in cases), wanted)
+
+    name = "achievable_gemm_fraction"
+    params = _fit_log(residual, [name], {name: target.achievable_gemm_fraction}, {name: 0.2}, {name: 1.0})
+    profile = {
+        "device": target.name,
+        "description": f"{target.name} GEMM rate transferred from Vidur's A100/H100 time ratios onto the calibrated "
+                       f"{anchor.name} profile by plansim calibrate --from-vidur ({_dt.date.today().isoformat()}); "
+                       "SI units",
+        "fitted_on": [f"{rel(Path(vidur_dir) / 'compute' / TRANSFER_TARGET)} and .../{TRANSFER_ANCHOR} mlp.csv GEMMs "
+                      f"with >= {TRANSFER_MIN_TOKENS} tokens on both (split=calibration, {len(cases)} shapes), "
+                      f"anchored to {anchor.name}.yaml"],
+        "parameters": {name: round(params[name], 4)},
+        "links": {},
+        "fit": {"gemm ratio transfer": _stats(residual(params))},
+        "case_ids": {"vidur": {"vidur": sorted(c[0] for c in cases)}},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{target.name}.yaml"
+    path.write_text(yaml.safe_dump(profile, sort_keys=False, width=120))
+    return path
+
+
 def _rec(source, device, case_id, kind, measured, predicted, size) -> dict:
     return {"suite": "vidur", "source": source, "device": device, "case_id": case_id, "kind": kind,
             "metric": "time_s", "size_bytes": size, "measured": measured, "predicted": predicted,
             "error": (predicted - measured) / measured}
 
 
-__all__ = ["import_vidur", "score_vidur", "gemm_shapes"]
+__all__ = ["import_vidur", "score_vidur", "gemm_shapes", "calibrate_from_vidur"]
