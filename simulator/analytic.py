@@ -196,7 +196,7 @@ class AnalyticModel:
     # --- the engine's own helpers -------------------------------------------------------------
     def optimizer_time_s(self, plan: Plan, params_on_rank: float) -> float:
         """The engine's optimizer step (``TrainingSimulation._optimizer``) for one rank."""
-        key = ("opt", params_on_rank, plan.zero, plan.dp * plan.cp, plan.precision, plan.fp32_grads,
+        key = ("opt", params_on_rank, plan.zero, plan.dp * plan.cp, plan.precision, plan.fp32_grads, plan.framework,
                plan.offload.get("optimizer", "gpu"))
         hit = self._memo.get(key)
         if hit is not None:

@@ -23,8 +23,8 @@ from plansim.simulator.costs.collectives import CollectiveCost, Group, collectiv
 from plansim.simulator.costs.compute import memory_bound_time
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_transient_bytes, rank_model_states,
-                                      static_bytes)
+from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_step_bytes, optimizer_transient_bytes,
+                                      rank_model_states, static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.plan import PlanError
@@ -521,10 +521,6 @@ class TrainingSimulation:
             rank.stats.transfer_exposed_s += env.now - start
             self._trace(rank, f"optimizer ({tier})", "copy", start, env.now)
             return
-        if plan.precision == "bf16-pure":
-            per_param = 14.0  # read p, g, m, v (bf16); write p, m, v
-        else:
-            per_param = 26.0 + (4.0 if plan.fp32_grads else 2.0)  # fp32 master, m, v r/w; grad; bf16 param
-        yield env.timeout(float(memory_bound_time(shard * per_param, cluster.device)))
+        yield env.timeout(float(memory_bound_time(optimizer_step_bytes(plan, params, shard), cluster.device)))
         rank.stats.compute_s += env.now - start
         self._trace(rank, "optimizer step", "compute", start, env.now)

@@ -3,7 +3,7 @@
 Model states per parameter (ZeRO, arXiv:1910.02054; Megatron-LM distributed optimizer docs):
 ``bf16-mixed`` 2 (bf16 params) + 2 (bf16 grads; 4 with ``fp32_grads``, Megatron's main_grad)
 + 12 (fp32 master, momentum, variance) = 16 or 18 bytes; ``bf16-pure`` 2 + 2 + 4 = 8;
-``fp8`` stores like ``bf16-mixed``.  ZeRO-1 shards the optimizer states over the data-parallel
+``fp16-mixed`` and ``fp8`` store like ``bf16-mixed``.  ZeRO-1 shards the optimizer states over the data-parallel
 ranks, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the parameters.  Offloaded states
 (``Plan.offload``) leave the device.
 """
@@ -41,6 +41,29 @@ def bytes_per_param(plan: Plan) -> tuple[float, float, float]:
     if plan.precision == "bf16-pure":
         return 2.0, 2.0, 4.0
     return 2.0, 4.0 if plan.fp32_grads else 2.0, 12.0
+
+
+def optimizer_step_bytes(plan: Plan, params: float, shard: float) -> float:
+    """HBM bytes the optimizer step moves on a rank holding ``params`` parameters whose
+    optimizer covers ``shard`` of them (all, or 1/(dp·cp) with ZeRO).
+
+    Megatron's mixed-precision optimizer (``MixedPrecisionOptimizer.step`` and its fp16
+    predecessor), per parameter of the shard: copy 16-bit gradients into fp32 ones (read 2,
+    write 4; nothing when they are fp32 already), with loss scaling unscale them and check for
+    inf/NaN (read 4, write 4), their norm for clipping (read 4), Adam (read param, grad, m, v:
+    16; write param, m, v: 12), copy the fp32 master into the 16-bit model parameter (read 4,
+    write 2); then the whole gradient buffer is zeroed for the next step (write 2 or 4 per
+    parameter held).  PyTorch's fused AdamW reads param, grad, m and v and writes param, m, v in
+    one pass (bf16-pure: 2-byte everything; mixed: fp32 master and states, 16-bit gradient)."""
+    if plan.precision == "bf16-pure":
+        return 14.0 * shard  # read p, g, m, v (bf16); write p, m, v
+    grad_b = 4.0 if plan.fp32_grads else 2.0
+    if plan.framework == "pytorch":
+        return (26.0 + grad_b) * shard  # fp32 master, m, v read and written; grad read; 16-bit param written
+    per_param = (0.0 if plan.fp32_grads else 6.0) + 4.0 + 28.0 + 6.0
+    if plan.precision == "fp16-mixed":
+        per_param += 8.0
+    return per_param * shard + grad_b * params
 
 
 def model_state_bytes(params_on_rank: float, plan: Plan, shard_over: int | None = None) -> ModelStateBytes:

@@ -35,7 +35,7 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
     return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
                 sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
-                precision="bf16-mixed", fp32_grads=False, overlap_grad_reduce=not local_ddp,
+                precision="fp16-mixed", fp32_grads=False, overlap_grad_reduce=not local_ddp,
                 ddp="megatron" if local_ddp else "torch",
                 grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused",
                 tp_comm_overlap=False)
@@ -68,7 +68,7 @@ def korthikanti_plan(row: Mapping[str, Any]) -> dict[str, Any]:
     return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute=str(row["recompute"]),
                 sequence_parallel=bool(row["sequence_parallel"]), schedule="interleaved" if vpp > 1 else "1f1b",
-                vpp=vpp, precision="bf16-mixed", fp32_grads=False, ddp="megatron", overlap_grad_reduce=False,
+                vpp=vpp, precision="fp16-mixed", fp32_grads=False, ddp="megatron", overlap_grad_reduce=False,
                 grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused", tp_comm_overlap=True)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
-PRECISIONS = ("bf16-mixed", "bf16-pure", "fp8")
+PRECISIONS = ("bf16-mixed", "fp16-mixed", "bf16-pure", "fp8")  # fp16-mixed: bf16-mixed storage with dynamic
+#   loss scaling (Megatron-LM's --fp16), whose optimizer step also unscales and checks the gradients
 ATTENTION = ("flash", "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
 DDP_IMPLS = ("megatron", "torch")
