@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import attention_time, gemm_time, memory_bound_time, norm_time
+from plansim.simulator.costs.compute import (attention_time, gemm_time, memory_bound_time, norm_time,
+                                             overlap_contention)
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
@@ -110,7 +111,8 @@ def _split(comm: CollectiveCost, overlap_s: float) -> tuple[CollectiveCost, Coll
 def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, float] | None = None) -> PhaseCost:
     """Cost a phase's ops.  A collective with ``hidden_by`` shows only what outlasts that compute
     op, looked up in this phase or in ``beside`` (compute seconds of a phase that runs with it:
-    the weight gradients beside the input gradients)."""
+    the weight gradients beside the input gradients), and the hidden part slows that compute by
+    the device's ``overlap_contention`` share of its time."""
     cost = PhaseCost()
     costed = [(op, *op_cost(op, cluster, groups)) for op in ops]
     compute_by_name = dict(beside or {})
@@ -122,6 +124,11 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
             comm, hidden = _split(comm, partner)
             if hidden is not None:
                 cost.beside.append(hidden)
+                # the GEMM beside it shares SMs and HBM with NCCL's kernels: part of what was
+                # hidden comes back as a slower GEMM
+                slower = overlap_contention(cluster.device) * hidden.time_s
+                cost.compute_s += slower
+                cost.ops.append((f"{op.name}.contention", slower, "compute"))
         if comm is not None:
             cost.comm.append(comm)
             cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))

@@ -16,7 +16,8 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 
 #: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
-                "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"}}
+                "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
+                "overlap": {"overlap": "overlap"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -82,6 +83,14 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             written += power.run(dev, quick, out_dir, log)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
+        if s == "overlap":
+            if n_gpus < 2:
+                log("overlap: skipped, one GPU visible (needs 2)")
+                continue
+            _release(torch, device)
+            written.append(_run_overlap(n_gpus, out_dir, log))
+            log(f"== {s}: {time.time() - ts:.0f} s -> {written[-1]}")
+            continue
         if s == "parallel2":
             from plansim.validation.runner import parallel2
 
@@ -126,6 +135,21 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
     info["duration_s"] = round(time.time() - t0, 1)
     written.append(provenance.write(out_dir, info))
     return written
+
+
+def _run_overlap(n_gpus: int, out_dir: str, log) -> str:
+    """Suite ``overlap`` (validation/runner/overlap.py) under torchrun on every visible GPU."""
+    import subprocess
+    import sys
+
+    from plansim.validation.runner.launch import SAFE_ENV
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overlap.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_gpus}", script,
+           "--out", out_dir]
+    log(" ".join(cmd))
+    subprocess.run(cmd, env={**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1"}, check=True, timeout=WORKER_TIMEOUT_S)
+    return os.path.join(out_dir, "overlap.csv")
 
 
 def _release(torch, device: str) -> None:
