@@ -25,8 +25,9 @@ which is ``(m + p − 1)(F + B)`` for equal stages under 1F1B/GPipe (Narayanan e
 ZB-H1 ``β = (F + Bi − W)/(F + Bi + W)`` (Qi et al. 2023, §3: bubble (p−1)(T_F + T_B − T_W)) when
 ``m ≥ p − 1`` (fewer micro-batches leave fewer W passes to defer: the saving scales by m/(p−1)),
 otherwise ``β = 1``.  Each rank then waits for its last data-parallel gradient buckets (launched
-as the last backward computes, as the engine does) and runs the optimizer; the step ends when the
-last rank does.
+as the last backward computes, as the engine does), pays the engine's overlap contention for the
+part of them its compute hid (or waits longer, whichever is more), and runs the optimizer; the
+step ends when the last rank does.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import numpy as np
 import simpy
 
 from plansim.simulator.costs.collectives import Group, collective_cost
+from plansim.simulator.costs.compute import overlap_contention
 from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
@@ -133,6 +135,7 @@ class AnalyticModel:
     def __init__(self, model: ModelSpec, cluster: Cluster) -> None:
         self.model = model
         self.cluster = cluster
+        self.contention = overlap_contention(cluster.device)  # as the engine charges it
         self._pieces: dict[tuple, tuple[TrainingWorkload, np.ndarray]] = {}
         self._layouts: dict[tuple, Layout] = {}
         self._memo: dict[tuple, float] = {}
@@ -328,8 +331,10 @@ class AnalyticModel:
                 share = 1.0 / max(1, chunk.num_layers)
                 vol = g.volume_bytes / g.rate_Bps if g.volume_bytes else 0.0
                 first, rest = g.latency_s + vol * share, vol * (1 - share)
-                exposed_f = first + max(0.0, rest - costs[i, F])
-                exposed_b = first + max(0.0, rest - (costs[i, BI] if split_w else costs[i, B]))
+                beside_b = costs[i, BI] if split_w else costs[i, B]
+                # exposed remainder, plus the engine's contention for the part hidden by compute
+                exposed_f = first + max(0.0, rest - costs[i, F]) + self.contention * min(rest, costs[i, F])
+                exposed_b = first + max(0.0, rest - beside_b) + self.contention * min(rest, beside_b)
                 z3[i] = exposed_f + exposed_b
                 f[i] += exposed_f
                 b[i] += exposed_b
@@ -364,10 +369,13 @@ class AnalyticModel:
                     compute = costs[r, WC] if split_w else costs[r, BC]
                     after = (costs[r, W] if split_w else costs[r, B]) - compute
                     seg = compute / n_b
-                    done = 0.0
+                    end = n_b * seg + after
+                    done = hidden = 0.0
                     for k in range(1, n_b + 1):
                         done = max(done, k * seg) + bucket
-                    exposed = max(0.0, done - (n_b * seg + after))
+                        hidden += max(0.0, min(done, end) - (done - bucket))
+                    # the engine owes contention for the hidden part and pays what the wait does not cover
+                    exposed = max(max(0.0, done - end), self.contention * hidden)
                 else:
                     for i in np.flatnonzero(ranks == r):
                         exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)
@@ -376,7 +384,7 @@ class AnalyticModel:
             elif n_dp > 1:  # ZeRO-3 reduce-scatter after each backward, queued on the DP stream
                 rs = self._collective("reduce_scatter", params[r] * grad_b, grad_group)
                 span = max(0.0, t_pipe - float(f[:p].sum()))
-                exposed = max(rs, m * v * rs - span)
+                exposed = max(rs, m * v * rs - span) + self.contention * min(m * v * rs, span)
             if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
                 exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
                                for i in np.flatnonzero(ranks == r))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import memory_bound_time
+from plansim.simulator.costs.compute import memory_bound_time, overlap_contention
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_step_bytes, optimizer_transient_bytes,
@@ -99,9 +99,25 @@ class _Rank:
         self.gather_stream = simpy.Resource(env, capacity=1)
         self.pending: list[simpy.Event] = []
         self.stats = RankStats(index)
+        # contention of asynchronous collectives with compute: the compute intervals so far (and
+        # the start of the one running), and the GEMM slowdown owed but not yet simulated
+        self.compute_intervals: list[tuple[float, float]] = []
+        self.computing_since: float | None = None
+        self.contention_debt = 0.0
 
     def link(self, name: str) -> FlowLink:
         return self.intra if name == "intra" else self.inter
+
+    def compute_overlap(self, start: float, end: float) -> float:
+        """Seconds of compute between ``start`` and ``end`` (intervals are in time order)."""
+        total = 0.0
+        if self.computing_since is not None:
+            total += max(0.0, end - max(start, self.computing_since))
+        for a, b in reversed(self.compute_intervals):
+            if b <= start:
+                break
+            total += max(0.0, min(b, end) - max(a, start))
+        return total
 
 
 class TrainingSimulation:
@@ -126,6 +142,7 @@ class TrainingSimulation:
         self.cluster = cluster
         self.record_trace = record_trace
         self.costs = cost_workload(workload, cluster)
+        self.contention = overlap_contention(cluster.device)
         self.groups = Groups.of(self.plan, cluster)
         gpn = cluster.gpus_per_node
         plan = self.plan
@@ -162,10 +179,17 @@ class TrainingSimulation:
         phase's exposed inline (tensor/context/expert-parallel) communication."""
         start = env.now
         beside = env.process(self._flows(env, rank, cost.beside)) if cost.beside else None
+        # GEMMs slowed by data-parallel collectives that ran beside earlier compute: paid here,
+        # never more than the contention this phase's own compute could have suffered
+        owed = min(rank.contention_debt, self.contention * cost.compute_s)
+        rank.contention_debt -= owed
+        rank.computing_since = start
         for s in range(segments):
-            yield env.timeout(cost.compute_s / segments)
+            yield env.timeout((cost.compute_s + owed) / segments)
             if on_segment is not None:
                 on_segment(s)
+        rank.computing_since = None
+        rank.compute_intervals.append((start, env.now))
         rank.stats.compute_s += env.now - start
         rank.stats.flops += cost.flops
         compute_end = env.now
@@ -198,6 +222,8 @@ class TrainingSimulation:
                 start = env.now
                 yield from self._flow(env, rank, cost)
                 self._trace(rank, name, "comm:dp", start, env.now, bytes=cost.volume_bytes)
+                # the compute it ran beside was slowed (SMs and HBM shared with NCCL's kernels)
+                rank.contention_debt += self.contention * rank.compute_overlap(start, env.now)
             if done is not None:
                 done.succeed()
         return env.process(proc())
@@ -450,6 +476,15 @@ class TrainingSimulation:
                 yield ev
             rank.stats.comm_exposed_s += env.now - wait
             self._trace(rank, "wait grad reduction", "comm:dp", wait, env.now)
+            # slowdown still owed: had it been simulated where it happened, the compute would
+            # have ended that much later and the wait been that much shorter
+            late = max(0.0, rank.contention_debt - (env.now - wait))
+            rank.contention_debt = 0.0
+            if late > 0:
+                start = env.now
+                yield env.timeout(late)
+                rank.stats.compute_s += late
+                self._trace(rank, "overlap contention", "compute", start, env.now)
             rank_params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
             mem.allocate(env.now, 0.0, transient=optimizer_transient_bytes(plan, rank_params))
             yield from self._optimizer(env, rank)

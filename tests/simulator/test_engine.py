@@ -265,3 +265,23 @@ def test_tp_comm_overlap_is_off_when_zero_bubble_defers_weight_gradients():
     _, on = _run("llama3-8b", plan.replace(tp_comm_overlap=True), nodes=2)
     _, off = _run("llama3-8b", plan.replace(tp_comm_overlap=False), nodes=2)
     assert on.step_time_s == pytest.approx(off.step_time_s, rel=1e-9)
+
+
+def test_data_parallel_reduction_beside_backward_slows_it():
+    """Bucketed gradient all-reduce overlapped with backward shares the GPU with it: the step
+    grows by the device's contention share of the overlapped communication at most, and not at
+    all with contention 0 (the held-out DDP steps in validation/data/h200-x2 need it)."""
+    spec = load_model("tinyllama-1.1b")
+    plan = Plan(dp=2, global_batch=4, micro_batch=2, seq_len=2048, framework="pytorch", ddp="torch",
+                precision="bf16-pure", sequence_parallel=False)
+    cluster = build_cluster("h200", nodes=1, gpus_per_node=2)
+    free = cluster.model_copy(update={"device": cluster.device.model_copy(update={"overlap_contention": 0.0})})
+    runs, reductions = {}, 0.0
+    for name, machine in (("shared", cluster), ("free", free)):
+        out = TrainingSimulation(TrainingWorkload(spec, plan), machine, record_trace=True).run()
+        runs[name] = build_result(out, model=spec, plan=plan, cluster=machine, calibrated=None)
+        if name == "free":
+            reductions = sum(e.duration_s for e in out.events if e.name.startswith("grad reduce"))
+    extra = runs["shared"].step_time_s - runs["free"].step_time_s
+    assert reductions > 0
+    assert 0 < extra <= overlap_contention(cluster.device) * reductions * (1 + 1e-9)
