@@ -370,12 +370,14 @@ class AnalyticModel:
                     after = (costs[r, W] if split_w else costs[r, B]) - compute
                     seg = compute / n_b
                     end = n_b * seg + after
-                    done = hidden = 0.0
-                    for k in range(1, n_b + 1):
-                        done = max(done, k * seg) + bucket
-                        hidden += max(0.0, min(done, end) - (done - bucket))
+                    # bucket k is ready at k·seg and the DP stream sends one at a time, so the last
+                    # ends at max over j of j·seg + (n − j + 1)·bucket: j = 1 or j = n (linear in j);
+                    # after ``end`` the stream is busy without a gap, so that tail is what shows
+                    done = max(seg + n_b * bucket, n_b * seg + bucket)
+                    tail = max(0.0, done - end)
+                    hidden = max(0.0, n_b * bucket - tail)
                     # the engine owes contention for the hidden part and pays what the wait does not cover
-                    exposed = max(max(0.0, done - end), self.contention * hidden)
+                    exposed = max(tail, self.contention * hidden)
                 else:
                     for i in np.flatnonzero(ranks == r):
                         exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)

@@ -162,23 +162,18 @@ class TrainingSimulation:
         if cost.volume_bytes and cost.link != "none":
             yield rank.link(cost.link).transfer(cost.volume_bytes)
 
-    def _flows(self, env, rank: _Rank, comms: list[CollectiveCost]):
-        """Collectives one after another, merged per link (one flow per link and phase)."""
-        by_link: dict[str, CollectiveCost] = {}
-        for c in comms:
-            if c.link == "none" and not c.latency_s:
-                continue
-            prev = by_link.get(c.link)
-            by_link[c.link] = c if prev is None else CollectiveCost(prev.latency_s + c.latency_s, c.link,
-                                                                     prev.volume_bytes + c.volume_bytes, c.rate_Bps)
-        for c in by_link.values():
+    def _flows(self, env, rank: _Rank, merged: list[CollectiveCost]):
+        """Collectives merged per link (``PhaseCost.by_link``), one link after the other."""
+        for c in merged:
             yield from self._flow(env, rank, c)
 
     def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
         """Compute, with the communication it hides running beside it on the links, then the
         phase's exposed inline (tensor/context/expert-parallel) communication."""
         start = env.now
-        beside = env.process(self._flows(env, rank, cost.beside)) if cost.beside else None
+        # hidden collectives move their bytes while the compute runs (no process: their latency
+        # is hidden too), so that links see them and contend
+        beside = [rank.link(c.link).transfer(c.volume_bytes) for c in cost.by_link("beside") if c.volume_bytes]
         # GEMMs slowed by data-parallel collectives that ran beside earlier compute: paid here,
         # never more than the contention this phase's own compute could have suffered
         owed = min(rank.contention_debt, self.contention * cost.compute_s)
@@ -193,9 +188,10 @@ class TrainingSimulation:
         rank.stats.compute_s += env.now - start
         rank.stats.flops += cost.flops
         compute_end = env.now
-        yield from self._flows(env, rank, cost.comm)
-        if beside is not None and beside.is_alive:  # slowed by contention past the compute it hid behind
-            yield beside
+        yield from self._flows(env, rank, cost.by_link("comm"))
+        late = [e for e in beside if not e.processed]
+        if late:  # slowed by contention past the compute it hid behind
+            yield env.all_of(late)
         rank.stats.comm_exposed_s += env.now - compute_end
         if self.record_trace:
             self._trace_ops(rank, cost, label, start, compute_end, env.now)
@@ -260,10 +256,13 @@ class TrainingSimulation:
                 if phase == ("W" if split_w else "B"):
                     final_backward[vs] = mb  # the last micro-batch whose weight grads finish this chunk
 
+        # one activation message inside a node or across nodes: two costs for the whole run
+        p2p_costs = {same: collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
+                     for same in (True, False)}
+
         def p2p(src: _Rank, dst_stage: int, event: simpy.Event, name: str, forward: bool):
             stage = src.index
-            same = self.groups.pp_same_node(min(stage, dst_stage), cluster)
-            cost = collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
+            cost = p2p_costs[self.groups.pp_same_node(min(stage, dst_stage), cluster)]
             start = env.now
             yield from self._flow(env, src, cost)
             self._trace(src, name, "comm:pp", start, env.now, bytes=p2p_bytes)

@@ -66,6 +66,21 @@ class PhaseCost:
     def comm_s(self) -> float:
         return sum(c.time_s for c in self.comm)
 
+    def by_link(self, which: str) -> list[CollectiveCost]:
+        """``comm`` or ``beside`` merged into one cost per link (latencies and bytes added), in
+        first-use order; computed once, when the engine first asks (the phase is complete by then)."""
+        cache = self.__dict__.setdefault("_by_link", {})
+        if which not in cache:
+            merged: dict[str, CollectiveCost] = {}
+            for c in getattr(self, which):
+                if c.link == "none" and not c.latency_s:
+                    continue
+                prev = merged.get(c.link)
+                merged[c.link] = c if prev is None else CollectiveCost(
+                    prev.latency_s + c.latency_s, c.link, prev.volume_bytes + c.volume_bytes, c.rate_Bps)
+            cache[which] = list(merged.values())
+        return cache[which]
+
     @property
     def time_s(self) -> float:
         return self.compute_s + self.comm_s
