@@ -246,6 +246,18 @@ def embedding_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     return ops
 
 
+#: HBM bytes per logit of the fp32 cross-entropy, forward and backward.  Megatron-LM's
+#: ``vocab_parallel_cross_entropy`` (mpu/cross_entropy.py, 2021; tensor_parallel/cross_entropy.py
+#: in Megatron-Core without --cross-entropy-loss-fusion) runs one kernel per step on the fp32
+#: logits: the upcast (read 2, write 4), max (read 4), subtract (read 4, write 4), exp (read 4,
+#: write 4), sum (read 4), divide into the softmax it keeps (read 4, write 4): 38; backward
+#: multiplies the softmax by the loss gradient in place (read 4, write 4) and casts it back
+#: (read 4, write 2): 14.  Eager PyTorch: upcast and log_softmax (read 4, write 4) forward;
+#: nll_loss backward, log_softmax backward and the cast apart (22) backward.
+_CE_FORWARD_BYTES = {"megatron": 38.0, "pytorch": 14.0}
+_CE_BACKWARD_BYTES = {"megatron": 14.0, "pytorch": 22.0}
+
+
 def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     """Final norm, vocabulary-parallel logits GEMM and fp32 cross-entropy (Megatron's
     ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth of passes)."""
@@ -260,12 +272,8 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype=gemm_dtype(plan), has_weight=True,
            saved_bytes=tokens * h * e),
-        # cast to fp32 (read 2, write 4), log-softmax passes (read 4, write 4); keeps the fp32
-        # (log-)softmax for backward.  Backward: Megatron's fused kernel writes the gradient in
-        # place of the softmax and casts it (10 bytes); eager PyTorch runs nll_loss backward,
-        # log_softmax backward and the cast apart (22 bytes).
-        Op("cross_entropy", "memory", bytes=logits * (e + 4 + 4 + 4), saved_bytes=logits * 4,
-           bwd_bytes_factor=(22 if plan.framework == "pytorch" else 4 + 4 + e) / (e + 12)),
+        Op("cross_entropy", "memory", bytes=logits * _CE_FORWARD_BYTES[plan.framework], saved_bytes=logits * 4,
+           bwd_bytes_factor=_CE_BACKWARD_BYTES[plan.framework] / _CE_FORWARD_BYTES[plan.framework]),
     ]
 
 
