@@ -147,11 +147,16 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
             ops.append(Op("attn.mask", "memory", bytes=2 * scores * e, recompute_selective=True, bwd_bytes_factor=1.0))
         # a row reduction over the scores, like the norms (Megatron fuses scale and mask into it)
         ops.append(Op("softmax", "norm", bytes=2 * scores * e, saved_bytes=scores * e, recompute_selective=True))
-        if drop:
+        if drop:  # backward reads the gradient and the mask and writes the gradient: the same 5 bytes
             ops.append(Op("attn.dropout", "memory", bytes=scores * (2 * e + 1), saved_bytes=scores * 1,
-                          recompute_selective=True))
+                          recompute_selective=True, bwd_bytes_factor=1.0))
         ops.append(Op("context", "gemm", gemm=(s, d, s * plan.cp), batch=b * heads, dtype=dtype,
                       saved_bytes=scores * e + tokens * q_cols * e, recompute_selective=True))  # probs and V
+        # the batched product leaves [b·heads, s, d]; the output projection wants [s, b, heads·d]:
+        # one contiguous copy (Megatron's permute(...).contiguous(), eager's transpose), and its
+        # backward copies the gradient back
+        ops.append(Op("context.permute", "memory", bytes=2 * tokens * q_cols * e, bwd_bytes_factor=1.0,
+                      recompute_selective=True))
     ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
                   saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
