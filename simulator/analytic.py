@@ -40,7 +40,7 @@ import numpy as np
 import simpy
 
 from plansim.simulator.costs.collectives import Group, collective_cost
-from plansim.simulator.costs.compute import overlap_contention
+from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
@@ -135,7 +135,6 @@ class AnalyticModel:
     def __init__(self, model: ModelSpec, cluster: Cluster) -> None:
         self.model = model
         self.cluster = cluster
-        self.contention = overlap_contention(cluster.device)  # as the engine charges it
         self._pieces: dict[tuple, tuple[TrainingWorkload, np.ndarray]] = {}
         self._layouts: dict[tuple, Layout] = {}
         self._memo: dict[tuple, float] = {}
@@ -333,8 +332,12 @@ class AnalyticModel:
                 first, rest = g.latency_s + vol * share, vol * (1 - share)
                 beside_b = costs[i, BI] if split_w else costs[i, B]
                 # exposed remainder, plus the engine's contention for the part hidden by compute
-                exposed_f = first + max(0.0, rest - costs[i, F]) + self.contention * min(rest, costs[i, F])
-                exposed_b = first + max(0.0, rest - beside_b) + self.contention * min(rest, beside_b)
+                rest_rate = g.volume_bytes * (1 - share) / rest if rest > 0 else 0.0
+                hid_f, hid_b = min(rest, costs[i, F]), min(rest, beside_b)
+                exposed_f = (first + max(0.0, rest - costs[i, F])
+                             + contention_s(cluster.device, hid_f, hid_f * rest_rate))
+                exposed_b = (first + max(0.0, rest - beside_b)
+                             + contention_s(cluster.device, hid_b, hid_b * rest_rate))
                 z3[i] = exposed_f + exposed_b
                 f[i] += exposed_f
                 b[i] += exposed_b
@@ -377,7 +380,9 @@ class AnalyticModel:
                     tail = max(0.0, done - end)
                     hidden = max(0.0, n_b * bucket - tail)
                     # the engine owes contention for the hidden part and pays what the wait does not cover
-                    exposed = max(tail, self.contention * hidden)
+                    dense = self._collective_cost(op, costs[r, DENSE] * grad_b / n_b, grad_group)
+                    rate = dense.volume_bytes / dense.time_s if dense.time_s > 0 else 0.0
+                    exposed = max(tail, contention_s(cluster.device, hidden, hidden * rate))
                 else:
                     for i in np.flatnonzero(ranks == r):
                         exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)
@@ -386,7 +391,10 @@ class AnalyticModel:
             elif n_dp > 1:  # ZeRO-3 reduce-scatter after each backward, queued on the DP stream
                 rs = self._collective("reduce_scatter", params[r] * grad_b, grad_group)
                 span = max(0.0, t_pipe - float(f[:p].sum()))
-                exposed = max(rs, m * v * rs - span) + self.contention * min(m * v * rs, span)
+                rs_cost = self._collective_cost("reduce_scatter", params[r] * grad_b, grad_group)
+                hid = min(m * v * rs, span)
+                exposed = max(rs, m * v * rs - span) + contention_s(
+                    cluster.device, hid, hid * (rs_cost.volume_bytes / rs if rs > 0 else 0.0))
             if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
                 exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
                                for i in np.flatnonzero(ranks == r))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import memory_bound_time, overlap_contention
+from plansim.simulator.costs.compute import contention_s, memory_bound_time, overlap_contention
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_step_bytes, optimizer_transient_bytes,
@@ -219,7 +219,10 @@ class TrainingSimulation:
                 yield from self._flow(env, rank, cost)
                 self._trace(rank, name, "comm:dp", start, env.now, bytes=cost.volume_bytes)
                 # the compute it ran beside was slowed (SMs and HBM shared with NCCL's kernels)
-                rank.contention_debt += self.contention * rank.compute_overlap(start, env.now)
+                overlap, took = rank.compute_overlap(start, env.now), env.now - start
+                if overlap > 0 and took > 0:
+                    rank.contention_debt += contention_s(self.cluster.device, overlap,
+                                                         cost.volume_bytes * overlap / took)
             if done is not None:
                 done.succeed()
         return env.process(proc())

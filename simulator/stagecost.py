@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import (attention_time, gemm_time, memory_bound_time, norm_time,
-                                             overlap_contention)
+from plansim.simulator.costs.compute import attention_time, contention_s, gemm_time, memory_bound_time, norm_time
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
@@ -141,7 +140,7 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
                 cost.beside.append(hidden)
                 # the GEMM beside it shares SMs and HBM with NCCL's kernels: part of what was
                 # hidden comes back as a slower GEMM
-                slower = overlap_contention(cluster.device) * hidden.time_s
+                slower = contention_s(cluster.device, hidden.time_s, hidden.volume_bytes)
                 cost.compute_s += slower
                 cost.ops.append((f"{op.name}.contention", slower, "compute"))
         if comm is not None:

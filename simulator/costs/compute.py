@@ -37,6 +37,10 @@ DEFAULT_NORM_BANDWIDTH_FRACTION = 0.75  # norm kernels vs a streaming elementwis
 #: collective beside the GEMMs of about its length, Megatron's pattern; all pairs 0.09-0.69);
 #: the held-out pairs are predicted within 7 % (tests/validation/test_overlap_data.py)
 DEFAULT_OVERLAP_CONTENTION = 0.50
+#: the per-GPU traffic rate of those pairs (median bus bandwidth of the same calibration half,
+#: NVLink 4): a collective moving bytes more slowly (over a NIC) holds fewer SMs and less HBM
+#: bandwidth per second, so its contention is scaled down by its rate over this one
+OVERLAP_REFERENCE_BPS = 236e9
 ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for tensor-core kernels
 
 
@@ -53,8 +57,17 @@ def _param(device: Device, name: str, default: float) -> float:
 
 
 def overlap_contention(device: Device) -> float:
-    """The fraction of a hidden collective's time that overlapping does not save."""
+    """The fraction of a hidden collective's time that overlapping does not save, at the rate
+    it was measured (NVLink)."""
     return _param(device, "overlap_contention", DEFAULT_OVERLAP_CONTENTION)
+
+
+def contention_s(device: Device, overlap_s: float, bytes_moved: float) -> float:
+    """Compute time lost to a collective that moved ``bytes_moved`` over its link during
+    ``overlap_s`` of compute: the measured fraction of that time, or less in proportion to the
+    bytes when they moved more slowly than in the measurement (a NIC-bound collective holds fewer
+    SMs and less HBM bandwidth per second; an assumption, measured on NVLink only)."""
+    return overlap_contention(device) * min(overlap_s, bytes_moved / OVERLAP_REFERENCE_BPS)
 
 
 def gemm_efficiency(m, n, k, device: Device, batch=1):
