@@ -40,7 +40,7 @@ MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved
 # line, fp16 with loss scaling; and either DDP
 # implementation of the script
 SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False, "overlap_p2p": False,
-         "tp_comm_overlap": False, "precision": "fp16-mixed"}
+         "tp_backward_overlap": False, "precision": "fp16-mixed"}
 # the script's rule (Megatron-LM of 2021 ran pipelines with its local DDP only): torch DDP without
 # pipelining (all-reduce overlapped), local DDP with it (all-reduce after backward); fp16 grads in both
 DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True, "ddp": "torch"}, ["pp=1"]),

@@ -65,7 +65,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accumulation-fusion", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--overlap-p2p", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--tp-comm-overlap", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--tp-backward-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="TP backward collectives beside the gradient GEMMs (default: on with --framework megatron)")
     p.add_argument("--offload", action="append", default=[], metavar="WHAT=TIER",
                    help="e.g. optimizer=cpu (params|grads|optimizer|activations = gpu|cpu|nvme|cxl)")
@@ -77,7 +77,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
                  "recompute", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
-                 "overlap_grad_reduce", "overlap_p2p", "tp_comm_overlap", "first_stage_layers", "last_stage_layers"):
+                 "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "first_stage_layers", "last_stage_layers"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

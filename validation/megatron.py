@@ -38,7 +38,7 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
                 precision="fp16-mixed", fp32_grads=False, overlap_grad_reduce=not local_ddp,
                 ddp="megatron" if local_ddp else "torch",
                 grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused",
-                tp_comm_overlap=False)
+                tp_backward_overlap=False)
 
 
 def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:
@@ -69,7 +69,7 @@ def korthikanti_plan(row: Mapping[str, Any]) -> dict[str, Any]:
                 global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute=str(row["recompute"]),
                 sequence_parallel=bool(row["sequence_parallel"]), schedule="interleaved" if vpp > 1 else "1f1b",
                 vpp=vpp, precision="fp16-mixed", fp32_grads=False, ddp="megatron", overlap_grad_reduce=False,
-                grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused", tp_comm_overlap=True)
+                grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused", tp_backward_overlap=True)
 
 
 def compare_korthikanti2022(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:

@@ -55,7 +55,7 @@ class Plan:
     grad_accumulation_fusion: bool = True  # weight-grad GEMMs accumulate in place (Megatron-Core default)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
     attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
-    tp_comm_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
+    tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
     #   (Megatron-LM since 2021, Megatron-Core); None: on for framework "megatron", off for "pytorch"
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
     #   modules (separate q/k/v and gate/up GEMMs, unfused RoPE and SwiGLU), gradients allocated in
@@ -75,8 +75,8 @@ class Plan:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:
             object.__setattr__(self, "sequence_parallel", self.tp > 1)
-        if self.tp_comm_overlap is None:
-            object.__setattr__(self, "tp_comm_overlap", self.framework == "megatron")
+        if self.tp_backward_overlap is None:
+            object.__setattr__(self, "tp_backward_overlap", self.framework == "megatron")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
         if (self.dp * self.cp) % self.ep:

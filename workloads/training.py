@@ -37,14 +37,14 @@ def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, co
     Megatron's g (after a row-parallel GEMM) all-reduces forward and does nothing backward; its f
     (before a column-parallel GEMM) does nothing forward and all-reduces the input gradient
     backward.  With sequence parallelism g is a reduce-scatter and f an all-gather, each with the
-    other as its backward.  With ``plan.tp_comm_overlap`` f's backward collective runs beside the
+    other as its backward.  With ``plan.tp_backward_overlap`` f's backward collective runs beside the
     weight-gradient GEMM of ``column_gemm`` (Megatron-LM's asynchronous TP all-reduce, 2021 on,
     and its reduce-scatter under sequence parallelism).
     """
     if plan.tp == 1:
         return Op(name, "collective", collective="none", group="tp")
     if sequence_parallel_op == "all_gather":  # f
-        beside = f"{column_gemm}.wgrad" if column_gemm and plan.tp_comm_overlap else ""
+        beside = f"{column_gemm}.wgrad" if column_gemm and plan.tp_backward_overlap else ""
         forward = "all_gather" if plan.sequence_parallel else "none"
         backward = "reduce_scatter" if plan.sequence_parallel else "all_reduce"
         return Op(name, "collective", collective=forward, bwd_collective=backward, group="tp", comm_bytes=nbytes,
@@ -57,11 +57,11 @@ def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, co
 def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
     """Megatron under sequence parallelism saves a column-parallel GEMM's input sharded and
     all-gathers it again in backward for the weight gradient, beside the input-gradient GEMM
-    when ``plan.tp_comm_overlap`` (Korthikanti et al. 2022 §4.2.2).  Placed after the GEMM in
+    when ``plan.tp_backward_overlap`` (Korthikanti et al. 2022 §4.2.2).  Placed after the GEMM in
     forward order so that its backward comes before the GEMM's."""
     if not (plan.tp > 1 and plan.sequence_parallel and plan.framework == "megatron"):
         return []
-    beside = f"{column_gemm}.dgrad" if plan.tp_comm_overlap else ""
+    beside = f"{column_gemm}.dgrad" if plan.tp_backward_overlap else ""
     return [Op(f"{column_gemm}.regather", "collective", collective="none", bwd_collective="all_gather", group="tp",
                comm_bytes=nbytes, bwd_hidden_by=beside)]
 

@@ -230,7 +230,7 @@ def test_tensor_parallel_traffic(sp, recompute, overlap):
     t, b, s = 8, 1, 8192
     spec = load_model("llama3-8b")
     out, _ = _run("llama3-8b", Plan(tp=t, sequence_parallel=sp, global_batch=1, micro_batch=b, seq_len=s,
-                                    recompute=recompute, tp_comm_overlap=overlap))
+                                    recompute=recompute, tp_backward_overlap=overlap))
     per_layer = (6 if recompute == "full" else 4) + (1 if sp else 0)
     all_reduces = per_layer * spec.num_layers + 2
     expected = all_reduces * 2 * (t - 1) / t * b * s * spec.hidden * 2
@@ -238,7 +238,7 @@ def test_tensor_parallel_traffic(sp, recompute, overlap):
 
 
 @pytest.mark.parametrize("sp", [True, False])
-def test_tp_comm_overlap_hides_backward_collectives_behind_gemms(sp):
+def test_tp_backward_overlap_hides_backward_collectives_behind_gemms(sp):
     """Megatron's asynchronous TP collectives: the input-gradient all-reduce (reduce-scatter with
     SP) of each column-parallel GEMM runs beside its weight-gradient GEMM, and with SP the
     re-gather of its input beside its input-gradient GEMM.  What leaves the exposed
@@ -246,8 +246,8 @@ def test_tp_comm_overlap_hides_backward_collectives_behind_gemms(sp):
     in validation/data/h200-x2/overlap), so the step gains (1 − contention) of it; forward
     collectives stay exposed."""
     plan = Plan(tp=8, sequence_parallel=sp, global_batch=2, micro_batch=1, seq_len=8192)
-    _, hidden = _run("llama3-8b", plan.replace(tp_comm_overlap=True))
-    _, inline = _run("llama3-8b", plan.replace(tp_comm_overlap=False))
+    _, hidden = _run("llama3-8b", plan.replace(tp_backward_overlap=True))
+    _, inline = _run("llama3-8b", plan.replace(tp_backward_overlap=False))
     kappa = overlap_contention(build_cluster("h100-sxm", nodes=1, gpus_per_node=8).device)
     less_comm = inline.time_breakdown["exposed_communication"] - hidden.time_breakdown["exposed_communication"]
     more_compute = hidden.time_breakdown["compute"] - inline.time_breakdown["compute"]
@@ -257,13 +257,13 @@ def test_tp_comm_overlap_hides_backward_collectives_behind_gemms(sp):
     assert hidden.time_breakdown["exposed_communication"] >= 0.4 * inline.time_breakdown["exposed_communication"]
 
 
-def test_tp_comm_overlap_is_off_when_zero_bubble_defers_weight_gradients():
+def test_tp_backward_overlap_is_off_when_zero_bubble_defers_weight_gradients():
     """ZB-H1 runs weight gradients later, so nothing is beside the input-gradient all-reduces
     (without SP there is no re-gather, whose partner, the input-gradient GEMM, stays)."""
     plan = Plan(tp=8, pp=2, global_batch=8, micro_batch=1, seq_len=4096, schedule="zero-bubble",
                 sequence_parallel=False)
-    _, on = _run("llama3-8b", plan.replace(tp_comm_overlap=True), nodes=2)
-    _, off = _run("llama3-8b", plan.replace(tp_comm_overlap=False), nodes=2)
+    _, on = _run("llama3-8b", plan.replace(tp_backward_overlap=True), nodes=2)
+    _, off = _run("llama3-8b", plan.replace(tp_backward_overlap=False), nodes=2)
     assert on.step_time_s == pytest.approx(off.step_time_s, rel=1e-9)
 
 
