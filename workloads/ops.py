@@ -92,13 +92,13 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
             b_ops.append(replace(op, name=f"{op.name}.dgrad", phase="B", gemm=(m, k, n), saved_bytes=0.0))
             if op.has_weight:
                 w_ops.append(replace(op, name=f"{op.name}.wgrad", phase="W", gemm=(k, n, m), saved_bytes=0.0))
-            if op.has_weight and accumulate_bytes_per_weight:
-                w_ops.append(Op(f"{op.name}.grad_accumulate", "memory", phase="W",
-                                bytes=k * n * accumulate_bytes_per_weight))
-            if op.bias_grad_bytes:
-                w_ops.append(Op(f"{op.name}.bias_grad", "memory", phase="W", bytes=op.bias_grad_bytes))
+                if accumulate_bytes_per_weight:
+                    w_ops.append(Op(f"{op.name}.grad_accumulate", "memory", phase="W",
+                                    bytes=k * n * accumulate_bytes_per_weight))
             else:  # both operands are activations (unfused attention's batched products)
                 b_ops.append(replace(op, name=f"{op.name}.dgrad2", phase="B", gemm=(k, n, m), saved_bytes=0.0))
+            if op.bias_grad_bytes:
+                w_ops.append(Op(f"{op.name}.bias_grad", "memory", phase="W", bytes=op.bias_grad_bytes))
         elif op.kind == "attention":
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", saved_bytes=0.0))
         elif op.kind in ("memory", "norm"):

@@ -31,7 +31,11 @@ BOUNDS = {
     ("vidur", "time_s"): 0.15,
 }
 #: bounds not reached on the stored data: (suite, metric) -> reason with the measured number
-NOT_REACHED: dict[tuple[str, str], str] = {}
+NOT_REACHED: dict[tuple[str, str], str] = {
+    ("steps", "step_time_s"): "median 16.6 %, every step predicted fast: a bug that gave bias-free GEMMs a second "
+                              "input-gradient product (fixed 2026-11-23) had hidden eager PyTorch's non-GEMM work the "
+                              "op graph undercounts (README, Held-out error)",
+}
 
 
 @pytest.fixture(scope="module")

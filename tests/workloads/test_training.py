@@ -81,6 +81,19 @@ def test_op_graph_gemm_flops_equal_model_flops(model, b, s):
     assert 3.0 * _forward_gemm_flops(w) / tokens == pytest.approx(model.model_flops_per_token(s), rel=REL)
 
 
+@pytest.mark.parametrize("framework", ["megatron", "pytorch"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_backward_gemms_are_twice_forward_with_or_without_biases(bias, framework):
+    """Every GEMM's backward is one input-gradient and (with a weight) one weight-gradient GEMM;
+    a layer without biases (Llama) gets no extra product: 2× forward FLOPs, head included."""
+    model = dataclasses.replace(_gpt(), bias=bias)
+    plan = Plan(micro_batch=2, global_batch=2, seq_len=512, attention="unfused", framework=framework)
+    w = TrainingWorkload(model, plan)
+    for fwd in (w.dense_layer, w.head):
+        b_ops, w_ops = backward_ops(fwd)
+        assert sum(op.flops for op in b_ops + w_ops) == pytest.approx(2 * sum(op.flops for op in fwd), rel=REL)
+
+
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_backward_is_twice_forward_and_recompute_adds_forward(recompute):
     model = _gpt()
