@@ -264,10 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("measure", help="measure kernels, transfers, collectives and steps on local GPUs (needs torch)")
     p.add_argument("--suite", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021", "parallel2",
-                                       "power", "overlap"), default="all",
+                                       "power", "overlap", "profile"), default="all",
                    help="gpt2021: Megatron-LM 2021 GPT operators and steps; parallel2: 2-GPU expert and context "
                         "parallelism; power: sustained clocks under the board power limit; overlap: a GEMM beside "
-                        "an NCCL collective (none part of all)")
+                        "an NCCL collective; profile: one GPU's step time by kernel class (none part of all)")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_measure)

@@ -52,7 +52,8 @@ class Plan:
     ddp: str = "megatron"  # data-parallel wrapper: Megatron's (gradients live in its buffer) or PyTorch
     #   DDP ("torch": a second copy of the gradients in its 25 MiB communication buckets)
     overlap_p2p: bool = True  # pipeline sends overlap compute; False: the sender waits (Megatron 2021)
-    grad_accumulation_fusion: bool = True  # weight-grad GEMMs accumulate in place (Megatron-Core default)
+    grad_accumulation_fusion: bool | None = None  # weight-grad GEMMs accumulate in place (Megatron-Core's
+    #   default); None: on for framework "megatron", off for "pytorch" (autograd adds into .grad)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
     attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
     tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
@@ -75,6 +76,8 @@ class Plan:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:
             object.__setattr__(self, "sequence_parallel", self.tp > 1)
+        if self.grad_accumulation_fusion is None:
+            object.__setattr__(self, "grad_accumulation_fusion", self.framework == "megatron")
         if self.tp_backward_overlap is None:
             object.__setattr__(self, "tp_backward_overlap", self.framework == "megatron")
         if self.vpp > 1 and self.schedule != "interleaved":

@@ -66,10 +66,19 @@ def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
                comm_bytes=nbytes, bwd_hidden_by=beside)]
 
 
-def _norm(name: str, model: ModelSpec, tokens: float) -> Op:
-    """RMSNorm or LayerNorm over ``tokens`` rows; saves its input for backward."""
-    return Op(name, "norm", bytes=norm_bytes(tokens, model.hidden), saved_bytes=tokens * model.hidden * ACT_BYTES,
-              bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES)
+#: HBM bytes per element of one autograd gradient sum (read two gradients, write one)
+GRAD_SUM_BYTES = 3 * ACT_BYTES
+
+
+def _norm(name: str, model: ModelSpec, tokens: float, readers: int = 1) -> Op:
+    """RMSNorm or LayerNorm over ``tokens`` rows; saves its input for backward.
+
+    Its input is the residual stream, which the residual add reads too: backward sums the two
+    gradients (one add).  Its output feeds ``readers`` GEMMs (eager q, k and v: three; fused
+    QKV: one), whose input gradients are summed as well (readers − 1 adds)."""
+    elements = tokens * model.hidden
+    return Op(name, "norm", bytes=norm_bytes(tokens, model.hidden), saved_bytes=elements * ACT_BYTES,
+              bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES, grad_sum_bytes=GRAD_SUM_BYTES * elements * readers)
 
 
 def _residual(name: str, elements: float, dropout: bool, eager: bool) -> Op:
@@ -101,7 +110,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     full = tokens * h * e  # one [b, s, h] activation, bytes
 
     ops: list[Op] = [
-        _norm("norm1", model, tok_sp),
+        _norm("norm1", model, tok_sp, readers=3 if eager else 1),
         _tp_comm("attn.allgather", full, plan, "all_gather", column_gemm="q" if eager else "qkv"),
     ]
     qkv_bias = (model.bias or model.qkv_bias)
@@ -118,7 +127,9 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     if model.position == "rope":
         rotated = tokens * (q_cols + kv_cols) * e
         if eager:  # x·cos + cat(−x2, x1)·sin: five elementwise kernels, nine passes over x
-            ops.append(Op("rope", "memory", bytes=9 * rotated, bwd_bytes_factor=8 / 9))
+            # q and k are each read twice (x·cos and the rotated half): their gradients are summed
+            ops.append(Op("rope", "memory", bytes=9 * rotated, bwd_bytes_factor=8 / 9,
+                          grad_sum_bytes=GRAD_SUM_BYTES / e * rotated))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
     if plan.cp > 1 and plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)
@@ -161,7 +172,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
                   saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
     ops.append(_residual("residual1", tok_sp * h, drop, eager))
-    ops.append(_norm("norm2", model, tok_sp))
+    ops.append(_norm("norm2", model, tok_sp, readers=2 if (eager and model.mlp == "swiglu" and not moe) else 1))
     if moe:
         ops += _moe_ops(model, plan, tokens, full)
     else:

@@ -53,7 +53,7 @@ def test_recomputation_saving_is_predicted_as_measured(runs):
 
 def test_accuracy_regression_bound(runs):
     """Current accuracy on the calibrated A100 profile (GEMM rate from Vidur's A100/H100 ratios):
-    median |error| 4.5 %, worst 8.3 % (the 22B runs), within 3 % from 530B up (README,
+    median |error| 4.3 %, worst 8.1 % (the 22B runs), within 3 % from 530B up (README,
     "Accuracy against published runs")."""
     err = runs["error"]
     assert err.abs().median() <= 0.05

@@ -17,7 +17,7 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 #: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
-                "overlap": {"overlap": "overlap"}}
+                "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -76,6 +76,12 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                 written.append(write_csv(os.path.join(out_dir, f"{name}.csv"), columns, rows))
                 log(f"== {s}/{name}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                     f"{time.time() - ts:.0f} s -> {written[-1]}")
+            continue
+        if s == "profile":
+            from plansim.validation.runner import step_profile
+
+            written += step_profile.run(dev, quick, out_dir, log)
+            log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
         if s == "power":
             from plansim.validation.runner import power

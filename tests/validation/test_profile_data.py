@@ -1,0 +1,54 @@
+"""One H100 step's kernel time by class (validation/data/h100-x1/profile, suite ``profile``): the
+stored data is physical, and the cost model's GEMM and attention time for these steps agree with
+the profiled kernels, which locates the steps' remaining error in the work around them."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from plansim.simulator.stagecost import Groups, cost_ops
+from plansim.validation import compare as C
+from plansim.workloads.model_io import load_model
+from plansim.workloads.plan import Plan
+from plansim.workloads.training import TrainingWorkload
+
+DATA = Path(__file__).resolve().parents[2] / "validation" / "data" / "h100-x1" / "profile" / "profile.csv"
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return pd.read_csv(DATA)
+
+
+def test_busy_time_never_exceeds_the_step(profile):
+    for case, rows in profile.groupby("case_id"):
+        by = rows.set_index("klass")["seconds"]
+        busy = by.drop(["step", "idle"]).sum()
+        assert 0 < busy <= by["step"] * 1.001, case
+        assert by["idle"] >= 0
+
+
+def _predicted_by_kind(model: str, mb: int, recompute: str) -> dict[str, float]:
+    cluster, _ = C.calibrated_cluster(C.DATA_DIR / "h100-x1", C.CALIBRATED_DIR, True)
+    machine = cluster.model_copy(update={"gpus_per_node": 1, "nodes": 1})
+    spec = load_model(C.CONFIGS_DIR / f"{model}.json")
+    plan = Plan(micro_batch=mb, global_batch=mb, seq_len=2048, recompute=recompute, precision="bf16-pure",
+                framework="pytorch", ddp="torch", sequence_parallel=False)
+    w, groups, out = TrainingWorkload(spec, plan), Groups.of(plan, machine), {}
+    for part, times in ((w.layer_ops(0), spec.num_layers), (w.embedding, 1), (w.head, 1)):
+        for ops in w.phases(part).values():
+            kinds = {op.name: op.kind for op in ops}
+            for name, seconds, _ in cost_ops(ops, machine, groups).ops:
+                out[kinds[name]] = out.get(kinds[name], 0.0) + seconds * times
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama3.2-3b-untied-mb4-s2048-rcfull", "llama3.2-3b-untied-mb2-s2048-rcnone",
+                                  "tinyllama-1.1b-mb4-s2048-rcnone"])
+def test_gemm_and_attention_time_match_the_profiled_kernels(profile, case):
+    rows = profile[profile.case_id == case]
+    measured = rows.set_index("klass")["seconds"]
+    r = rows.iloc[0]
+    predicted = _predicted_by_kind(r["model"], int(r["micro_batch"]), r["recompute"])
+    assert predicted["gemm"] == pytest.approx(measured["gemm"], rel=0.08)
+    assert predicted["attention"] == pytest.approx(measured["attention"], rel=0.15)  # flash: -14 % at mb2

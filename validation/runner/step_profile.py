@@ -1,0 +1,114 @@
+"""Suite ``profile``: where the time of a single-GPU training step goes, kernel class by class.
+
+The ``steps`` suite times whole steps; this one runs a few of the same steps (same model,
+optimizer, data and code: ``steps.py``) under ``torch.profiler`` and adds up the CUDA kernel time
+of one step by class: GEMMs, attention, normalisation, elementwise, reductions and softmax/loss,
+the optimizer, copies, and the rest.  The GPU-idle time between kernels is the step time minus
+the busy time.  It exists to find which work the op graph misses around the GEMMs.
+
+Run on one GPU (not part of ``--suite all``)::
+
+    python -m plansim.validation.runner --suite profile --out DIR
+
+Writes ``profile.csv`` (case, class, kernels, seconds per step) and ``profile_kernels.csv`` (the
+20 costliest kernel names per case, as the profiler names them).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from plansim.validation.runner import steps as _steps
+from plansim.validation.runner.model import LlamaConfig, pick_attention
+
+CASES = (("llama3.2-3b-untied", 4, "full"), ("llama3.2-3b-untied", 2, "none"), ("tinyllama-1.1b", 4, "none"))
+SEQ = 2048
+#: kernel class by the first pattern its name matches (case-insensitive); order matters
+CLASSES = (
+    ("attention", r"flash|fmha|attention|sdpa"),  # before GEMMs: flash kernels name cutlass types
+    ("gemm", r"gemm|cutlass|nvjet|sm90_xmma|ampere_.*s16816|cublas"),
+    ("optimizer", r"adam|multi_tensor|foreach|fused_.*adam"),
+    ("norm", r"rms|layer_?norm|norm_"),
+    ("softmax_loss", r"softmax|nll|cross_?entropy|log_?softmax"),
+    ("reduce", r"reduce|sum_|mean|welford"),
+    ("copy", r"copy|cat|memcpy|transpose|contiguous|index|gather|scatter|embedding"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|mul|add|neg|rsqrt|pow|fill"),
+)
+COLUMNS = ("case_id", "model", "micro_batch", "recompute", "klass", "kernels", "seconds")
+
+
+def classify(name: str) -> str:
+    for klass, pattern in CLASSES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return klass
+    return "other"
+
+
+def _profile_case(model_name: str, mb: int, recompute: str, device: torch.device):
+    cfg = LlamaConfig.named(model_name)
+    model = _steps._build(cfg, device, 0, recompute=recompute)
+    pick_attention(model, device)
+    opt, _ = _steps._optimizer(model.parameters(), device)
+    data = _steps._batches(cfg, mb, SEQ, 2, device, 1)
+    step = _steps._train_step(model, opt, data, 1)
+    for i in range(3):  # warm-up: allocator, cuBLAS heuristics, flash kernels
+        step(i)
+    torch.cuda.synchronize(device)
+    steps_profiled = 3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for i in range(steps_profiled):
+            step(i)
+        end.record()
+        torch.cuda.synchronize(device)
+    wall = start.elapsed_time(end) / 1e3 / steps_profiled
+    by_class: dict[str, list[float]] = {}
+    by_name: dict[str, float] = {}
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "self_device_time_total", None)
+        if cuda_us is None:
+            cuda_us = getattr(evt, "self_cuda_time_total", 0.0)
+        if not cuda_us or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        klass = classify(evt.key)
+        count_s = by_class.setdefault(klass, [0, 0.0])
+        count_s[0] += evt.count / steps_profiled
+        count_s[1] += cuda_us / 1e6 / steps_profiled
+        by_name[evt.key] = by_name.get(evt.key, 0.0) + cuda_us / 1e6 / steps_profiled
+    del model, opt, data, step
+    _steps._free(device)
+    return wall, by_class, by_name
+
+
+def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    rows, kernel_rows = [], []
+    for model_name, mb, recompute in CASES[:1] if quick else CASES:
+        case_id = f"{model_name}-mb{mb}-s{SEQ}-rc{recompute}"
+        wall, by_class, by_name = _profile_case(model_name, mb, recompute, device)
+        busy = sum(s for _, s in by_class.values())
+        for klass, (count, seconds) in sorted(by_class.items()):
+            rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
+                         "klass": klass, "kernels": round(count, 1), "seconds": seconds})
+        rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
+                     "klass": "idle", "kernels": 0, "seconds": max(0.0, wall - busy)})
+        rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
+                     "klass": "step", "kernels": 0, "seconds": wall})
+        for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]:
+            kernel_rows.append({"case_id": case_id, "kernel": name[:200], "klass": classify(name),
+                                "seconds": seconds})
+        log(f"profile {case_id}: step {wall * 1e3:.1f} ms, busy {busy * 1e3:.1f} ms: "
+            + ", ".join(f"{k} {s * 1e3:.1f}" for k, (_, s) in sorted(by_class.items(), key=lambda kv: -kv[1][1])))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "profile.csv"), os.path.join(out_dir, "profile_kernels.csv")]
+    for path, columns, data in ((paths[0], COLUMNS, rows), (paths[1], ("case_id", "kernel", "klass", "seconds"),
+                                                          kernel_rows)):
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(data)
+    return paths
