@@ -96,7 +96,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         phase = "backward" if op.phase == "B" else "forward"
         return float(attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
     if op.kind == "memory":
-        return float(memory_bound_time(op.bytes, device)), None
+        return float(memory_bound_time(op.bytes / op.bandwidth_fraction, device)), None
     if op.kind == "norm":
         return float(norm_time(0, 0, device, bytes_moved=op.bytes)), None
     if op.kind == "collective":

@@ -11,7 +11,10 @@ Run on one GPU (not part of ``--suite all``)::
     python -m plansim.validation.runner --suite profile --out DIR
 
 Writes ``profile.csv`` (case, class, kernels, seconds per step) and ``profile_kernels.csv`` (the
-20 costliest kernel names per case, as the profiler names them).
+20 costliest kernel names per case, as the profiler names them).  ``layout.csv`` times the
+elementwise kernels of eager RoPE (multiply by a broadcast cos, add, cat) on the transposed
+[b, heads, s, d] views the model feeds them and on contiguous copies of the same tensors: the
+bandwidth PyTorch's strided, non-vectorised kernels reach.
 """
 from __future__ import annotations
 
@@ -85,6 +88,44 @@ def _profile_case(model_name: str, mb: int, recompute: str, device: torch.device
     return wall, by_class, by_name
 
 
+LAYOUT_COLUMNS = ("op", "heads", "elements", "layout", "bytes_moved", "time_s", "gbps")
+
+
+def _time(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def layout_rows(device: torch.device) -> list[dict]:
+    """RoPE's elementwise kernels on strided views vs contiguous tensors (bf16, b = 4, s = 2048)."""
+    rows = []
+    b, s, d = 4, 2048, 128
+    cos = torch.randn(s, d, device=device, dtype=torch.bfloat16)
+    for heads in (24, 8):
+        base = torch.randn(b, s, heads, d, device=device, dtype=torch.bfloat16)
+        other = torch.randn(b, s, heads, d, device=device, dtype=torch.bfloat16)
+        layouts = {"strided": (base.transpose(1, 2), other.transpose(1, 2)),
+                   "contiguous": (base.transpose(1, 2).contiguous(), other.transpose(1, 2).contiguous())}
+        n = base.numel()
+        for layout, (x, y) in layouts.items():
+            x1, x2 = x.chunk(2, dim=-1)
+            for op, fn, moved in (("mul_broadcast", lambda: x * cos, 2 * n * 2),
+                                  ("add", lambda: x + y, 3 * n * 2),
+                                  ("cat_halves", lambda: torch.cat((x2, x1), dim=-1), 2 * n * 2)):
+                t = _time(fn)
+                rows.append({"op": op, "heads": heads, "elements": n, "layout": layout, "bytes_moved": moved,
+                             "time_s": t, "gbps": moved / t / 1e9})
+        del base, other, layouts
+    return rows
+
+
 def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
     rows, kernel_rows = [], []
     for model_name, mb, recompute in CASES[:1] if quick else CASES:
@@ -103,10 +144,13 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
                                 "seconds": seconds})
         log(f"profile {case_id}: step {wall * 1e3:.1f} ms, busy {busy * 1e3:.1f} ms: "
             + ", ".join(f"{k} {s * 1e3:.1f}" for k, (_, s) in sorted(by_class.items(), key=lambda kv: -kv[1][1])))
+    layout = layout_rows(device)
+    for r in layout:
+        log(f"layout {r['op']} heads={r['heads']} {r['layout']}: {r['gbps']:.0f} GB/s")
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "profile.csv"), os.path.join(out_dir, "profile_kernels.csv")]
+    paths = [os.path.join(out_dir, name) for name in ("profile.csv", "profile_kernels.csv", "layout.csv")]
     for path, columns, data in ((paths[0], COLUMNS, rows), (paths[1], ("case_id", "kernel", "klass", "seconds"),
-                                                          kernel_rows)):
+                                                          kernel_rows), (paths[2], LAYOUT_COLUMNS, layout)):
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
