@@ -45,7 +45,7 @@ GPU_NAMES = (("h200", "h200"), ("h100", "h100-sxm"), ("a100-sxm4-80gb", "a100-80
              ("a100 80gb", "a100-80gb"), ("a100", "a100-40gb"), ("b200", "b200"), ("mi300x", "mi300x"))
 
 #: kernels rows of these kinds are predicted; transfers rows likewise (disk and CPU AdamW are
-#: reported by the runner but have no calibrated tier on these hosts: see README_SECTION.md)
+#: reported by the runner but have no calibrated tier on these hosts: see MEASURING.md, transfers.csv)
 KERNEL_KINDS = ("gemm", "bmm", "attention", "elementwise", "rmsnorm", "layernorm", "softmax", "memcpy",
                 "dropout", "dropout_add", "gelu")
 TRANSFER_KINDS = ("h2d", "d2h")
