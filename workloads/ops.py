@@ -61,7 +61,7 @@ class Op:
     hidden_by: str = ""  # a collective that overlaps this compute op (by forward name): only the excess shows
     bwd_collective: str = ""  # the collective its backward runs ("": the CONJUGATE of ``collective``)
     bwd_hidden_by: str = ""  # the compute op (by its backward name) that its backward collective runs beside
-    bandwidth_fraction: float = 1.0  # memory ops: the share of streaming bandwidth its kernels reach
+    sm_rate_Bps: float = 0.0  # memory ops whose kernels are bound by the SMs, not HBM: bytes/s per SM (0: HBM-bound)
     grad_sum_bytes: float = 0.0  # backward: autograd adds the gradients of tensors this op reads or
     #   writes that more than one op uses (a residual stream, a norm output feeding q, k and v)
     recompute_selective: bool = False  # recomputed under selective recomputation

@@ -66,13 +66,14 @@ def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
                comm_bytes=nbytes, bwd_hidden_by=beside)]
 
 
-#: Eager RoPE's kernels reach this share of a streaming add's bandwidth: the multiply by a
-#: broadcast cos/sin on a transposed view (1.18-1.22 TB/s on the H100), the half-width cat
-#: (0.93-0.97), the negation (as the multiply) and the add (2.49-2.57), weighted by the bytes
-#: each moves (2, 2, 1, 2, 3 passes): 10 / (5/1.2 + 2/0.95 + 3/2.5) = 1.34 TB/s of 2.5.
-#: Measured by the profile suite (validation/data/h100-x1/profile/layout.csv); the ratio is
-#: PyTorch's kernels', assumed to carry over to other GPUs.
-EAGER_ROPE_BANDWIDTH = 0.54
+#: Eager RoPE's kernels are bound by the SMs, not by HBM: on transposed views the multiply by a
+#: broadcast cos/sin runs at 1.18-1.27 TB/s and the half-width cat at 0.93-1.01 on both the H100
+#: and the H200 (132 SMs each; the H200's extra HBM bandwidth buys nothing), against 2.5-4.0 for
+#: an add.  Weighted by the bytes each kernel moves (multiplies and negation 5 passes, cat 2, add
+#: 3): 10 / (5/1.2 + 2/0.96 + 3/add) = 1.34 TB/s (H100), 1.41 (H200); per SM, their mean over
+#: 132 SMs.  Measured by the profile suite (validation/data/h100-x1/ and h200-x1/profile/layout.csv); other
+#: GPUs are assumed to reach the same rate per SM.
+EAGER_ROPE_SM_RATE = 1.375e12 / 132
 #: HBM bytes per element of one autograd gradient sum (read two gradients, write one)
 GRAD_SUM_BYTES = 3 * ACT_BYTES
 
@@ -135,7 +136,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         rotated = tokens * (q_cols + kv_cols) * e
         if eager:  # x·cos + cat(−x2, x1)·sin on transposed views: five kernels, ten passes over x
             # q and k are each read twice (x·cos and the rotated half): their gradients are summed
-            ops.append(Op("rope", "memory", bytes=10 * rotated, bwd_bytes_factor=1.0, bandwidth_fraction=EAGER_ROPE_BANDWIDTH,
+            ops.append(Op("rope", "memory", bytes=10 * rotated, bwd_bytes_factor=1.0, sm_rate_Bps=EAGER_ROPE_SM_RATE,
                           grad_sum_bytes=GRAD_SUM_BYTES / e * rotated))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))

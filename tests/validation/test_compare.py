@@ -31,11 +31,7 @@ BOUNDS = {
     ("vidur", "time_s"): 0.15,
 }
 #: bounds not reached on the stored data: (suite, metric) -> reason with the measured number
-NOT_REACHED: dict[tuple[str, str], str] = {
-    ("steps", "step_time_s"): "median 10.3 %, every step predicted fast: a bug that gave bias-free GEMMs a second "
-                              "input-gradient product (fixed 2026-11-23) had hidden eager PyTorch's non-GEMM work the "
-                              "op graph still undercounts (README, Held-out error; validation/data/h100-x1/profile)",
-}
+NOT_REACHED: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
