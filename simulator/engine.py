@@ -23,8 +23,8 @@ from plansim.simulator.costs.collectives import CollectiveCost, Group, collectiv
 from plansim.simulator.costs.compute import contention_s, memory_bound_time, overlap_contention
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_step_bytes, optimizer_transient_bytes,
-                                      rank_model_states, static_bytes)
+from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_sm_rate, optimizer_step_bytes,
+                                      optimizer_transient_bytes, rank_model_states, static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.plan import PlanError
@@ -558,6 +558,7 @@ class TrainingSimulation:
             rank.stats.transfer_exposed_s += env.now - start
             self._trace(rank, f"optimizer ({tier})", "copy", start, env.now)
             return
-        yield env.timeout(float(memory_bound_time(optimizer_step_bytes(plan, params, shard), cluster.device)))
+        yield env.timeout(float(memory_bound_time(optimizer_step_bytes(plan, params, shard), cluster.device,
+                                                  optimizer_sm_rate(plan))))
         rank.stats.compute_s += env.now - start
         self._trace(rank, "optimizer step", "compute", start, env.now)

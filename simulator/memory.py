@@ -43,6 +43,18 @@ def bytes_per_param(plan: Plan) -> tuple[float, float, float]:
     return 2.0, 4.0 if plan.fp32_grads else 2.0, 12.0
 
 
+#: PyTorch's fused AdamW does not speed up with HBM: 2.29 TB/s on the H100, 2.74 on the H200
+#: (both 132 SMs; 14 bytes per parameter; validation/data/h100-x1 and h200-x1, profile/adamw.csv), so its
+#: rate is taken per SM, the mean of the two (each within 10 %)
+FUSED_ADAMW_SM_RATE = (2.29e12 + 2.74e12) / 2 / 132
+
+
+def optimizer_sm_rate(plan: Plan) -> float:
+    """The per-SM rate cap of the optimizer step's kernels (0: HBM-bound), see FUSED_ADAMW_SM_RATE;
+    Megatron's (apex) optimizer was not measured and stays HBM-bound."""
+    return FUSED_ADAMW_SM_RATE if plan.framework == "pytorch" else 0.0
+
+
 def optimizer_step_bytes(plan: Plan, params: float, shard: float) -> float:
     """HBM bytes the optimizer step moves on a rank holding ``params`` parameters whose
     optimizer covers ``shard`` of them (all, or 1/(dp·cp) with ZeRO).

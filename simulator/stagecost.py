@@ -96,10 +96,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         phase = "backward" if op.phase == "B" else "forward"
         return float(attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
     if op.kind == "memory":
-        if op.sm_rate_Bps:  # the kernels cannot use all of HBM: run at the lower of the two rates
-            fraction = min(1.0, op.sm_rate_Bps * device.compute_units / device.achievable_hbm_bw_Bps)
-            return float(memory_bound_time(op.bytes / fraction, device)), None
-        return float(memory_bound_time(op.bytes, device)), None
+        return float(memory_bound_time(op.bytes, device, op.sm_rate_Bps)), None
     if op.kind == "norm":
         return float(norm_time(0, 0, device, bytes_moved=op.bytes)), None
     if op.kind == "collective":

@@ -70,10 +70,10 @@ def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
 #: broadcast cos/sin runs at 1.18-1.27 TB/s and the half-width cat at 0.93-1.01 on both the H100
 #: and the H200 (132 SMs each; the H200's extra HBM bandwidth buys nothing), against 2.5-4.0 for
 #: an add.  Weighted by the bytes each kernel moves (multiplies and negation 5 passes, cat 2, add
-#: 3): 10 / (5/1.2 + 2/0.96 + 3/add) = 1.34 TB/s (H100), 1.41 (H200); per SM, their mean over
+#: 3): 10 / (5/mul + 2/cat + 3/add) = 1.29 TB/s (H100), 1.45 (H200); per SM, their mean over
 #: 132 SMs.  Measured by the profile suite (validation/data/h100-x1/ and h200-x1/profile/layout.csv); other
 #: GPUs are assumed to reach the same rate per SM.
-EAGER_ROPE_SM_RATE = 1.375e12 / 132
+EAGER_ROPE_SM_RATE = 1.367e12 / 132
 #: HBM bytes per element of one autograd gradient sum (read two gradients, write one)
 GRAD_SUM_BYTES = 3 * ACT_BYTES
 

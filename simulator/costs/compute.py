@@ -148,9 +148,13 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
     return time
 
 
-def memory_bound_time(bytes_moved, device: Device):
-    """Seconds for a kernel limited by HBM traffic (bytes read + bytes written)."""
-    return np.asarray(bytes_moved, float) / device.achievable_hbm_bw_Bps + device.kernel_launch_s
+def memory_bound_time(bytes_moved, device: Device, sm_rate_Bps: float = 0.0):
+    """Seconds for a kernel limited by HBM traffic (bytes read + bytes written), or by the SMs
+    where ``sm_rate_Bps`` (bytes/s each SM's share of the kernel moves) gives the lower rate."""
+    bandwidth = device.achievable_hbm_bw_Bps
+    if sm_rate_Bps:
+        bandwidth = min(bandwidth, sm_rate_Bps * device.compute_units)
+    return np.asarray(bytes_moved, float) / bandwidth + device.kernel_launch_s
 
 
 def norm_time(tokens, hidden, device: Device, dtype: str = "bf16", bytes_moved=None):

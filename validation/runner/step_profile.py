@@ -126,6 +126,28 @@ def layout_rows(device: torch.device) -> list[dict]:
     return rows
 
 
+ADAMW_COLUMNS = ("params", "tensors", "optimizer", "bytes_moved", "time_s", "gbps")
+
+
+def adamw_rows(device: torch.device) -> list[dict]:
+    """The steps suite's optimizer (fused AdamW on bf16 parameters and states) alone, on tensors
+    shaped like a Llama layer's weights: 14 bytes per parameter (read p, g, m, v; write p, m, v)."""
+    rows = []
+    for layers in (8, 32):
+        params = [torch.nn.Parameter(torch.randn(rows_, 3072, device=device, dtype=torch.bfloat16))
+                  for _ in range(layers) for rows_ in (3072, 1024, 1024, 3072, 8192, 8192, 3072)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt, name = _steps._optimizer(params, device)
+        n = sum(p.numel() for p in params)
+        t = _time(opt.step, reps=5)
+        rows.append({"params": n, "tensors": len(params), "optimizer": name, "bytes_moved": 14 * n, "time_s": t,
+                     "gbps": 14 * n / t / 1e9})
+        del params, opt
+        _steps._free(device)
+    return rows
+
+
 def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
     rows, kernel_rows = [], []
     for model_name, mb, recompute in CASES[:1] if quick else CASES:
@@ -147,10 +169,15 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
     layout = layout_rows(device)
     for r in layout:
         log(f"layout {r['op']} heads={r['heads']} {r['layout']}: {r['gbps']:.0f} GB/s")
+    adamw = adamw_rows(device)
+    for r in adamw:
+        log(f"adamw {r['params'] / 1e9:.2f} B params ({r['optimizer']}): {r['time_s'] * 1e3:.2f} ms, {r['gbps']:.0f} GB/s")
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, name) for name in ("profile.csv", "profile_kernels.csv", "layout.csv")]
+    paths = [os.path.join(out_dir, name) for name in ("profile.csv", "profile_kernels.csv", "layout.csv",
+                                                       "adamw.csv")]
     for path, columns, data in ((paths[0], COLUMNS, rows), (paths[1], ("case_id", "kernel", "klass", "seconds"),
-                                                          kernel_rows), (paths[2], LAYOUT_COLUMNS, layout)):
+                                                          kernel_rows), (paths[2], LAYOUT_COLUMNS, layout),
+                                (paths[3], ADAMW_COLUMNS, adamw)):
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
