@@ -30,21 +30,19 @@ from plansim.planner import SearchSpace, search
 from plansim.planner.executors import simulate_task
 from plansim.simulator.calibration import apply_calibration
 from plansim.simulator.hardware import build_cluster
-from plansim.validation.megatron import megatron_plan
+from plansim.validation.megatron import TABLE1_SETUP, megatron_plan
 from plansim.validation.reference_data import load_megatron_table1, megatron_gpt_spec
 from plansim.workloads.plan import Plan
 
 MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,))
-# fixed for every plan, as run_table_1.sh ran them (validation/megatron.py): no sequence parallelism,
-# unfused attention, no gradient-accumulation fusion, synchronous pipeline sends, TP all-reduces in
-# line, fp16 with loss scaling; and either DDP
-# implementation of the script
-SETUP = {"attention": "unfused", "sequence_parallel": False, "grad_accumulation_fusion": False, "overlap_p2p": False,
-         "tp_backward_overlap": False, "precision": "fp16-mixed"}
+# fixed for every plan, as run_table_1.sh ran them: validation/megatron.py's TABLE1_SETUP (fp16 with
+# fp16 gradients, no sequence parallelism, unfused attention, no gradient-accumulation fusion,
+# synchronous pipeline sends, TP all-reduces in line); and either DDP implementation of the script
+SETUP = TABLE1_SETUP
 # the script's rule (Megatron-LM of 2021 ran pipelines with its local DDP only): torch DDP without
-# pipelining (all-reduce overlapped), local DDP with it (all-reduce after backward); fp16 grads in both
-DDP_IMPLS = {"torch": ({"fp32_grads": False, "overlap_grad_reduce": True, "ddp": "torch"}, ["pp=1"]),
-             "local": ({"fp32_grads": False, "overlap_grad_reduce": False, "ddp": "megatron"}, ["pp>=2"])}
+# pipelining (all-reduce overlapped), local DDP with it (all-reduce after backward)
+DDP_IMPLS = {"torch": ({"overlap_grad_reduce": True, "ddp": "torch"}, ["pp=1"]),
+             "local": ({"overlap_grad_reduce": False, "ddp": "megatron"}, ["pp>=2"])}
 
 
 def published_plan(row) -> Plan:

@@ -366,7 +366,8 @@ class AnalyticModel:
                 op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
                 if plan.overlap_grad_reduce:  # buckets of the rank's last backward (chunk r)
                     n_b = max(1, math.ceil(params[r] / bucket_params(plan)))
-                    bucket = self._collective(op, costs[r, DENSE] * grad_b / n_b, grad_group)
+                    dense = self._collective_cost(op, costs[r, DENSE] * grad_b / n_b, grad_group)
+                    bucket = dense.time_s
                     if costs[r, EXPERT] and expert_group.size > 1:
                         bucket += self._collective(op, costs[r, EXPERT] * grad_b / n_b, expert_group)
                     compute = costs[r, WC] if split_w else costs[r, BC]
@@ -380,7 +381,6 @@ class AnalyticModel:
                     tail = max(0.0, done - end)
                     hidden = max(0.0, n_b * bucket - tail)
                     # the engine owes contention for the hidden part and pays what the wait does not cover
-                    dense = self._collective_cost(op, costs[r, DENSE] * grad_b / n_b, grad_group)
                     rate = dense.volume_bytes / dense.time_s if dense.time_s > 0 else 0.0
                     exposed = max(tail, contention_s(cluster.device, hidden, hidden * rate))
                 else:

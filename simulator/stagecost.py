@@ -53,6 +53,7 @@ class PhaseCost:
     comm: list[CollectiveCost] = field(default_factory=list)  # exposed: runs after the compute
     beside: list[CollectiveCost] = field(default_factory=list)  # runs during the compute, hidden by it
     ops: list[tuple[str, float, str]] = field(default_factory=list)  # (name, seconds, stream) for traces
+    _by_link: dict[str, list[CollectiveCost]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def add(self, other: "PhaseCost", times: int = 1) -> None:
         self.compute_s += other.compute_s * times
@@ -68,7 +69,7 @@ class PhaseCost:
     def by_link(self, which: str) -> list[CollectiveCost]:
         """``comm`` or ``beside`` merged into one cost per link (latencies and bytes added), in
         first-use order; computed once, when the engine first asks (the phase is complete by then)."""
-        cache = self.__dict__.setdefault("_by_link", {})
+        cache = self._by_link
         if which not in cache:
             merged: dict[str, CollectiveCost] = {}
             for c in getattr(self, which):

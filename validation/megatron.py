@@ -23,6 +23,23 @@ from plansim.validation.reference_data import (load_korthikanti2022, load_megatr
                                                megatron_gpt_spec)
 
 
+#: what the Megatron-LM runs of both papers share: fp16 with loss scaling and fp16 gradients
+#: (gradient-accumulation fusion needed fp32 ones until late 2022), synchronous pipeline sends,
+#: unfused attention (fused scale-mask-softmax; no flash attention then)
+MEGATRON_FP16 = dict(precision="fp16-mixed", fp32_grads=False, grad_accumulation_fusion=False, overlap_p2p=False,
+                     attention="unfused")
+#: Table 1's fixed setup on top (Megatron-LM 6985e58): no sequence parallelism yet, TP
+#: all-reduces in line (the asynchronous one came in September 2021)
+TABLE1_SETUP = dict(MEGATRON_FP16, sequence_parallel=False, tp_backward_overlap=False)
+
+
+def _row_plan(row: Mapping[str, Any], vpp: int, **fields: Any) -> dict[str, Any]:
+    """A published run's layout (degrees, batches, sequence, schedule) plus ``fields``."""
+    return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
+                global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
+                schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp, **fields)
+
+
 def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
     """The plan of one Table 1 row, as the authors' script set it."""
     lpvs = row.get("layers_per_virtual_stage")
@@ -32,13 +49,14 @@ def megatron_plan(row: Mapping[str, Any]) -> dict[str, Any]:
     # the scripts (Megatron-LM 6985e58) pass neither --accumulate-allreduce-grads-in-fp32 nor
     # --use-contiguous-buffers-in-ddp, so autograd accumulates into param.grad in fp16.
     local_ddp = int(row["pp"]) > 1
-    return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
-                global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute="full",
-                sequence_parallel=False, schedule="interleaved" if vpp > 1 else "1f1b", vpp=vpp,
-                precision="fp16-mixed", fp32_grads=False, overlap_grad_reduce=not local_ddp,
-                ddp="megatron" if local_ddp else "torch",
-                grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused",
-                tp_backward_overlap=False)
+    return _row_plan(row, vpp, recompute="full", overlap_grad_reduce=not local_ddp,
+                     ddp="megatron" if local_ddp else "torch", **TABLE1_SETUP)
+
+
+def _simulate_row(row: Mapping[str, Any], plan: dict[str, Any], hardware: str, calibrated: bool):
+    """``plansim simulate`` of a published run on DGX-style nodes of 8 GPUs."""
+    return simulate(megatron_gpt_spec(row), hardware, plan=plan, nodes=int(row["gpus"]) // 8, gpus_per_node=8,
+                    calibrated=calibrated)
 
 
 def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:
@@ -46,8 +64,7 @@ def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True
     rows = []
     for _, row in load_megatron_table1().iterrows():
         gpus = int(row["gpus"])
-        result = simulate(megatron_gpt_spec(row), hardware, plan=megatron_plan(row), nodes=gpus // 8,
-                          gpus_per_node=8, calibrated=calibrated)
+        result = _simulate_row(row, megatron_plan(row), hardware, calibrated)
         predicted = megatron_flops_per_iteration(row) / result.step_time_s / gpus / 1e12
         published = float(row["tflops_per_gpu"])
         rows.append({"params_b": row["params_b"], "gpus": gpus, "tp": row["tp"], "pp": row["pp"], "dp": row["dp"],
@@ -60,16 +77,12 @@ def compare_megatron_table1(hardware: str = "a100-80gb", calibrated: bool = True
 
 
 def korthikanti_plan(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan of one Korthikanti et al. run as Megatron-LM of May 2022 ran it: fp16 gradients
-    (gradient-accumulation fusion then needed fp32 ones), TP collectives beside the gradient GEMMs,
-    synchronous pipeline sends, unfused attention; full recomputation without sequence
-    parallelism, or selective recomputation with it."""
-    vpp = int(row["virtual_stages"])
-    return dict(tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), micro_batch=int(row["micro_batch"]),
-                global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]), recompute=str(row["recompute"]),
-                sequence_parallel=bool(row["sequence_parallel"]), schedule="interleaved" if vpp > 1 else "1f1b",
-                vpp=vpp, precision="fp16-mixed", fp32_grads=False, ddp="megatron", overlap_grad_reduce=False,
-                grad_accumulation_fusion=False, overlap_p2p=False, attention="unfused", tp_backward_overlap=True)
+    """The plan of one Korthikanti et al. run as Megatron-LM of May 2022 ran it: the fp16 setup,
+    TP collectives beside the gradient GEMMs; full recomputation without sequence parallelism, or
+    selective recomputation with it."""
+    return _row_plan(row, int(row["virtual_stages"]), recompute=str(row["recompute"]),
+                     sequence_parallel=bool(row["sequence_parallel"]), ddp="megatron", overlap_grad_reduce=False,
+                     tp_backward_overlap=True, **MEGATRON_FP16)
 
 
 def compare_korthikanti2022(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:
@@ -77,8 +90,7 @@ def compare_korthikanti2022(hardware: str = "a100-80gb", calibrated: bool = True
     rows = []
     for _, row in load_korthikanti2022().iterrows():
         gpus = int(row["gpus"])
-        result = simulate(megatron_gpt_spec(row), hardware, plan=korthikanti_plan(row), nodes=gpus // 8,
-                          gpus_per_node=8, calibrated=calibrated)
+        result = _simulate_row(row, korthikanti_plan(row), hardware, calibrated)
         measured = float(row["iteration_time_s"])
         rows.append({"model": row["model"], "recompute": row["recompute"], "gpus": gpus, "tp": row["tp"],
                      "pp": row["pp"], "measured_s": measured, "predicted_s": result.step_time_s,

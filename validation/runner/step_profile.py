@@ -21,12 +21,14 @@ from __future__ import annotations
 import csv
 import os
 import re
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from plansim.validation.runner import steps as _steps
 from plansim.validation.runner.model import LlamaConfig, pick_attention
+from plansim.validation.runner.timing import bench
 
 CASES = (("llama3.2-3b-untied", 4, "full"), ("llama3.2-3b-untied", 2, "none"), ("tinyllama-1.1b", 4, "none"))
 SEQ = 2048
@@ -91,16 +93,9 @@ def _profile_case(model_name: str, mb: int, recompute: str, device: torch.device
 LAYOUT_COLUMNS = ("op", "heads", "elements", "layout", "bytes_moved", "time_s", "gbps")
 
 
-def _time(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
+def _time(fn, device: torch.device) -> float:
+    """Median seconds of ``fn()`` by the runner's own sampling (``timing.bench``)."""
+    return statistics.median(bench(lambda _i: fn(), device))
 
 
 def layout_rows(device: torch.device) -> list[dict]:
@@ -119,7 +114,7 @@ def layout_rows(device: torch.device) -> list[dict]:
             for op, fn, moved in (("mul_broadcast", lambda: x * cos, 2 * n * 2),
                                   ("add", lambda: x + y, 3 * n * 2),
                                   ("cat_halves", lambda: torch.cat((x2, x1), dim=-1), 2 * n * 2)):
-                t = _time(fn)
+                t = _time(fn, device)
                 rows.append({"op": op, "heads": heads, "elements": n, "layout": layout, "bytes_moved": moved,
                              "time_s": t, "gbps": moved / t / 1e9})
         del base, other, layouts
@@ -140,7 +135,7 @@ def adamw_rows(device: torch.device) -> list[dict]:
             p.grad = torch.randn_like(p)
         opt, name = _steps._optimizer(params, device)
         n = sum(p.numel() for p in params)
-        t = _time(opt.step, reps=5)
+        t = _time(opt.step, device)
         rows.append({"params": n, "tensors": len(params), "optimizer": name, "bytes_moved": 14 * n, "time_s": t,
                      "gbps": 14 * n / t / 1e9})
         del params, opt
