@@ -62,8 +62,9 @@ class Op:
     bwd_collective: str = ""  # the collective its backward runs ("": the CONJUGATE of ``collective``)
     bwd_hidden_by: str = ""  # the compute op (by its backward name) that its backward collective runs beside
     sm_rate_Bps: float = 0.0  # memory ops whose kernels are bound by the SMs, not HBM: bytes/s per SM (0: HBM-bound)
-    grad_sum_bytes: float = 0.0  # backward: autograd adds the gradients of tensors this op reads or
-    #   writes that more than one op uses (a residual stream, a norm output feeding q, k and v)
+    bwd_extra_bytes: float = 0.0  # backward: HBM traffic of the elementwise kernels autograd adds around
+    #   this op: sums of the gradients of tensors that several ops use (a residual stream, a norm
+    #   output feeding q, k and v), the clones and copy-back of an in-place op on a view (CopySlices)
     recompute_selective: bool = False  # recomputed under selective recomputation
 
     @property
@@ -85,14 +86,14 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
     weight gradient into the accumulated one (unfused gradient accumulation).  Attention backward
     is its own kernel; memory ops move ``bwd_bytes_factor`` times their forward bytes;
     collectives become their conjugate, or the ``bwd_collective`` they name (Megatron's f and g
-    operators), and run beside ``bwd_hidden_by`` where they name it.  ``grad_sum_bytes`` adds the
-    elementwise kernels autograd runs to sum the gradients of a tensor read by several ops.
+    operators), and run beside ``bwd_hidden_by`` where they name it.  ``bwd_extra_bytes`` adds the
+    elementwise kernels autograd runs around the op (gradient sums, CopySlices' copies).
     """
     b_ops: list[Op] = []
     w_ops: list[Op] = []
     for op in reversed(forward):
-        if op.grad_sum_bytes:
-            b_ops.append(Op(f"{op.name}.grad_sum", "memory", phase="B", bytes=op.grad_sum_bytes))
+        if op.bwd_extra_bytes:
+            b_ops.append(Op(f"{op.name}.autograd", "memory", phase="B", bytes=op.bwd_extra_bytes))
         if op.kind == "gemm":
             m, n, k = op.gemm
             b_ops.append(replace(op, name=f"{op.name}.dgrad", phase="B", gemm=(m, k, n), saved_bytes=0.0))
@@ -109,7 +110,7 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", saved_bytes=0.0))
         elif op.kind in ("memory", "norm"):
             b_ops.append(replace(op, name=f"{op.name}.bwd", phase="B", bytes=op.bytes * op.bwd_bytes_factor,
-                                 saved_bytes=0.0, grad_sum_bytes=0.0))
+                                 saved_bytes=0.0, bwd_extra_bytes=0.0))
         elif op.kind == "collective":
             collective = op.bwd_collective or CONJUGATE[op.collective]
             if collective == "none":

@@ -74,6 +74,18 @@ def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
 #: 132 SMs.  Measured by the profile suite (validation/data/h100-x1/ and h200-x1/profile/layout.csv); other
 #: GPUs are assumed to reach the same rate per SM.
 EAGER_ROPE_SM_RATE = 1.367e12 / 132
+#: Eager ``masked_fill_`` of the causal mask on the [b, heads, s, s] scores (a broadcast bool
+#: mask; PyTorch's non-vectorised TensorIterator kernel) is SM-bound like eager RoPE: 1.46 TB/s
+#: on the H200 (validation/data/h200-x2/profile/profile_kernels.csv: 26.5 ms for the forward and
+#: backward fills of gpt-1.7b at micro-batch 2), under a third of its HBM bandwidth; per SM over
+#: 132 SMs.
+EAGER_MASKED_FILL_SM_RATE = 1.46e12 / 132
+#: Autograd's copies of the [b, heads, s, s] gradient when ``masked_fill_`` ran in place on a
+#: view of the scores (Megatron's unfused ``attention_mask_func``): CopySlices clones the
+#: gradient and its slice, the fill's backward clones it again, and the result is copied back,
+#: four copies of 2 bytes read + 2 written per element (torch.profiler on CPU:
+#: two ``aten::clone``, four ``aten::copy_``)
+MASKED_FILL_VIEW_COPIES = 4
 #: HBM bytes per element of one autograd gradient sum (read two gradients, write one)
 GRAD_SUM_BYTES = 3 * ACT_BYTES
 
@@ -86,7 +98,7 @@ def _norm(name: str, model: ModelSpec, tokens: float, readers: int = 1) -> Op:
     QKV: one), whose input gradients are summed as well (readers − 1 adds)."""
     elements = tokens * model.hidden
     return Op(name, "norm", bytes=norm_bytes(tokens, model.hidden), saved_bytes=elements * ACT_BYTES,
-              bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES, grad_sum_bytes=GRAD_SUM_BYTES * elements * readers)
+              bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES, bwd_extra_bytes=GRAD_SUM_BYTES * elements * readers)
 
 
 def _residual(name: str, elements: float, dropout: bool, eager: bool) -> Op:
@@ -137,7 +149,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         if eager:  # x·cos + cat(−x2, x1)·sin on transposed views: five kernels, ten passes over x
             # q and k are each read twice (x·cos and the rotated half): their gradients are summed
             ops.append(Op("rope", "memory", bytes=10 * rotated, bwd_bytes_factor=1.0, sm_rate_Bps=EAGER_ROPE_SM_RATE,
-                          grad_sum_bytes=GRAD_SUM_BYTES / e * rotated))
+                          bwd_extra_bytes=GRAD_SUM_BYTES / e * rotated))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
     if plan.cp > 1 and plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)
@@ -162,8 +174,10 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
             Op("scores", "gemm", gemm=(s, s * plan.cp, d), batch=b * heads, dtype=dtype,
                saved_bytes=2 * tokens * q_cols * e, recompute_selective=True),  # Q and K
         ]
-        if eager:  # causal mask applied by masked_fill_ on the scores before the softmax
-            ops.append(Op("attn.mask", "memory", bytes=2 * scores * e, recompute_selective=True, bwd_bytes_factor=1.0))
+        if eager:  # causal mask applied by masked_fill_ in place on a view of the scores
+            ops.append(Op("attn.mask", "memory", bytes=2 * scores * e, recompute_selective=True, bwd_bytes_factor=1.0,
+                          sm_rate_Bps=EAGER_MASKED_FILL_SM_RATE,
+                          bwd_extra_bytes=MASKED_FILL_VIEW_COPIES * 2 * scores * e))
         # a row reduction over the scores, like the norms (Megatron fuses scale and mask into it)
         ops.append(Op("softmax", "norm", bytes=2 * scores * e, saved_bytes=scores * e, recompute_selective=True))
         if drop:  # backward reads the gradient and the mask and writes the gradient: the same 5 bytes

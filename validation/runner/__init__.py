@@ -80,7 +80,7 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
         if s == "profile":
             from plansim.validation.runner import step_profile
 
-            written += step_profile.run(dev, quick, out_dir, log)
+            written += step_profile.run(dev, quick, out_dir, log, n_gpus=n_gpus)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
         if s == "power":

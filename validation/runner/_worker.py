@@ -18,7 +18,7 @@ import traceback  # noqa: E402
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--task", choices=("collectives", "steps"), required=True)
+    p.add_argument("--task", choices=("collectives", "steps", "profile"), required=True)
     p.add_argument("--cases", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--fail-dir", required=True)
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     import torch
     import torch.distributed as dist
 
-    from plansim.validation.runner import collectives, steps
+    from plansim.validation.runner import collectives, step_profile, steps
     from plansim.validation.runner.common import error_status
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -50,6 +50,8 @@ def main(argv=None) -> None:
         try:
             if a.task == "collectives":
                 row = collectives.run_case(case, rank, world, groups, device, a.quick)
+            elif a.task == "profile":
+                row = step_profile.run_dist_profile(case, rank, world, device)
             else:
                 row = steps.run_dist_case(case, rank, world, device, a.quick)
         except BaseException as exc:  # noqa: BLE001 - recorded, then this rank stops the job

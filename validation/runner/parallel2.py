@@ -284,7 +284,9 @@ def _cp_probe(model, device) -> str:
 
 
 # --- one case (inside _worker, process group initialised) ------------------------------------
-def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick: bool):
+def build_dist_step(case: dict, rank: int, world: int, device: torch.device):
+    """``(step, extra)`` of one case on this rank: ``step(i)`` runs training step ``i``; ``extra``
+    holds the row's descriptive columns (parameters, world size, attention kernel, optimizer)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     group = dist.group.WORLD
@@ -312,11 +314,15 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
     else:
         raise ValueError(f"parallel2: unknown strategy {strategy}")
     opt, extra["optimizer"] = _steps._optimizer(model.parameters(), device)
-    step = _steps._train_step(model, opt, data, case["num_microbatches"], loss=inner.loss)
+    return _steps._train_step(model, opt, data, case["num_microbatches"], loss=inner.loss), extra
+
+
+def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick: bool):
+    step, extra = build_dist_step(case, rank, world, device)
     dist.barrier()
     try:
         return _steps.time_dist(case, step, device, quick, extra)
     finally:
-        model = inner = opt = data = step = None  # noqa: F841
+        step = None  # noqa: F841  (the model, optimizer and data live in its closure)
         _steps._free(device)
         dist.barrier()

@@ -6,12 +6,16 @@ of one step by class: GEMMs, attention, normalisation, elementwise, reductions a
 the optimizer, copies, and the rest.  The GPU-idle time between kernels is the step time minus
 the busy time.  It exists to find which work the op graph misses around the GEMMs.
 
-Run on one GPU (not part of ``--suite all``)::
+The single-GPU cases are Llama steps (flash attention) and the eager 2021 GPT (``gpt_model``,
+unfused attention); with two GPUs visible the expert-parallel steps of suite ``parallel2`` are
+profiled too (rank 0's kernels, under torchrun).  Not part of ``--suite all``::
 
     python -m plansim.validation.runner --suite profile --out DIR
 
 Writes ``profile.csv`` (case, class, kernels, seconds per step) and ``profile_kernels.csv`` (the
-20 costliest kernel names per case, as the profiler names them).  ``layout.csv`` times the
+20 costliest kernel names per case, as the profiler names them).  ``host.csv`` times how fast the
+host issues an eager step's kernels: the same models shrunk until every kernel is shorter than
+its launch, so the wall time of a forward, a backward or an optimizer step is the host's.  ``layout.csv`` times the
 elementwise kernels of eager RoPE (multiply by a broadcast cos, add, cat) on the transposed
 [b, heads, s, d] views the model feeds them and on contiguous copies of the same tensors: the
 bandwidth PyTorch's strided, non-vectorised kernels reach.
@@ -30,7 +34,9 @@ from plansim.validation.runner import steps as _steps
 from plansim.validation.runner.model import LlamaConfig, pick_attention
 from plansim.validation.runner.timing import bench
 
-CASES = (("llama3.2-3b-untied", 4, "full"), ("llama3.2-3b-untied", 2, "none"), ("tinyllama-1.1b", 4, "none"))
+#: (model, micro-batch, recompute); GPT-2 style configs run the eager 2021 GPT (gpt_model.py)
+CASES = (("llama3.2-3b-untied", 4, "full"), ("llama3.2-3b-untied", 2, "none"), ("tinyllama-1.1b", 4, "none"),
+         ("gpt-1.7b", 2, "none"), ("gpt-1.7b", 4, "full"))
 SEQ = 2048
 #: kernel class by the first pattern its name matches (case-insensitive); order matters
 CLASSES = (
@@ -53,17 +59,26 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _profile_case(model_name: str, mb: int, recompute: str, device: torch.device):
-    cfg = LlamaConfig.named(model_name)
-    model = _steps._build(cfg, device, 0, recompute=recompute)
-    pick_attention(model, device)
+def _build_step(model_name: str, mb: int, recompute: str, device: torch.device):
+    """``step(i)`` of the steps suite's single-GPU training step for one model."""
+    if model_name.startswith("gpt"):
+        from plansim.validation.runner import gpt_model
+
+        cfg = gpt_model.GPTConfig.named(model_name)
+        model = gpt_model.build(cfg, device, 0, recompute=recompute)
+    else:
+        cfg = LlamaConfig.named(model_name)
+        model = _steps._build(cfg, device, 0, recompute=recompute)
+        pick_attention(model, device)
     opt, _ = _steps._optimizer(model.parameters(), device)
-    data = _steps._batches(cfg, mb, SEQ, 2, device, 1)
-    step = _steps._train_step(model, opt, data, 1)
+    return _steps._train_step(model, opt, _steps._batches(cfg, mb, SEQ, 2, device, 1), 1)
+
+
+def profile_step(step, device: torch.device, steps_profiled: int = 3):
+    """Wall seconds per step, {class: [kernels, seconds]} and {kernel name: seconds} per step."""
     for i in range(3):  # warm-up: allocator, cuBLAS heuristics, flash kernels
         step(i)
     torch.cuda.synchronize(device)
-    steps_profiled = 3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start.record()
@@ -85,9 +100,112 @@ def _profile_case(model_name: str, mb: int, recompute: str, device: torch.device
         count_s[0] += evt.count / steps_profiled
         count_s[1] += cuda_us / 1e6 / steps_profiled
         by_name[evt.key] = by_name.get(evt.key, 0.0) + cuda_us / 1e6 / steps_profiled
-    del model, opt, data, step
-    _steps._free(device)
     return wall, by_class, by_name
+
+
+def profile_rows(case_id: str, model_name: str, mb: int, recompute: str, wall: float, by_class, by_name):
+    """``profile.csv`` rows (each class, the GPU-idle rest and the step) and ``profile_kernels.csv``
+    rows (the 20 costliest kernels) of one profiled case."""
+    base = {"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute}
+    busy = sum(s for _, s in by_class.values())
+    rows = [dict(base, klass=k, kernels=round(c, 1), seconds=sec) for k, (c, sec) in sorted(by_class.items())]
+    rows += [dict(base, klass="idle", kernels=0, seconds=max(0.0, wall - busy)),
+             dict(base, klass="step", kernels=0, seconds=wall)]
+    kernels = [{"case_id": case_id, "kernel": name[:200], "klass": classify(name), "seconds": sec}
+               for name, sec in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]]
+    return rows, kernels
+
+
+def run_dist_profile(case: dict, rank: int, world: int, device: torch.device) -> dict | None:
+    """Profile one ``parallel2`` case on every rank (inside ``_worker``); rank 0's rows, as
+    ``{"case_id", "rows", "kernels"}``, or None on the other ranks."""
+    import torch.distributed as dist
+
+    from plansim.validation.runner import parallel2
+
+    step, _ = parallel2.build_dist_step(case, rank, world, device)
+    dist.barrier()
+    wall, by_class, by_name = profile_step(step, device)
+    del step
+    _steps._free(device)
+    dist.barrier()
+    if rank != 0:
+        return None
+    rows, kernels = profile_rows(case["case_id"], case["model"], case["micro_batch"], case["recompute"], wall,
+                                 by_class, by_name)
+    return {"case_id": case["case_id"], "rows": rows, "kernels": kernels, "status": "ok"}
+
+
+def _kernels(fn, before, device: torch.device) -> tuple[int, float]:
+    """Kernel count and GPU seconds of ``before()`` (if any) and then ``fn()``, by the profiler."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        if before:
+            before()
+        fn()
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(events), sum(e.time_range.elapsed_us() for e in events) / 1e6
+
+
+HOST_COLUMNS = ("model", "phase", "kernels", "wall_s", "busy_s", "s_per_kernel")
+
+
+def host_rows(device: torch.device, repeats: int = 20) -> list[dict]:
+    """Host seconds per kernel of eager steps: each model shrunk (4 layers, hidden 256, vocab 1024,
+    b = 1, s = 128) so that its kernels take less time than their launch; forward, backward and
+    optimizer step timed apart, ``repeats`` times each between two synchronisations, and their
+    kernels counted by the profiler (``busy_s``, the GPU's own time, shows the GPU was waiting)."""
+    import dataclasses
+    import time
+
+    from plansim.validation.runner import gpt_model
+
+    rows = []
+    llama = dataclasses.replace(LlamaConfig.named("tinyllama-1.1b"), hidden=256, heads=4, kv_heads=2, head_dim=64,
+                                ffn=512, vocab=1024, layers=4)
+    gpt = dataclasses.replace(gpt_model.GPTConfig.named("gpt-1.7b"), hidden=256, heads=4, ffn=1024, vocab=1024,
+                              layers=4)
+    for name, cfg, build in (("llama", llama, lambda c: _steps._build(c, device, 0)),
+                             ("gpt", gpt, lambda c: gpt_model.build(c, device, 0))):
+        model = build(cfg)
+        if name == "llama":
+            pick_attention(model, device)
+        opt, _ = _steps._optimizer(model.parameters(), device)
+        forward, backward, step = _phases(model, opt, *_steps._batches(cfg, 1, 128, 1, device, 1)[0])
+        for phase, fn, before in (("forward", forward, None), ("backward", backward, forward),
+                                  ("optimizer", step, None)):
+            walls = []
+            for i in range(3 + repeats):  # three warm-ups; no profiler while timing (it slows the host)
+                if before:
+                    before()
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize(device)
+                walls.append(time.perf_counter() - t0)
+            kernels, busy = _kernels(fn, before, device)
+            if before:  # its kernels are in the profile too
+                kernels, busy = kernels - rows[-1]["kernels"], busy - rows[-1]["busy_s"]
+            wall = statistics.median(walls[3:])
+            rows.append({"model": name, "phase": phase, "kernels": kernels, "wall_s": wall, "busy_s": busy,
+                         "s_per_kernel": wall / kernels})
+        opt.zero_grad(set_to_none=True)
+        del model, opt, forward, backward, step
+        _steps._free(device)
+    return rows
+
+
+def _phases(model, opt, x, y):
+    """A training step's three parts as functions: forward (keeps the loss), backward, optimizer."""
+    state: dict = {}
+
+    def forward():
+        state["loss"] = model.loss(model(x), y)
+
+    def backward():
+        state.pop("loss").backward()
+
+    return forward, backward, opt.step
 
 
 LAYOUT_COLUMNS = ("op", "heads", "elements", "layout", "bytes_moved", "time_s", "gbps")
@@ -143,24 +261,40 @@ def adamw_rows(device: torch.device) -> list[dict]:
     return rows
 
 
-def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int = 1) -> list[str]:
     rows, kernel_rows = [], []
     for model_name, mb, recompute in CASES[:1] if quick else CASES:
         case_id = f"{model_name}-mb{mb}-s{SEQ}-rc{recompute}"
-        wall, by_class, by_name = _profile_case(model_name, mb, recompute, device)
-        busy = sum(s for _, s in by_class.values())
-        for klass, (count, seconds) in sorted(by_class.items()):
-            rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
-                         "klass": klass, "kernels": round(count, 1), "seconds": seconds})
-        rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
-                     "klass": "idle", "kernels": 0, "seconds": max(0.0, wall - busy)})
-        rows.append({"case_id": case_id, "model": model_name, "micro_batch": mb, "recompute": recompute,
-                     "klass": "step", "kernels": 0, "seconds": wall})
-        for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]:
-            kernel_rows.append({"case_id": case_id, "kernel": name[:200], "klass": classify(name),
-                                "seconds": seconds})
-        log(f"profile {case_id}: step {wall * 1e3:.1f} ms, busy {busy * 1e3:.1f} ms: "
-            + ", ".join(f"{k} {s * 1e3:.1f}" for k, (_, s) in sorted(by_class.items(), key=lambda kv: -kv[1][1])))
+        step = _build_step(model_name, mb, recompute, device)
+        wall, by_class, by_name = profile_step(step, device)
+        del step
+        _steps._free(device)
+        case_rows, case_kernels = profile_rows(case_id, model_name, mb, recompute, wall, by_class, by_name)
+        rows += case_rows
+        kernel_rows += case_kernels
+        _log_case(log, case_id, wall, by_class)
+    if n_gpus >= 2:
+        from plansim.validation.runner import parallel2
+        from plansim.validation.runner.launch import run_workers
+
+        _steps._free(device)
+        ep_cases = [c for c in parallel2.cases(quick, 2) if c["strategy"] == "ep"]
+        for result in run_workers("profile", ep_cases, 2, device.type, quick, 330.0, log):
+            if "rows" not in result:
+                log(f"profile {result['case_id']}: {result.get('status')}")
+                continue
+            rows += result["rows"]
+            kernel_rows += result["kernels"]
+            by = {r["klass"]: (r["kernels"], r["seconds"]) for r in result["rows"]}
+            step_s = by.pop("step")[1]
+            by.pop("idle")
+            _log_case(log, result["case_id"], step_s, by)
+    else:
+        log("profile: expert-parallel cases skipped, one GPU visible (needs 2)")
+    host = host_rows(device)
+    for r in host:
+        log(f"host {r['model']} {r['phase']}: {r['kernels']:.0f} kernels, {r['s_per_kernel'] * 1e6:.1f} us/kernel "
+            f"(GPU busy {r['busy_s'] / r['wall_s']:.0%})")
     layout = layout_rows(device)
     for r in layout:
         log(f"layout {r['op']} heads={r['heads']} {r['layout']}: {r['gbps']:.0f} GB/s")
@@ -169,12 +303,18 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
         log(f"adamw {r['params'] / 1e9:.2f} B params ({r['optimizer']}): {r['time_s'] * 1e3:.2f} ms, {r['gbps']:.0f} GB/s")
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ("profile.csv", "profile_kernels.csv", "layout.csv",
-                                                       "adamw.csv")]
+                                                       "adamw.csv", "host.csv")]
     for path, columns, data in ((paths[0], COLUMNS, rows), (paths[1], ("case_id", "kernel", "klass", "seconds"),
                                                           kernel_rows), (paths[2], LAYOUT_COLUMNS, layout),
-                                (paths[3], ADAMW_COLUMNS, adamw)):
+                                (paths[3], ADAMW_COLUMNS, adamw), (paths[4], HOST_COLUMNS, host)):
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(data)
     return paths
+
+
+def _log_case(log, case_id: str, wall: float, by_class) -> None:
+    busy = sum(sec for _, sec in by_class.values())
+    log(f"profile {case_id}: step {wall * 1e3:.1f} ms, busy {busy * 1e3:.1f} ms: "
+        + ", ".join(f"{k} {sec * 1e3:.1f}" for k, (_, sec) in sorted(by_class.items(), key=lambda kv: -kv[1][1])))
