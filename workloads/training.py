@@ -76,9 +76,10 @@ def _regather(column_gemm: str, nbytes: float, plan: Plan) -> list[Op]:
 EAGER_ROPE_SM_RATE = 1.367e12 / 132
 #: Eager ``masked_fill_`` of the causal mask on the [b, heads, s, s] scores (a broadcast bool
 #: mask; PyTorch's non-vectorised TensorIterator kernel) is SM-bound like eager RoPE: 1.46 TB/s
-#: on the H200 (validation/data/h200-x2/profile/profile_kernels.csv: 26.5 ms for the forward and
-#: backward fills of gpt-1.7b at micro-batch 2), under a third of its HBM bandwidth; per SM over
-#: 132 SMs.
+#: on the H200 and 1.37 on the H100, whose HBM is 30 % slower (profile suite,
+#: validation/data/{h200-x2,h100-x1}/profile/profile_kernels.csv: the forward and backward fills
+#: of gpt-1.7b at micro-batch 2).  The rate per SM is the H200's over its 132 SMs: the H100's
+#: profile is of a step held out for validation, so it only checks that the rate is per SM.
 EAGER_MASKED_FILL_SM_RATE = 1.46e12 / 132
 #: Autograd's copies of the [b, heads, s, s] gradient when ``masked_fill_`` ran in place on a
 #: view of the scores (Megatron's unfused ``attention_mask_func``): CopySlices clones the
