@@ -149,6 +149,7 @@ class Device(_Profile):
     unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
     norm_bandwidth_fraction: float | None = Field(default=None, gt=0, le=1)  # norm kernels vs streaming ops
     collective_launch_s: float | None = Field(default=None, ge=0)  # host cost of issuing one NCCL call
+    kernel_issue_s: float | None = Field(default=None, gt=0)  # host cost of issuing one eager kernel
     overlap_contention: float | None = Field(default=None, ge=0, le=1)  # hidden collective's time that still shows
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import attention_time, contention_s, gemm_time, memory_bound_time, norm_time
+from plansim.simulator.costs.compute import (attention_time, contention_s, gemm_time, kernel_issue_time,
+                                             memory_bound_time, norm_time)
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
@@ -127,8 +128,10 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
     """Cost a phase's ops.  A collective with ``hidden_by`` shows only what outlasts that compute
     op, looked up in this phase or in ``beside`` (compute seconds of a phase that runs with it:
     the weight gradients beside the input gradients), and the hidden part slows that compute by
-    the device's ``overlap_contention`` share of its time."""
+    the device's ``overlap_contention`` share of its time.  A phase never runs faster than its
+    host issues its kernels (``kernel_issue_time``): the excess shows as ``host.issue``."""
     cost = PhaseCost()
+    issued = 0
     costed = [(op, *op_cost(op, cluster, groups)) for op in ops]
     compute_by_name = dict(beside or {})
     compute_by_name.update({op.name: seconds for op, seconds, comm in costed if comm is None})
@@ -151,6 +154,14 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
             cost.compute_s += seconds
             cost.flops += op.flops
             cost.ops.append((op.name, seconds, "compute"))
+        if comm is not None or seconds:
+            issued += op.kernels
+    # the host issues the phase's kernels one by one: where it takes longer than the GPU runs
+    # them, the GPU waits (eager frameworks; the host keeps no lead across a phase boundary)
+    idle = float(kernel_issue_time(issued, cluster.device)) - cost.compute_s - cost.comm_s
+    if idle > 0:
+        cost.compute_s += idle
+        cost.ops.append(("host.issue", idle, "compute"))
     return cost
 
 

@@ -66,6 +66,7 @@ class Op:
     #   this op: sums of the gradients of tensors that several ops use (a residual stream, a norm
     #   output feeding q, k and v), the clones and copy-back of an in-place op on a view (CopySlices)
     recompute_selective: bool = False  # recomputed under selective recomputation
+    kernels: int = 1  # kernels (or NCCL calls) the host issues for it; its backward issues as many
 
     @property
     def flops(self) -> float:

@@ -77,8 +77,8 @@ EAGER_ROPE_SM_RATE = 1.367e12 / 132
 #: Eager ``masked_fill_`` of the causal mask on the [b, heads, s, s] scores (a broadcast bool
 #: mask; PyTorch's non-vectorised TensorIterator kernel) is SM-bound like eager RoPE: 1.46 TB/s
 #: on the H200 and 1.37 on the H100, whose HBM is 30 % slower (profile suite,
-#: validation/data/{h200-x2,h100-x1}/profile/profile_kernels.csv: the forward and backward fills
-#: of gpt-1.7b at micro-batch 2).  The rate per SM is the H200's over its 132 SMs: the H100's
+#: profile_kernels.csv in validation/data/h200-x2/profile/ and h100-x1/profile2/: the forward
+#: and backward fills of gpt-1.7b at micro-batch 2).  The rate per SM is the H200's over its 132 SMs: the H100's
 #: profile is of a step held out for validation, so it only checks that the rate is per SM.
 EAGER_MASKED_FILL_SM_RATE = 1.46e12 / 132
 #: Autograd's copies of the [b, heads, s, s] gradient when ``masked_fill_`` ran in place on a
@@ -150,7 +150,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         if eager:  # x·cos + cat(−x2, x1)·sin on transposed views: five kernels, ten passes over x
             # q and k are each read twice (x·cos and the rotated half): their gradients are summed
             ops.append(Op("rope", "memory", bytes=10 * rotated, bwd_bytes_factor=1.0, sm_rate_Bps=EAGER_ROPE_SM_RATE,
-                          bwd_extra_bytes=GRAD_SUM_BYTES / e * rotated))
+                          bwd_extra_bytes=GRAD_SUM_BYTES / e * rotated, kernels=5))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
     if plan.cp > 1 and plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)

@@ -42,6 +42,11 @@ DEFAULT_OVERLAP_CONTENTION = 0.50
 #: bandwidth per second, so its contention is scaled down by its rate over this one
 OVERLAP_REFERENCE_BPS = 236e9
 ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for tensor-core kernels
+#: host seconds to issue one kernel from eager PyTorch (Python, dispatcher, autograd, launch):
+#: the median over forward and backward of shrunk Llama and GPT models that leave the GPU idle,
+#: 19-27 µs on the 2×H200 machine's Xeon (validation/data/h200-x2/profile/host.csv; 30-64 µs on
+#: the H100 machine's slower VM).  A calibrated profile carries its own host's figure.
+DEFAULT_KERNEL_ISSUE_S = 22e-6
 
 
 MIN_GEMM_TILE = 64.0  # smallest CTA tile edge cuBLAS/CUTLASS use for a short GEMM dimension
@@ -146,6 +151,12 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
         # the backward runs a preprocessing kernel (dO·O row sums) and the main kernel
         time = time + np.maximum(flops / bwd_rate, bwd_io / device.achievable_hbm_bw_Bps) + 2 * device.kernel_launch_s
     return time
+
+
+def kernel_issue_time(kernels, device: Device):
+    """Host seconds to issue ``kernels`` eager kernels: a GPU cannot run work faster than its
+    host hands it over, so small kernels leave it idle (launch-bound steps)."""
+    return np.asarray(kernels, float) * _param(device, "kernel_issue_s", DEFAULT_KERNEL_ISSUE_S)
 
 
 def memory_bound_time(bytes_moved, device: Device, sm_rate_Bps: float = 0.0):

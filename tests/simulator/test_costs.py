@@ -185,3 +185,23 @@ def test_host_transfers_pageable_slower_than_pinned_and_bounded_by_pcie():
         pageable = float(host_transfer_time(nbytes, link, pinned=False))
         assert pageable > pinned >= nbytes / link.bw_Bps
     assert math.isfinite(float(host_transfer_time(0, link)))
+
+
+def test_a_phase_of_small_kernels_runs_at_the_rate_its_host_issues_them():
+    """Eager frameworks issue kernels one by one from the host: 200 tiny elementwise kernels take
+    200 issue times, while a phase of large GEMMs is untouched by the host."""
+    from plansim.simulator.costs.compute import DEFAULT_KERNEL_ISSUE_S
+    from plansim.simulator.stagecost import Groups, cost_ops
+    from plansim.workloads.ops import Op
+    from plansim.workloads.plan import Plan
+
+    cluster = build_cluster("h100-sxm", "dgx-h100", 1, 8)
+    groups = Groups.of(Plan(), cluster)
+    tiny = cost_ops([Op(f"add{i}", "memory", bytes=4096) for i in range(200)], cluster, groups)
+    assert tiny.compute_s == pytest.approx(200 * DEFAULT_KERNEL_ISSUE_S)
+    assert any(name == "host.issue" for name, _, _ in tiny.ops)
+    rope = cost_ops([Op("rope", "memory", bytes=4096, kernels=5)], cluster, groups)
+    assert rope.compute_s == pytest.approx(5 * DEFAULT_KERNEL_ISSUE_S)
+    big = cost_ops([Op(f"mlp{i}", "gemm", gemm=(8192, 8192, 8192)) for i in range(4)], cluster, groups)
+    assert all(name != "host.issue" for name, _, _ in big.ops)
+    assert big.compute_s > 4 * DEFAULT_KERNEL_ISSUE_S

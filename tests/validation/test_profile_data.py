@@ -39,7 +39,8 @@ def _predicted_by_kind(model: str, mb: int, recompute: str) -> dict[str, float]:
         for ops in w.phases(part).values():
             kinds = {op.name: op.kind for op in ops}
             for name, seconds, _ in cost_ops(ops, machine, groups).ops:
-                out[kinds[name]] = out.get(kinds[name], 0.0) + seconds * times
+                kind = kinds.get(name, "host")  # host.issue: the GPU waiting for the host
+                out[kind] = out.get(kind, 0.0) + seconds * times
     return out
 
 
@@ -94,21 +95,21 @@ def test_eager_masked_fill_rate_is_the_profiled_kernel():
     spec = load_model(C.CONFIGS_DIR / "gpt-1.7b.json")
     elements = 2 * spec.num_heads * 2048 ** 2 * spec.num_layers * 2  # forward and backward fills
     rates = {}
-    for gpu in ("h100-x1", "h200-x2"):
-        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile" / "profile_kernels.csv")
+    for gpu in ("h100-x1/profile2", "h200-x2/profile"):
+        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
         case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
         rates[gpu] = elements * 4 / case[case.kernel.str.contains("masked_fill_kernel")].seconds.sum()
-    assert rates["h100-x1"] < 3.35e12 / 2 and rates["h200-x2"] < 4.8e12 / 3
-    assert rates["h200-x2"] / rates["h100-x1"] - 1 <= (4.8 / 3.35 - 1) / 3  # HBM +43 %, the fill far less
-    assert EAGER_MASKED_FILL_SM_RATE * 132 == pytest.approx(rates["h200-x2"], rel=0.02)  # not a held-out step
-    assert EAGER_MASKED_FILL_SM_RATE * 132 == pytest.approx(rates["h100-x1"], rel=0.08)  # the same rate per SM
+    assert rates["h100-x1/profile2"] < 3.35e12 / 2 and rates["h200-x2/profile"] < 4.8e12 / 3
+    assert rates["h200-x2/profile"] / rates["h100-x1/profile2"] - 1 <= (4.8 / 3.35 - 1) / 3  # HBM +43 %, the fill far less
+    assert EAGER_MASKED_FILL_SM_RATE * 132 == pytest.approx(rates["h200-x2/profile"], rel=0.02)  # not a held-out step
+    assert EAGER_MASKED_FILL_SM_RATE * 132 == pytest.approx(rates["h100-x1/profile2"], rel=0.08)  # the same rate per SM
 
 
 def test_host_issue_rates_are_physical():
     """host.csv: the shrunk models keep the GPU mostly idle (so the wall time is the host's), and
     an eager kernel costs the host microseconds, not nanoseconds or milliseconds."""
-    for gpu in ("h100-x1", "h200-x2"):
-        host = pd.read_csv(DATA.parents[2] / gpu / "profile" / "host.csv")
-        steps = host[host.phase != "optimizer"]
+    for folder in ("h100-x1/profile2", "h200-x2/profile"):
+        host = pd.read_csv(DATA.parents[2] / folder / "host.csv")
+        steps = host[host.phase.isin(["forward", "backward", "steady_step"])]
         assert (steps.busy_s < 0.5 * steps.wall_s).all()
         assert steps.s_per_kernel.between(2e-6, 100e-6).all()

@@ -154,7 +154,9 @@ def host_rows(device: torch.device, repeats: int = 20) -> list[dict]:
     """Host seconds per kernel of eager steps: each model shrunk (4 layers, hidden 256, vocab 1024,
     b = 1, s = 128) so that its kernels take less time than their launch; forward, backward and
     optimizer step timed apart, ``repeats`` times each between two synchronisations, and their
-    kernels counted by the profiler (``busy_s``, the GPU's own time, shows the GPU was waiting)."""
+    kernels counted by the profiler (``busy_s``, the GPU's own time, shows the GPU was waiting);
+    then ``steady_step``: ``repeats`` whole steps back to back with one synchronisation, the
+    host's rate when it never waits for the GPU."""
     import dataclasses
     import time
 
@@ -189,10 +191,47 @@ def host_rows(device: torch.device, repeats: int = 20) -> list[dict]:
             wall = statistics.median(walls[3:])
             rows.append({"model": name, "phase": phase, "kernels": kernels, "wall_s": wall, "busy_s": busy,
                          "s_per_kernel": wall / kernels})
+        # whole steps back to back, one synchronisation at the end: the host never waits, as in
+        # training (the per-phase rows above start each phase from an idle, synchronised host)
+        per_step = rows[-3:]
+        kernels, busy = sum(r["kernels"] for r in per_step), sum(r["busy_s"] for r in per_step)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            forward()
+            backward()
+            step()
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) / repeats
+        rows.append({"model": name, "phase": "steady_step", "kernels": kernels, "wall_s": wall, "busy_s": busy,
+                     "s_per_kernel": wall / kernels})
         opt.zero_grad(set_to_none=True)
         del model, opt, forward, backward, step
         _steps._free(device)
+    rows.append(_enqueue_row("tinyllama-1.1b", 1, device))
     return rows
+
+
+def _enqueue_row(model_name: str, mb: int, device: torch.device, repeats: int = 5) -> dict:
+    """A full-size step (the steps suite's, no recomputation): seconds until ``step()`` returns to
+    the host, before the GPU finishes (the host's issue time while the launch queue has room),
+    its kernel count and the GPU's busy time."""
+    import time
+
+    step = _build_step(model_name, mb, "none", device)
+    walls = []
+    for i in range(3 + repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step(i)
+        walls.append(time.perf_counter() - t0)
+    torch.cuda.synchronize(device)
+    kernels, busy = _kernels(lambda: step(0), None, device)
+    del step
+    _steps._free(device)
+    wall = statistics.median(walls[3:])
+    return {"model": f"{model_name}-mb{mb}-s{SEQ}", "phase": "enqueue", "kernels": kernels, "wall_s": wall,
+            "busy_s": busy, "s_per_kernel": wall / kernels}
 
 
 def _phases(model, opt, x, y):
