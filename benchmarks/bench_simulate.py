@@ -87,7 +87,8 @@ HEADER = ("| hardware | GPUs | TP | PP | DP | global batch | micro-batches / pip
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_simulate.md")))
+    ap.add_argument("--out", help="markdown file to write (default: RESULTS_simulate.md beside this script; "
+                                   "with --quick, nothing unless given)")
     ap.add_argument("--quick", action="store_true", help="headline cases only")
     args = ap.parse_args(argv)
     pinned = _pin_one_core()
@@ -146,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if rows is head:
             lines += ["Cold (first call in the process): " + ", ".join(
                 f"{r['hardware']}{' +trace' if r['trace'] else ''} {r['cold_s'] * 1e3:.0f} ms" for r in rows), ""]
-    Path(args.out).write_text("\n".join(lines))
-    print(f"\nwrote {args.out}; acceptance {'met' if verdict else 'NOT met'}")
+    out = args.out or (None if args.quick else str(Path(__file__).with_name("RESULTS_simulate.md")))
+    if out:
+        Path(out).write_text("\n".join(lines))
+    print(f"\n{'wrote ' + out if out else 'quick run, nothing written'}; acceptance {'met' if verdict else 'NOT met'}")
     return 0
 
 
