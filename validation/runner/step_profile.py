@@ -15,8 +15,9 @@ profiled too (rank 0's kernels, under torchrun).  Not part of ``--suite all``::
 Writes ``profile.csv`` (case, class, kernels, seconds per step) and ``profile_kernels.csv`` (the
 20 costliest kernel names per case, as the profiler names them).  ``host.csv`` times how fast the
 host issues an eager step's kernels: the same models shrunk until every kernel is shorter than
-its launch, so the wall time of a forward, a backward or an optimizer step is the host's.  ``layout.csv`` times the
-elementwise kernels of eager RoPE (multiply by a broadcast cos, add, cat) on the transposed
+its launch, so the wall time of a forward, a backward, an optimizer step or whole steps back to
+back is the host's (and one full-size step timed until it returns to the host).  ``layout.csv``
+times the elementwise kernels of eager RoPE (multiply by a broadcast cos, add, cat) on the transposed
 [b, heads, s, d] views the model feeds them and on contiguous copies of the same tensors: the
 bandwidth PyTorch's strided, non-vectorised kernels reach.
 """
