@@ -27,6 +27,7 @@ from plansim.simulator.costs import compute
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.transfers import host_transfer_time
 from plansim.simulator.hardware import Cluster, Device, build_cluster
+from plansim.workloads.training import EAGER_MASKED_FILL_SM_RATE
 
 VALIDATION_DIR = Path(__file__).resolve().parent
 DATA_DIR = VALIDATION_DIR / "data"
@@ -46,8 +47,8 @@ GPU_NAMES = (("h200", "h200"), ("h100", "h100-sxm"), ("a100-sxm4-80gb", "a100-80
 
 #: kernels rows of these kinds are predicted; transfers rows likewise (disk and CPU AdamW are
 #: reported by the runner but have no calibrated tier on these hosts: see MEASURING.md, transfers.csv)
-KERNEL_KINDS = ("gemm", "bmm", "attention", "elementwise", "rmsnorm", "layernorm", "softmax", "memcpy",
-                "dropout", "dropout_add", "gelu")
+KERNEL_KINDS = ("gemm", "bmm", "attention", "elementwise", "rmsnorm", "layernorm", "softmax", "masked_softmax",
+                "memcpy", "dropout", "dropout_add", "gelu")
 TRANSFER_KINDS = ("h2d", "d2h")
 
 
@@ -142,6 +143,10 @@ def predict_kernel(row, device: Device) -> float:
         return float(compute.gemm_time(_num(row, "m"), _num(row, "n"), _num(row, "k"), row["dtype"], device, batch))
     if kind == "softmax":  # a row reduction like the norms: read the scores, write the probabilities
         return float(compute.norm_time(0, 0, device, bytes_moved=_num(row, "bytes_moved")))
+    if kind == "masked_softmax":  # eager masked_fill_ in place (SM-bound), then the softmax: half the bytes each
+        half = _num(row, "bytes_moved") / 2
+        return float(compute.memory_bound_time(half, device, EAGER_MASKED_FILL_SM_RATE)
+                     + compute.norm_time(0, 0, device, bytes_moved=half))
     if kind in ("dropout", "dropout_add", "gelu"):  # streaming ops: the bytes the runner counts
         return float(compute.memory_bound_time(_num(row, "bytes_moved"), device))
     if kind == "attention":
