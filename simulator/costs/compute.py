@@ -45,7 +45,8 @@ ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for ten
 #: host seconds to issue one kernel from eager PyTorch (Python, dispatcher, autograd, launch):
 #: the median over forward and backward of shrunk Llama and GPT models that leave the GPU idle,
 #: 19-27 µs on the 2×H200 machine's Xeon (validation/data/h200-x2/profile/host.csv; 30-64 µs on
-#: the H100 machine's slower VM).  A calibrated profile carries its own host's figure.
+#: the H100 machines' slower VMs).  Host speed belongs to the machine, not the GPU: a device
+#: profile may set its host's figure as ``kernel_issue_s``.
 DEFAULT_KERNEL_ISSUE_S = 22e-6
 
 

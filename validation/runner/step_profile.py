@@ -24,6 +24,7 @@ bandwidth PyTorch's strided, non-vectorised kernels reach.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import statistics
@@ -227,7 +228,7 @@ def _enqueue_row(model_name: str, mb: int, device: torch.device, repeats: int = 
         step(i)
         walls.append(time.perf_counter() - t0)
     torch.cuda.synchronize(device)
-    kernels, busy = _kernels(lambda: step(0), None, device)
+    kernels, busy = _kernels(functools.partial(step, 0), None, device)
     del step
     _steps._free(device)
     wall = statistics.median(walls[3:])
@@ -312,23 +313,20 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
         case_rows, case_kernels = profile_rows(case_id, model_name, mb, recompute, wall, by_class, by_name)
         rows += case_rows
         kernel_rows += case_kernels
-        _log_case(log, case_id, wall, by_class)
+        _log_case(log, case_rows)
     if n_gpus >= 2:
-        from plansim.validation.runner import parallel2
+        from plansim.validation.runner import WORKER_TIMEOUT_S, parallel2
         from plansim.validation.runner.launch import run_workers
 
         _steps._free(device)
         ep_cases = [c for c in parallel2.cases(quick, 2) if c["strategy"] == "ep"]
-        for result in run_workers("profile", ep_cases, 2, device.type, quick, 330.0, log):
+        for result in run_workers("profile", ep_cases, 2, device.type, quick, WORKER_TIMEOUT_S, log):
             if "rows" not in result:
                 log(f"profile {result['case_id']}: {result.get('status')}")
                 continue
             rows += result["rows"]
             kernel_rows += result["kernels"]
-            by = {r["klass"]: (r["kernels"], r["seconds"]) for r in result["rows"]}
-            step_s = by.pop("step")[1]
-            by.pop("idle")
-            _log_case(log, result["case_id"], step_s, by)
+            _log_case(log, result["rows"])
     else:
         log("profile: expert-parallel cases skipped, one GPU visible (needs 2)")
     host = host_rows(device)
@@ -354,7 +352,9 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
     return paths
 
 
-def _log_case(log, case_id: str, wall: float, by_class) -> None:
-    busy = sum(sec for _, sec in by_class.values())
-    log(f"profile {case_id}: step {wall * 1e3:.1f} ms, busy {busy * 1e3:.1f} ms: "
-        + ", ".join(f"{k} {sec * 1e3:.1f}" for k, (_, sec) in sorted(by_class.items(), key=lambda kv: -kv[1][1])))
+def _log_case(log, case_rows: list[dict]) -> None:
+    """One line per profiled case from its ``profile.csv`` rows: step, busy time, classes by time."""
+    by = {r["klass"]: r["seconds"] for r in case_rows}
+    step, _ = by.pop("step"), by.pop("idle")
+    log(f"profile {case_rows[0]['case_id']}: step {step * 1e3:.1f} ms, busy {sum(by.values()) * 1e3:.1f} ms: "
+        + ", ".join(f"{k} {sec * 1e3:.1f}" for k, sec in sorted(by.items(), key=lambda kv: -kv[1])))
