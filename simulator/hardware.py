@@ -142,9 +142,9 @@ class Device(_Profile):
     # shape-efficiency parameters of the cost models (simulator/costs/compute.py); None: the
     # model's default.  Calibrated profiles (hardware_profiles/calibrated/) set them.
     gemm_k_overhead: PositiveFloat | None = None  # K elements' worth of per-tile fixed work
-    attention_seq_half: PositiveFloat | None = None  # sequence length at half the attention rate
     attention_bwd_ratio: PositiveFloat | None = None  # backward / forward attention FLOP rate
-    attention_causal_efficiency: float | None = Field(default=None, gt=0, le=1)  # masked tiles, imbalance
+    attention_fwd_cta_overhead: PositiveFloat | None = None  # key columns' worth of fixed work per forward CTA
+    attention_bwd_cta_overhead: PositiveFloat | None = None  # query rows' worth of fixed work per backward CTA
     attention_head_dim_half: PositiveFloat | None = None  # head dim at which tiles reach half their rate
     unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
     norm_bandwidth_fraction: float | None = Field(default=None, gt=0, le=1)  # norm kernels vs streaming ops

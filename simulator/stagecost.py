@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import (attention_time, contention_s, gemm_time, kernel_issue_time,
+from plansim.simulator.costs.compute import (contention_s, context_parallel_attention_time, gemm_time, kernel_issue_time,
                                              memory_bound_time, norm_time)
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
@@ -96,7 +96,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
     if op.kind == "attention":
         b, heads, kv_heads, d, sq, skv, causal = op.attention
         phase = "backward" if op.phase == "B" else "forward"
-        return float(attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
+        return float(context_parallel_attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
     if op.kind == "memory":
         return float(memory_bound_time(op.bytes, device, op.sm_rate_Bps)), None
     if op.kind == "norm":

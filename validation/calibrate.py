@@ -6,8 +6,8 @@ few odd kernels do not pull the rest), the parameters of the cost models' physic
 
 * device (simulator/costs/compute.py), from ``kernels.csv``: ``achievable_gemm_fraction``,
   ``gemm_k_overhead`` (per-tile prologue/epilogue in K elements), ``kernel_launch_s``,
-  ``achievable_hbm_bw_Bps``, ``attention_fraction``, ``attention_seq_half``,
-  ``attention_bwd_ratio`` — all bounded to physical ranges (fractions ≤ 1, bandwidth ≤ datasheet);
+  ``achievable_hbm_bw_Bps``, ``attention_fraction``, ``attention_bwd_ratio``, the flash-attention
+  CTAs' fixed work (``attention_fwd_cta_overhead``, ``attention_bwd_cta_overhead``) — all bounded to physical ranges (fractions ≤ 1, bandwidth ≤ datasheet);
 * host link (simulator/costs/transfers.py), from ``transfers.csv``: PCIe ``achievable_bw_Bps``
   and ``latency_s`` on pinned copies, then ``pageable_fraction`` on pageable ones;
 * intra-node link (simulator/costs/collectives.py), from ``collectives.csv``: NVLink
@@ -43,15 +43,19 @@ KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
     ("kernel_launch_s", 0.2e-6, 30e-6, KERNEL_KINDS),
     ("achievable_hbm_bw_Bps", lambda d: 0.3 * d.hbm_bw_Bps, lambda d: d.hbm_bw_Bps, ("memcpy", "elementwise")),
     ("attention_fraction", 0.05, 1.0, ("attention",)),
-    ("attention_seq_half", 1.0, 16384.0, ("attention",)),
     ("attention_bwd_ratio", 0.1, 2.0, ("attention",)),
-    ("attention_causal_efficiency", 0.3, 1.0, ("attention",)),
+    ("attention_fwd_cta_overhead", 1.0, 4096.0, ("attention",)),
+    ("attention_bwd_cta_overhead", 1.0, 4096.0, ("attention",)),
     ("attention_head_dim_half", 1.0, 1024.0, ("attention",)),
     ("unaligned_gemm_fraction", 0.02, 1.0, ("gemm",)),
     ("norm_bandwidth_fraction", 0.2, 1.0, ("rmsnorm", "layernorm")),
 )
-DEFAULTS = {"gemm_k_overhead": 64.0, "attention_seq_half": 256.0, "attention_bwd_ratio": 0.8,
-            "attention_causal_efficiency": 0.8, "attention_head_dim_half": 64.0, "unaligned_gemm_fraction": 0.15, "norm_bandwidth_fraction": 0.75}
+DEFAULTS = {"gemm_k_overhead": compute.DEFAULT_GEMM_K_OVERHEAD, "attention_bwd_ratio": compute.DEFAULT_ATTENTION_BWD_RATIO,
+            "attention_fwd_cta_overhead": compute.DEFAULT_ATTENTION_FWD_CTA_OVERHEAD,
+            "attention_bwd_cta_overhead": compute.DEFAULT_ATTENTION_BWD_CTA_OVERHEAD,
+            "attention_head_dim_half": compute.DEFAULT_ATTENTION_HEAD_DIM_HALF,
+            "unaligned_gemm_fraction": compute.DEFAULT_UNALIGNED_GEMM_FRACTION,
+            "norm_bandwidth_fraction": compute.DEFAULT_NORM_BANDWIDTH_FRACTION}
 
 
 def _fit_log(residual: Callable[[dict], np.ndarray], names: Sequence[str], start: dict, lo: dict, hi: dict) -> dict:

@@ -7,14 +7,19 @@ evaluate thousands of shapes at once.  The forms are physical:
   by tile and wave quantization (NVIDIA, "Matrix Multiplication Background User's Guide")
   and by the fixed per-tile prologue/epilogue that short K loops cannot hide; memory ceiling
   is the M·K + K·N + M·N operand traffic at achievable HBM bandwidth; plus a fixed kernel cost.
-* Flash attention: executed FLOPs (causal masking skips about half the tiles; backward runs
-  five matmuls against the forward's two, i.e. 2.5×, FlashAttention-2 §3) at the device's
-  attention rate, which saturates with sequence length as tiles fill.
+* Flash attention: FlashAttention-2's grid of thread blocks (CTAs) dispatched greedily onto the
+  SMs, each CTA's work its key columns (forward) or query rows (backward) plus a fixed
+  per-CTA cost, at the device's attention rate (backward: 2.5× the forward's FLOPs per element,
+  FlashAttention-2 §3).  Causal masking gives the CTAs unequal work, so a grid of few heads
+  ends on a ragged last wave: that, not a constant factor, is what causal costs.
 * Memory-bound ops: bytes moved at achievable HBM bandwidth plus a fixed kernel cost.
 
 Calibration (``validation/``) moves predictions only through the device parameters used here.
 """
 from __future__ import annotations
+
+import functools
+import heapq
 
 import numpy as np
 
@@ -25,9 +30,13 @@ DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 
 #: defaults for the shape-efficiency parameters a calibrated profile may override
 DEFAULT_GEMM_K_OVERHEAD = 64.0  # K elements' worth of per-tile fixed work (prologue/epilogue)
-DEFAULT_ATTENTION_SEQ_HALF = 256.0  # sequence length at which attention reaches half its rate
 DEFAULT_ATTENTION_BWD_RATIO = 0.8  # backward FLOP rate relative to forward
-DEFAULT_ATTENTION_CAUSAL_EFFICIENCY = 0.8  # diagonal tiles are masked and row blocks unequal
+#: fixed work per flash-attention CTA, in the units of its loop: the forward's in key columns
+#: (load Q, rescale and write O), the backward's in query rows (load K and V, write dK and dV,
+#: and its share of the dO·O and dQ-conversion kernels).  Calibration on H100 and H200 gives
+#: ~100 and ~500 (hardware_profiles/calibrated/)
+DEFAULT_ATTENTION_FWD_CTA_OVERHEAD = 128.0
+DEFAULT_ATTENTION_BWD_CTA_OVERHEAD = 512.0
 DEFAULT_ATTENTION_HEAD_DIM_HALF = 64.0  # FlashAttention-2: head dim 64 runs ~25% below 128
 DEFAULT_UNALIGNED_GEMM_FRACTION = 0.15  # cuBLAS falls back to non-TMA kernels (16-byte rule)
 DEFAULT_NORM_BANDWIDTH_FRACTION = 0.75  # norm kernels vs a streaming elementwise op
@@ -49,6 +58,19 @@ ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for ten
 #: profile may set its host's figure as ``kernel_issue_s``.
 DEFAULT_KERNEL_ISSUE_S = 22e-6
 
+
+#: FlashAttention-2's launch geometry as PyTorch SDPA's flash backend runs it on A100- and
+#: H100-class GPUs, head dim <= 128 (Dao-AILab/flash-attention, flash_fwd_launch_template.h and
+#: flash_bwd_launch_template.h; flash_fwd_kernel.h takes ``m_block = blockIdx.x``): the forward
+#: gives each CTA 128 query rows of one (batch, head) and loops over the keys, launched in row
+#: order, so under a causal mask the light rows go first; the backward gives each CTA 128 key
+#: columns and loops over the queries, launched in column order, so the heavy ones go first.
+#: Registers admit two forward CTAs (4 warps) and one backward CTA (8 warps) per SM.
+FLASH_FWD_ROWS, FLASH_BWD_COLS = 128, 128
+FLASH_FWD_CTAS_PER_SM, FLASH_BWD_CTAS_PER_SM = 2, 1
+#: grids larger than this are simulated on their last CTAs only: the slots stay full until the
+#: queue drains, so earlier heads add exactly their work divided by the slots
+MAX_SIMULATED_CTAS = 1 << 16
 
 MIN_GEMM_TILE = 64.0  # smallest CTA tile edge cuBLAS/CUTLASS use for a short GEMM dimension
 
@@ -128,30 +150,89 @@ def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str):
     return fwd * factor
 
 
-def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
-                   device: Device, dtype: str = "bf16"):
-    """Seconds for flash attention (PyTorch SDPA's flash backend) forward, backward or both."""
-    seq_kv_arr = np.asarray(seq_kv, float)
-    saturation = seq_kv_arr / (seq_kv_arr + _param(device, "attention_seq_half", DEFAULT_ATTENTION_SEQ_HALF))
+@functools.lru_cache(maxsize=4096)
+def flash_makespan(heads: int, works: tuple[float, ...], slots: int) -> float:
+    """Finish time of a grid of ``heads`` × ``works`` CTAs (one ``works`` sequence per (batch,
+    head), in launch order) dispatched greedily onto ``slots`` identical CTA slots: each CTA
+    starts on the slot that frees first, as the GPU's block scheduler does."""
+    per_head = float(sum(works))
+    simulated = max(1, min(heads, MAX_SIMULATED_CTAS // max(len(works), 1)))
+    free = [0.0] * slots
+    for _ in range(simulated):
+        for w in works:
+            heapq.heapreplace(free, free[0] + w)
+    return max(free) + (heads - simulated) * per_head / slots
+
+
+def _flash_phase_time(heads: int, seq_q: int, seq_kv: int, head_dim: float, causal: bool, forward: bool,
+                      rate: float, overhead: float, units: int) -> float:
+    """Seconds for one flash-attention kernel (forward or backward main kernel) over ``heads``
+    (batch × heads) at ``rate`` FLOP/s for the whole device."""
+    offset = seq_kv - seq_q  # FlashAttention's causal mask is aligned to the bottom right
+    if forward:
+        blocks = -(-seq_q // FLASH_FWD_ROWS)
+        span = [min(seq_kv, max(0, (i + 1) * FLASH_FWD_ROWS + offset)) if causal else seq_kv for i in range(blocks)]
+        slots, flops_per_unit = FLASH_FWD_CTAS_PER_SM * units, 4.0 * FLASH_FWD_ROWS * head_dim
+    else:
+        blocks = -(-seq_kv // FLASH_BWD_COLS)
+        span = [max(0, seq_q - max(0, j * FLASH_BWD_COLS - offset)) if causal else seq_q for j in range(blocks)]
+        slots, flops_per_unit = FLASH_BWD_CTAS_PER_SM * units, 10.0 * FLASH_BWD_COLS * head_dim
+    works = tuple(float(w) + overhead for w in span)
+    return flash_makespan(heads, works, slots) * flops_per_unit * slots / rate
+
+
+def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal, phase, device, dtype):
     d_half = _param(device, "attention_head_dim_half", DEFAULT_ATTENTION_HEAD_DIM_HALF)
     head_dim_eff = (head_dim / (head_dim + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
-    causal_eff = _param(device, "attention_causal_efficiency", DEFAULT_ATTENTION_CAUSAL_EFFICIENCY) if causal else 1.0
-    fwd_rate = device.flops(dtype) * device.attention_fraction * saturation * head_dim_eff * causal_eff
+    fwd_rate = device.flops(dtype) * device.attention_fraction * head_dim_eff
     bwd_rate = fwd_rate * _param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO)
+    grid = int(batch * heads)
+    sq, skv = int(seq_q), int(seq_kv)
     elem = DTYPE_BYTES[dtype]
-    q_bytes = np.asarray(batch, float) * heads * seq_q * head_dim * elem
-    kv_bytes = 2.0 * np.asarray(batch, float) * kv_heads * seq_kv_arr * head_dim * elem
-    fwd_io = 2.0 * q_bytes + kv_bytes  # read Q, K, V; write O
+    fwd_io = batch * (2.0 * heads * sq + 2.0 * kv_heads * skv) * head_dim * elem  # read Q, K, V; write O
+    hbm = device.achievable_hbm_bw_Bps
     time = 0.0
     if phase in ("forward", "both"):
-        flops = attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, "forward")
-        time = time + np.maximum(flops / fwd_rate, fwd_io / device.achievable_hbm_bw_Bps) + device.kernel_launch_s
+        compute = _flash_phase_time(grid, sq, skv, head_dim, causal, True, fwd_rate,
+                                    _param(device, "attention_fwd_cta_overhead", DEFAULT_ATTENTION_FWD_CTA_OVERHEAD),
+                                    device.compute_units)
+        time += max(compute, fwd_io / hbm) + device.kernel_launch_s
     if phase in ("backward", "both"):
-        flops = attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, "backward")
-        bwd_io = 2.0 * fwd_io  # read Q, K, V, O, dO; write dQ, dK, dV
-        # the backward runs a preprocessing kernel (dO·O row sums) and the main kernel
-        time = time + np.maximum(flops / bwd_rate, bwd_io / device.achievable_hbm_bw_Bps) + 2 * device.kernel_launch_s
+        compute = _flash_phase_time(grid, sq, skv, head_dim, causal, False, bwd_rate,
+                                    _param(device, "attention_bwd_cta_overhead", DEFAULT_ATTENTION_BWD_CTA_OVERHEAD),
+                                    device.compute_units)
+        # read Q, K, V, O, dO; write dQ, dK, dV.  The backward also runs a dO·O preprocessing
+        # kernel and a dQ conversion kernel
+        time += max(compute, 2.0 * fwd_io / hbm) + 2 * device.kernel_launch_s
     return time
+
+
+def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
+                   device: Device, dtype: str = "bf16"):
+    """Seconds for flash attention (PyTorch SDPA's flash backend) forward, backward or both.
+
+    The kernel's CTAs are placed on the SMs as the hardware does (``flash_makespan``), so the
+    ragged last wave of a causal grid with few heads costs what it does on the GPU (measured on
+    H100 and H200: b·h = 32 at 2,048 tokens runs causal at 82 % of the full mask's time for
+    53 % of its work)."""
+    return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype"}, otypes=[float])(
+        batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal=bool(causal), phase=phase, device=device,
+        dtype=dtype)[()]
+
+
+def context_parallel_attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal: bool,
+                                    phase: str, device: Device, dtype: str = "bf16"):
+    """Seconds for one context-parallel rank's flash attention: ``seq_local`` queries against
+    ``seq_total`` keys.  Under a causal mask the sequence is cut into 2·cp chunks and rank r
+    keeps chunks r and 2·cp − 1 − r (Megatron-LM's and Llama 3's load balancing), so every rank
+    does the same work; rank 0's two kernels are costed: its first chunk against itself, its
+    last chunk against the whole sequence (the mask aligned to the lower right)."""
+    if not causal or seq_local >= seq_total:
+        return attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal, phase, device, dtype)
+    chunk = seq_local // 2
+    return (attention_time(batch, heads, kv_heads, head_dim, chunk, chunk, True, phase, device, dtype)
+            + attention_time(batch, heads, kv_heads, head_dim, seq_local - chunk, seq_total, True, phase, device,
+                             dtype))
 
 
 def kernel_issue_time(kernels, device: Device):

@@ -15,7 +15,7 @@ from plansim.validation.compare import predict_collective, predict_kernel, predi
 from plansim.validation.runner.common import write_csv
 
 TRUE_DEVICE = {"achievable_gemm_fraction": 0.72, "gemm_k_overhead": 150.0, "kernel_launch_s": 3.0e-6,
-               "achievable_hbm_bw_Bps": 2.7e12, "attention_fraction": 0.5, "attention_seq_half": 400.0,
+               "achievable_hbm_bw_Bps": 2.7e12, "attention_fraction": 0.5, "attention_fwd_cta_overhead": 200.0,
                "attention_bwd_ratio": 0.7, "collective_launch_s": 18e-6}
 TRUE_PCIE = {"achievable_bw_Bps": 50e9, "latency_s": 4e-6, "pageable_fraction": 0.35}
 TRUE_NVLINK = {"achievable_bw_Bps": 300e9, "op_efficiency": {"all_gather": 0.8, "broadcast": 1.1}}
