@@ -13,6 +13,7 @@ import math
 import sys
 from typing import Any
 
+from plansim.simulator.files import write_atomically
 from plansim.workloads.plan import PRECISIONS, PlanError
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
@@ -146,9 +147,9 @@ def write_frame(frame, path: str) -> None:
         frame_out = frame.copy()
         frame_out["plan"] = frame_out["plan"].map(lambda d: json.dumps(d, sort_keys=True))
         frame_out.attrs = {}
-        frame_out.to_parquet(path, index=False)
+        write_atomically(path, lambda tmp: frame_out.to_parquet(tmp, index=False))
     elif path.endswith(".csv"):
-        csv_frame(frame).to_csv(path, index=False)
+        write_atomically(path, lambda tmp: csv_frame(frame).to_csv(tmp, index=False))
     else:
         raise PlanError(f"out: {path!r} must end in .parquet or .csv")
 
@@ -180,7 +181,7 @@ def plot_frame(frame, path: str, pareto: str | None) -> None:
     ax.legend()
     ax.set_title("plansim search")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

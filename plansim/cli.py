@@ -166,6 +166,9 @@ def cmd_op(args: argparse.Namespace) -> int:
     missing = [f"--{r.replace('_', '-')}" for r in required if shape[r] is None]
     if missing:
         raise UserError(f"plansim op --kind {args.kind}: missing {', '.join(missing)}")
+    if args.kind == "attention" and args.kv_heads is not None and args.heads % args.kv_heads:
+        raise UserError(f"kv-heads: {args.kv_heads} must divide heads {args.heads} (each key/value head serves "
+                        "a whole group of query heads)")
     out = predict_op(args.kind, args.hardware, calibrated=not args.no_calibration, **shape)
     if args.format == "json":
         print(json.dumps(out, indent=2))
@@ -289,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (UserError, PlanError, ModelError, ProfileError, UnitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # an output file that cannot be written, an input that cannot be read
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from plansim.simulator.engine import EngineOutput, TraceEvent
+from plansim.simulator.files import write_atomically
 from plansim.simulator.memory import usable_memory_bytes
 
 
@@ -70,8 +71,11 @@ class Result:
                 "otherData": {"model": self.model, "hardware": self.hardware, "plan": self.plan}}
 
     def write_trace(self, path: str) -> None:
-        with open(path, "w") as fh:
-            json.dump(self.chrome_trace(), fh)
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as fh:
+                json.dump(self.chrome_trace(), fh)
+
+        write_atomically(path, write)
 
 
 def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str | None) -> Result:

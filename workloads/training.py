@@ -320,9 +320,13 @@ def split_layers(num_layers: int, stages: int, first: int | None = None, last: i
     """Layers per (virtual) stage.  Even where possible; otherwise the remainder is taken off the
     first and last stages, which also hold the embedding and the loss (DESIGN.md, Uneven
     pipelines; Llama 3 405B: 126 layers on 16 stages as 7 + 14·8 + 7)."""
-    if stages == 1:
-        return [num_layers]
     if first is not None or last is not None:
+        if stages == 1:
+            raise PlanError("first_stage_layers/last_stage_layers: need more than one pipeline stage (pp > 1)")
+        for name, value in (("first_stage_layers", first), ("last_stage_layers", last)):
+            if value is not None and not 1 <= value <= num_layers - (stages - 1):
+                raise PlanError(f"{name}: {value} must be between 1 and {num_layers - (stages - 1)} (num_layers "
+                                f"{num_layers} over {stages} stages, each with at least one layer)")
         middle_stages = stages - 2
         rest = num_layers - (first or 0) - (last or 0)
         if first is None or last is None:
@@ -338,10 +342,12 @@ def split_layers(num_layers: int, stages: int, first: int | None = None, last: i
             if rest:
                 raise PlanError(f"first_stage_layers + last_stage_layers must equal num_layers {num_layers}")
             return [first, last]
-        if rest < 0 or rest % middle_stages:
+        if rest < middle_stages or rest % middle_stages:
             raise PlanError(f"first_stage_layers/last_stage_layers: {rest} layers do not split over "
                             f"{middle_stages} middle stages")
         return [first] + [rest // middle_stages] * middle_stages + [last]
+    if stages == 1:
+        return [num_layers]
     per = math.ceil(num_layers / stages)
     deficit = per * stages - num_layers
     counts = [per] * stages

@@ -136,11 +136,36 @@ def test_unreadable_hardware_file(capsys, files):
     (["op", "--kind", "gemm", "--m", "1", "--n", "1", "--k", "1", "--dtype", "fp32", "--hardware", "ascend-910b"],
      ["'fp32'", "ascend-910b", "bf16"]),
     (["frobnicate"], ["invalid choice", "simulate"]),
+    (["simulate", "--first-stage-layers", "100", "--pp", "2"], ["first_stage_layers", "100", "between 1 and"]),
+    (["op", "--kind", "attention", "--batch", "1", "--heads", "32", "--kv-heads", "5", "--head-dim", "128",
+      "--seq-len", "128"], ["kv-heads", "5", "divide heads 32"]),
 ])
 def test_other_bad_input(capsys, argv, words):
     line = _bad(capsys, argv)
     for w in words:
         assert w in line, (w, line)
+
+
+def test_an_output_that_cannot_be_written_is_a_clean_error(capsys, tmp_path):
+    missing = str(tmp_path / "no-such-dir" / "trace.json")
+    line = _bad(capsys, ["simulate", *SMALL, "--trace", missing])
+    assert missing in line and "No such file" in line
+
+
+def test_a_failed_write_leaves_the_existing_file_intact(tmp_path):
+    """Results are written whole or not at all: an exception mid-write keeps the old file."""
+    from plansim.simulator.files import write_atomically
+    target = tmp_path / "result.csv"
+    target.write_text("earlier results\n")
+
+    def half_write(tmp: str) -> None:
+        Path(tmp).write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, half_write)
+    assert target.read_text() == "earlier results\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.csv"]
 
 
 # --- results ----------------------------------------------------------------------------------

@@ -262,6 +262,14 @@ def test_split_overrides():
         split_layers(3, 4)
 
 
+@pytest.mark.parametrize("first, last, stages", [(100, None, 2), (None, 32, 2), (31, None, 3), (16, 16, 3),
+                                                 (5, None, 1)])
+def test_split_overrides_never_leave_a_stage_without_layers(first, last, stages):
+    """An override that would leave some stage with no (or negative) layers is refused."""
+    with pytest.raises(PlanError, match="stage_layers"):
+        split_layers(32, stages, first=first, last=last)
+
+
 def test_workload_chunks_follow_the_split_and_interleave_ranks():
     model = dataclasses.replace(load_model("llama3-8b"))
     w = TrainingWorkload(model, Plan(pp=4, vpp=2, schedule="interleaved", global_batch=8, dp=1))
