@@ -32,6 +32,10 @@ from plansim.workloads.training import ACT_BYTES, TrainingWorkload
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
 TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
+#: FSDP2 gathers a module's bf16 parameter shards into one flat buffer and then copies it out into
+#: the unsharded parameters (``foreach_all_gather_copy_out``: ``split_with_sizes_copy`` on the
+#: compute stream), a read and a write of 2 bytes per parameter after every all-gather
+FSDP2_COPY_OUT_BYTES_PER_PARAM = 4.0
 
 
 def bucket_params(plan) -> float:
@@ -167,6 +171,16 @@ class TrainingSimulation:
         for c in merged:
             yield from self._flow(env, rank, c)
 
+    def _memory_pass(self, env, rank: _Rank, nbytes: float, label: str):
+        """A memory-bound kernel of ``nbytes`` moved on the compute stream (the framework's own
+        copies around data-parallel communication)."""
+        if nbytes <= 0:
+            return
+        start = env.now
+        yield env.timeout(float(memory_bound_time(nbytes, self.cluster.device)))
+        rank.stats.compute_s += env.now - start
+        self._trace(rank, label, "compute", start, env.now, bytes=nbytes)
+
     def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
         """Compute, with the communication it hides running beside it on the links, then the
         phase's exposed inline (tensor/context/expert-parallel) communication."""
@@ -271,6 +285,19 @@ class TrainingSimulation:
             self._trace(src, name, "comm:pp", start, env.now, bytes=p2p_bytes)
             event.succeed()
 
+        def torch_ddp_copy(rank: _Rank, chunk: ChunkCost, which: str):
+            """PyTorch DDP (``gradient_as_bucket_view=False``, its default) copies each gradient into
+            its bucket as autograd produces it, scaled by 1/world size in the same pass
+            (``Reducer::mark_variable_ready_dense``: ``mul_out``), and back into ``.grad`` once the
+            bucket is reduced (``finalize_bucket_dense``): a read and a write of the gradients each
+            time, on the compute stream."""
+            if plan.ddp != "torch" or plan.zero != 0 or plan.dp * plan.cp == 1:
+                return
+            grad_b = 4.0 if plan.fp32_grads else 2.0
+            # expert gradients go through DDP only where experts have data-parallel replicas
+            reduced = chunk.dense_params + (chunk.expert_params if self.expert_grad_group.size > 1 else 0.0)
+            yield from self._memory_pass(env, rank, 2.0 * grad_b * reduced, f"ddp bucket {which}")
+
         def grad_reduction(rank: _Rank, chunk: ChunkCost):
             """Bucketed data-parallel reduction of a chunk's gradients (all-reduce, or
             reduce-scatter under ZeRO ≥ 1), returned as (bucket count, launcher)."""
@@ -332,6 +359,9 @@ class TrainingSimulation:
             rest = CollectiveCost(0.0, gather.link, gather.volume_bytes * (1 - first_share), gather.rate_Bps)
             self._collective_async(env, rank, rank.gather_stream, rest, f"fsdp gather {label}", rest_done)
             rank.stats.comm_exposed_s += env.now - wait_start
+            if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters
+                yield from self._memory_pass(env, rank, FSDP2_COPY_OUT_BYTES_PER_PARAM * c.params,
+                                             f"fsdp copy-out {label}")
             yield from self._run_phase(env, rank, phase_cost, label)
             wait_start = env.now
             yield rest_done
@@ -446,6 +476,8 @@ class TrainingSimulation:
                         yield from zero3_phase(rank, c, cost, label, with_reduce=not split_w)
                     else:
                         yield from self._run_phase(env, rank, cost, label, segments, launch)
+                        if launch is not None:
+                            yield from torch_ddp_copy(rank, c, "copy-in")
                     if fetch is not None:  # the backward of a layer needs its activations back
                         wait = env.now
                         yield fetch
@@ -464,6 +496,8 @@ class TrainingSimulation:
                     if final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
                     yield from self._run_phase(env, rank, c.phases["W"], label, segments, launch)
+                    if launch is not None:
+                        yield from torch_ddp_copy(rank, c, "copy-in")
                     mem.free(env.now, (c.saved_bytes - (offloadable(c) if offload_acts else 0.0)) * 0.5)
             # gradients not reduced during backward are reduced now
             if not plan.overlap_grad_reduce:
@@ -471,6 +505,7 @@ class TrainingSimulation:
                     if c.chunk.rank == rank.index:
                         n, launch = grad_reduction(rank, c)
                         if launch is not None:
+                            yield from torch_ddp_copy(rank, c, "copy-in")
                             for s in range(n):
                                 launch(s)
             wait = env.now
@@ -478,6 +513,9 @@ class TrainingSimulation:
                 yield ev
             rank.stats.comm_exposed_s += env.now - wait
             self._trace(rank, "wait grad reduction", "comm:dp", wait, env.now)
+            for c in self.costs:
+                if c.chunk.rank == rank.index:
+                    yield from torch_ddp_copy(rank, c, "copy-out")
             # slowdown still owed: had it been simulated where it happened, the compute would
             # have ended that much later and the wait been that much shorter
             late = max(0.0, rank.contention_debt - (env.now - wait))

@@ -285,3 +285,21 @@ def test_data_parallel_reduction_beside_backward_slows_it():
     extra = runs["shared"].step_time_s - runs["free"].step_time_s
     assert reductions > 0
     assert 0 < extra <= overlap_contention(cluster.device) * reductions * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_pytorch_ddp_and_fsdp2_copy_every_gradient_and_gathered_parameter(micro_batches):
+    """PyTorch DDP copies each gradient into its bucket and back once per step (a read and a
+    write of bf16 each way); FSDP2 copies every gathered parameter out once per forward and per
+    backward of every micro-batch; Megatron's DDP, whose gradients live in its buffer, copies
+    nothing."""
+    plain = Plan(dp=2, global_batch=2 * micro_batches, seq_len=1024)
+    n_params = sum(c.params for c in _run("llama3-8b", plain, gpn=2)[0].chunk_costs)
+    for ddp, zero, name, expected in (("torch", 0, "ddp bucket", 2 * 2 * 2.0 * n_params),
+                                      ("torch", 3, "fsdp copy-out", 2 * micro_batches * 4.0 * n_params),
+                                      ("megatron", 0, "ddp bucket", 0.0)):
+        plan = Plan(dp=2, zero=zero, ddp=ddp, global_batch=2 * micro_batches, seq_len=1024,
+                    precision="bf16-pure", framework="pytorch")
+        output, _ = _run("llama3-8b", plan, gpn=2, trace=True)
+        moved = sum(e.args["bytes"] for e in output.events if e.rank == 0 and e.name.startswith(name))
+        assert moved == pytest.approx(expected, rel=1e-9), (ddp, zero)
