@@ -70,7 +70,7 @@ FLASH_FWD_ROWS, FLASH_BWD_COLS = 128, 128
 FLASH_FWD_CTAS_PER_SM, FLASH_BWD_CTAS_PER_SM = 2, 1
 #: grids larger than this are simulated on their last CTAs only: the slots stay full until the
 #: queue drains, so earlier heads add exactly their work divided by the slots
-MAX_SIMULATED_CTAS = 1 << 16
+MAX_SIMULATED_CTAS = 1 << 14
 
 MIN_GEMM_TILE = 64.0  # smallest CTA tile edge cuBLAS/CUTLASS use for a short GEMM dimension
 
