@@ -332,7 +332,7 @@ class AnalyticModel:
                 first, rest = g.latency_s + vol * share, vol * (1 - share)
                 beside_b = costs[i, BI] if split_w else costs[i, B]
                 # exposed remainder, plus the engine's contention for the part hidden by compute
-                rest_rate = g.volume_bytes * (1 - share) / rest if rest > 0 else 0.0
+                rest_rate = g.payload_bytes * (1 - share) / rest if rest > 0 else 0.0
                 hid_f, hid_b = min(rest, costs[i, F]), min(rest, beside_b)
                 exposed_f = (first + max(0.0, rest - costs[i, F])
                              + contention_s(cluster.device, hid_f, hid_f * rest_rate))
@@ -381,7 +381,7 @@ class AnalyticModel:
                     tail = max(0.0, done - end)
                     hidden = max(0.0, n_b * bucket - tail)
                     # the engine owes contention for the hidden part and pays what the wait does not cover
-                    rate = dense.volume_bytes / dense.time_s if dense.time_s > 0 else 0.0
+                    rate = dense.payload_bytes / dense.time_s if dense.time_s > 0 else 0.0
                     exposed = max(tail, contention_s(cluster.device, hidden, hidden * rate))
                 else:
                     for i in np.flatnonzero(ranks == r):
@@ -394,7 +394,7 @@ class AnalyticModel:
                 rs_cost = self._collective_cost("reduce_scatter", params[r] * grad_b, grad_group)
                 hid = min(m * v * rs, span)
                 exposed = max(rs, m * v * rs - span) + contention_s(
-                    cluster.device, hid, hid * (rs_cost.volume_bytes / rs if rs > 0 else 0.0))
+                    cluster.device, hid, hid * (rs_cost.payload_bytes / rs if rs > 0 else 0.0))
             if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
                 exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
                                for i in np.flatnonzero(ranks == r))

@@ -236,7 +236,7 @@ class TrainingSimulation:
                 overlap, took = rank.compute_overlap(start, env.now), env.now - start
                 if overlap > 0 and took > 0:
                     rank.contention_debt += contention_s(self.cluster.device, overlap,
-                                                         cost.volume_bytes * overlap / took)
+                                                         cost.payload_bytes * overlap / took)
             if done is not None:
                 done.succeed()
         return env.process(proc())
@@ -353,10 +353,10 @@ class TrainingSimulation:
             gather = zero3_gather_cost(c)
             first_share = 1.0 / max(1, c.chunk.num_layers)
             wait_start = env.now
-            first = CollectiveCost(gather.latency_s, gather.link, gather.volume_bytes * first_share, gather.rate_Bps)
+            first = gather.scaled(first_share, latency_s=gather.latency_s)
             yield from self._flow(env, rank, first)
             rest_done = env.event()
-            rest = CollectiveCost(0.0, gather.link, gather.volume_bytes * (1 - first_share), gather.rate_Bps)
+            rest = gather.scaled(1 - first_share, latency_s=0.0)
             self._collective_async(env, rank, rank.gather_stream, rest, f"fsdp gather {label}", rest_done)
             rank.stats.comm_exposed_s += env.now - wait_start
             if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters

@@ -77,14 +77,21 @@ class PhaseCost:
                 if c.link == "none" and not c.latency_s:
                     continue
                 prev = merged.get(c.link)
-                merged[c.link] = c if prev is None else CollectiveCost(
-                    prev.latency_s + c.latency_s, c.link, prev.volume_bytes + c.volume_bytes, c.rate_Bps)
+                merged[c.link] = c if prev is None else _merge(prev, c)
             cache[which] = list(merged.values())
         return cache[which]
 
     @property
     def time_s(self) -> float:
         return self.compute_s + self.comm_s
+
+
+def _merge(a: CollectiveCost, b: CollectiveCost) -> CollectiveCost:
+    """Two collectives on one link as one: latencies and wire bytes added, payload kept."""
+    volume = a.volume_bytes + b.volume_bytes
+    payload = a.payload_bytes + b.payload_bytes
+    return CollectiveCost(a.latency_s + b.latency_s, b.link, volume, b.rate_Bps,
+                          payload_fraction=payload / volume if volume else 1.0)
 
 
 def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, CollectiveCost | None]:
@@ -108,7 +115,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         if op.collective == "ring_exchange":  # size − 1 point-to-point steps to the ring neighbour
             hop = collective_cost("send_recv", op.comm_bytes, Group(2, 2 if group.nodes == 1 else 1), cluster)
             steps = group.size - 1
-            return 0.0, CollectiveCost(hop.latency_s * steps, hop.link, hop.volume_bytes * steps, hop.rate_Bps)
+            return 0.0, hop.scaled(steps)
         return 0.0, collective_cost(op.collective, op.comm_bytes, group, cluster)
     raise ValueError(f"op kind {op.kind!r} unknown")
 
@@ -119,9 +126,7 @@ def _split(comm: CollectiveCost, overlap_s: float) -> tuple[CollectiveCost, Coll
     if overlap_s <= 0 or comm.time_s <= 0:
         return comm, None
     left = max(0.0, comm.time_s - overlap_s) / comm.time_s
-    exposed = CollectiveCost(comm.latency_s * left, comm.link, comm.volume_bytes * left, comm.rate_Bps)
-    hidden = CollectiveCost(comm.latency_s * (1 - left), comm.link, comm.volume_bytes * (1 - left), comm.rate_Bps)
-    return exposed, hidden
+    return comm.scaled(left), comm.scaled(1 - left)
 
 
 def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, float] | None = None) -> PhaseCost:
@@ -144,7 +149,7 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
                 cost.beside.append(hidden)
                 # the GEMM beside it shares SMs and HBM with NCCL's kernels: part of what was
                 # hidden comes back as a slower GEMM
-                slower = contention_s(cluster.device, hidden.time_s, hidden.volume_bytes)
+                slower = contention_s(cluster.device, hidden.time_s, hidden.payload_bytes)
                 cost.compute_s += slower
                 cost.ops.append((f"{op.name}.contention", slower, "compute"))
         if comm is not None:

@@ -16,7 +16,7 @@ link resource (so concurrent collectives share bandwidth), the analytic estimate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from plansim.simulator.hardware import Cluster
 
@@ -80,8 +80,21 @@ class CollectiveCost:
 
     latency_s: float
     link: str  # "intra" | "inter" | "none"
-    volume_bytes: float
+    volume_bytes: float  # on the wire: the data plus the protocol's flags (LL doubles it)
     rate_Bps: float  # uncontended rate of that resource for this collective
+    payload_fraction: float = 1.0  # the collective's own bytes per wire byte
+
+    @property
+    def payload_bytes(self) -> float:
+        """The bytes nccl-tests counts (wire bytes less the protocol's overhead): what the
+        contention with compute is charged on, as it was measured (large collectives, Simple
+        protocol), so that a faster link choosing the LL protocol does not charge its flags."""
+        return self.volume_bytes * self.payload_fraction
+
+    def scaled(self, share: float, latency_s: float | None = None) -> CollectiveCost:
+        """``share`` of the bytes (and, unless given, of the latency) on the same link and rate."""
+        return replace(self, latency_s=self.latency_s * share if latency_s is None else latency_s,
+                       volume_bytes=self.volume_bytes * share)
 
     @property
     def time_s(self) -> float:
@@ -177,14 +190,15 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     best = None
     for hops in candidates:
         latency, efficiency = _best_protocol(volume, rate * op_eff, hops)
-        cost = CollectiveCost(latency + op_lat, link, volume / (efficiency * op_eff), rate)
+        cost = CollectiveCost(latency + op_lat, link, volume / (efficiency * op_eff), rate,
+                              payload_fraction=efficiency * op_eff)
         if best is None or cost.time_s < best.time_s:
             best = cost
     # back-to-back calls cannot finish faster than the host issues them (PyTorch c10d and
     # NCCL enqueue, once per NCCL call; a send/recv pair is two): the GPU work hides under it
     floor = (cluster.device.collective_launch_s or 0.0) * (2 if op == "send_recv" else 1)
     if best.time_s < floor:
-        best = CollectiveCost(floor - best.volume_bytes / best.rate_Bps, best.link, best.volume_bytes, best.rate_Bps)
+        best = replace(best, latency_s=floor - best.volume_bytes / best.rate_Bps)
     return best
 
 

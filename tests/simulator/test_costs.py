@@ -259,3 +259,22 @@ def test_a_phase_of_small_kernels_runs_at_the_rate_its_host_issues_them():
     big = cost_ops([Op(f"mlp{i}", "gemm", gemm=(8192, 8192, 8192)) for i in range(4)], cluster, groups)
     assert all(name != "host.issue" for name, _, _ in big.ops)
     assert big.compute_s > 4 * DEFAULT_KERNEL_ISSUE_S
+
+
+def test_contention_is_charged_on_payload_not_on_protocol_flags():
+    """A faster link can tip NCCL's tuner from LL128 or Simple to LL, which sends a flag with
+    every 4 bytes: more wire bytes for the same collective.  Its contention with compute is
+    charged on the payload (what was measured), so a faster link never charges more."""
+    group = Group(2, 1)
+    slow = build_cluster("a100-80gb", nodes=2, gpus_per_node=1)
+    ib = slow.inter_node_link
+    fast = slow.model_copy(update={"inter_node_link": ib.model_copy(
+        update={"bw_Bps": 1.5 * ib.bw_Bps, "achievable_bw_Bps": 1.5 * ib.achievable_bw_Bps})})
+    flips = 0
+    for nbytes in np.geomspace(1e6, 64e6, 25):
+        a, b = collective_cost("reduce_scatter", nbytes, group, slow), collective_cost("reduce_scatter", nbytes, group, fast)
+        flips += a.payload_fraction != b.payload_fraction
+        assert a.payload_bytes == pytest.approx(b.payload_bytes, rel=1e-9)  # (n − 1)/n of the buffer
+        assert a.payload_bytes == pytest.approx(nbytes / 2, rel=1e-9)
+        assert b.time_s <= a.time_s
+    assert flips  # the range crosses a protocol change, or the test checks nothing
