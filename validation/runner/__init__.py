@@ -17,7 +17,8 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 #: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
-                "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"}}
+                "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
+                "attention": {"kernels": "kernels"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -82,6 +83,14 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
 
             written += step_profile.run(dev, quick, out_dir, log, n_gpus=n_gpus)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
+            continue
+        if s == "attention":
+            from plansim.validation.runner import kernels
+
+            rows = kernels.run_attention_sweep(dev, quick, log)
+            written.append(write_csv(os.path.join(out_dir, "kernels.csv"), "kernels", rows))
+            log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
+                f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
         if s == "power":
             from plansim.validation.runner import power

@@ -147,22 +147,7 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
         emit(row)
 
     # --- SDPA flash attention -------------------------------------------------------------
-    for b, h, g, d, s in attention_cases(quick):
-        for causal in (True, False):
-            for phase in ("forward", "backward"):
-                fwd_flops = 4 * b * h * s * s * d // (2 if causal else 1)
-                flops = fwd_flops if phase == "forward" else int(2.5 * fwd_flops)
-                cid = (f"attn-{'fwd' if phase == 'forward' else 'bwd'}-b{b}-h{h}-kv{g}-d{d}-s{s}-{'causal' if causal else 'full'}")
-                row = _row(cid, kind="attention", dtype="bf16", batch=b, heads=h, kv_heads=g,
-                           head_dim=d, seq_len=s, causal=causal, phase=phase, flops=flops)
-                impl = {"name": ""}
-
-                def factory(b=b, h=h, g=g, d=d, s=s, causal=causal, phase=phase, impl=impl):
-                    return _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl)
-
-                _measure(row, factory, device, samples, rate="tflops")
-                row["impl"] = impl["name"]
-                emit(row)
+    _attention_rows(attention_cases(quick), device, gen, samples, emit)
 
     # --- elementwise add, norms, memcpy -----------------------------------------------------
     sizes = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB] if not quick else [1 * MiB]
@@ -212,6 +197,50 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
             return (lambda i: dst[i].copy_(src[i])), sets
 
         emit(_measure(row, factory, device, samples, rate="gbps"))
+    return rows
+
+
+def _attention_rows(cases, device, gen, samples: int, emit) -> None:
+    """Forward and backward, causal and full, of every (batch, heads, kv_heads, head_dim, seq)."""
+    for b, h, g, d, s in cases:
+        for causal in (True, False):
+            for phase in ("forward", "backward"):
+                fwd_flops = 4 * b * h * s * s * d // (2 if causal else 1)
+                flops = fwd_flops if phase == "forward" else int(2.5 * fwd_flops)
+                cid = (f"attn-{'fwd' if phase == 'forward' else 'bwd'}-b{b}-h{h}-kv{g}-d{d}-s{s}-{'causal' if causal else 'full'}")
+                row = _row(cid, kind="attention", dtype="bf16", batch=b, heads=h, kv_heads=g,
+                           head_dim=d, seq_len=s, causal=causal, phase=phase, flops=flops)
+                impl = {"name": ""}
+
+                def factory(b=b, h=h, g=g, d=d, s=s, causal=causal, phase=phase, impl=impl):
+                    return _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl)
+
+                _measure(row, factory, device, samples, rate="tflops")
+                row["impl"] = impl["name"]
+                emit(row)
+
+
+def attention_sweep_cases(quick: bool) -> list[tuple[int, int, int, int, int]]:
+    """(batch, heads, kv_heads, head_dim, seq_len) of suite ``attention``: the shapes where the
+    flash-attention model could go wrong and the ``kernels`` suite has none.  Few (batch, head)
+    pairs, as tensor parallelism leaves per GPU (ragged last waves under a causal mask); long
+    sequences; sequence lengths that are not a multiple of the 128-row blocks; head dims 64
+    and 128; grouped and full key/value heads."""
+    if quick:
+        return [(1, 2, 1, 32, 200)]
+    return [
+        (1, 8, 1, 128, 8192), (1, 8, 8, 128, 16384), (1, 16, 2, 128, 8192), (1, 4, 1, 128, 32768),
+        (1, 24, 8, 128, 4096), (1, 40, 8, 128, 8192), (3, 32, 8, 128, 2048), (1, 96, 8, 128, 2048),
+        (8, 32, 8, 128, 4096), (4, 64, 8, 128, 1024), (4, 32, 8, 128, 1000), (1, 48, 8, 128, 3000),
+        (1, 16, 16, 64, 4096), (4, 12, 12, 64, 2048), (2, 8, 8, 64, 8192), (2, 16, 16, 64, 3000),
+        (1, 32, 32, 64, 16384), (16, 16, 16, 64, 512),
+    ]
+
+
+def run_attention_sweep(device: torch.device, quick: bool, log=print) -> list[dict]:
+    """Suite ``attention``: SDPA flash attention over ``attention_sweep_cases`` (kernels columns)."""
+    gen, samples, rows, emit = _start(device, quick, 4321, log)
+    _attention_rows(attention_sweep_cases(quick), device, gen, samples, emit)
     return rows
 
 
