@@ -18,7 +18,7 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
-                "attention": {"kernels": "kernels"}}
+                "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}}
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -89,6 +89,14 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
 
             rows = kernels.run_attention_sweep(dev, quick, log)
             written.append(write_csv(os.path.join(out_dir, "kernels.csv"), "kernels", rows))
+            log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
+                f"{time.time() - ts:.0f} s -> {written[-1]}")
+            continue
+        if s == "bigsteps":
+            from plansim.validation.runner import steps
+
+            rows = steps.run_big(dev, quick, log)
+            written.append(write_csv(os.path.join(out_dir, "steps.csv"), "steps", rows))
             log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                 f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue

@@ -45,6 +45,24 @@ def single_cases(quick: bool) -> list[dict]:
     return out
 
 
+#: suite ``bigsteps``: a full Llama-3-8B on one GPU (bf16 weights, gradients and AdamW states:
+#: 64 GB, so an H200, not an H100), the largest hidden size and vocabulary we can step on one GPU
+BIG_MODEL = "llama3-8b"
+
+
+def big_cases(quick: bool) -> list[dict]:
+    """Suite ``bigsteps``: whole Llama-3-8B steps on one GPU, with and without recomputation,
+    at 4,096 and 8,192 tokens (quick: the tiny model)."""
+    if quick:
+        return [_case("tiny", "single", mb=1, seq=64, recompute="full")]
+    return [_case(BIG_MODEL, "single", mb=mb, seq=seq, recompute=rc)
+            for mb, seq, rc in ((1, 4096, "full"), (2, 4096, "full"), (1, 8192, "full"), (1, 4096, "none"))]
+
+
+def run_big(device: torch.device, quick: bool, log=print) -> list[dict]:
+    return run_cases(big_cases(quick), run_single, device, quick, log)
+
+
 def dist_cases(quick: bool, n: int = 2) -> list[dict]:
     """Cases for ``n`` = 2 ranks: DDP, FSDP2, TP=2, 2-stage PP (GPipe, 1F1B)."""
     models, seq, mb = (("tiny",), 64, 2) if quick else (MODELS, SEQ, 2)
