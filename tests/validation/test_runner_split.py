@@ -80,8 +80,18 @@ def test_measure_without_gpu_raises_the_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", fake)
     import plansim.validation.runner as runner
 
-    for suite in ("all", "power", "parallel2", "gpt2021", "overlap", "profile"):
+    for suite in ("all", "power", "parallel2", "gpt2021", "overlap", "profile", "attention", "bigsteps", "bigprofile"):
         with pytest.raises(RuntimeError, match="no CUDA GPU found: plansim measure needs one"):
             runner.measure(suite, str(tmp_path))
     with pytest.raises(ValueError, match="suite"):
         runner.measure("nope", str(tmp_path))
+
+
+def test_suites_that_time_cuda_have_no_cpu_smoke_test(tmp_path):
+    """power, profile and bigprofile read CUDA events, clocks or the CUDA profiler: asked to
+    run on the CPU they say so in one line instead of failing inside torch."""
+    import plansim.validation.runner as runner
+
+    for suite in runner.CUDA_ONLY:
+        with pytest.raises(ValueError, match=f"suite: {suite} reads CUDA kernel times.*run it on a GPU"):
+            runner.measure(suite, str(tmp_path), quick=True, device="cpu")

@@ -18,7 +18,11 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
-                "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}}
+                "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
+                "bigprofile": {"profile": "profile"}}
+
+#: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
+CUDA_ONLY = ("power", "profile", "bigprofile")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -50,6 +54,9 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
         raise ValueError(f"device: must be cuda or cpu, got {device!r}")
     if device == "cpu" and not quick:
         raise ValueError("device=cpu is only a smoke test: use it with quick=True")
+    if device == "cpu" and suite in CUDA_ONLY:
+        raise ValueError(f"suite: {suite} reads CUDA kernel times (torch.profiler, CUDA events, clocks): "
+                         "it has no CPU smoke test; run it on a GPU")
     torch = _torch()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU found: plansim measure needs one (torch.cuda.is_available() is False)")
@@ -99,6 +106,12 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             written.append(write_csv(os.path.join(out_dir, "steps.csv"), "steps", rows))
             log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                 f"{time.time() - ts:.0f} s -> {written[-1]}")
+            continue
+        if s == "bigprofile":
+            from plansim.validation.runner import step_profile
+
+            written += step_profile.run_big(dev, quick, out_dir, log)
+            log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
         if s == "power":
             from plansim.validation.runner import power

@@ -9,7 +9,7 @@ import sys  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m plansim.validation.runner",
                                 description="Measure kernels, transfers, collectives and training steps.")
-    p.add_argument("--suite", default="all", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021", "parallel2", "power", "overlap", "profile", "attention", "bigsteps"),
+    p.add_argument("--suite", default="all", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021", "parallel2", "power", "overlap", "profile", "attention", "bigsteps", "bigprofile"),
                    help="gpt2021: Megatron-LM 2021 GPT operators and steps -> kernels_gpt.csv, steps_gpt.csv; "
                         "parallel2: 2-GPU expert and context parallelism steps -> steps_parallel2.csv; "
                         "power: sustained clocks under the board power limit -> power.csv, power_samples.csv")

@@ -20,6 +20,9 @@ back is the host's (and one full-size step timed until it returns to the host). 
 times the elementwise kernels of eager RoPE (multiply by a broadcast cos, add, cat) on the transposed
 [b, heads, s, d] views the model feeds them and on contiguous copies of the same tensors: the
 bandwidth PyTorch's strided, non-vectorised kernels reach.
+
+Suite ``bigprofile`` (``run_big``) profiles the ``bigsteps`` cases, whole Llama-3-8B steps on one
+H200, into the same ``profile.csv`` and ``profile_kernels.csv``.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _build_step(model_name: str, mb: int, recompute: str, device: torch.device):
+def _build_step(model_name: str, mb: int, recompute: str, device: torch.device, seq: int = SEQ):
     """``step(i)`` of the steps suite's single-GPU training step for one model."""
     if model_name.startswith("gpt"):
         from plansim.validation.runner import gpt_model
@@ -73,7 +76,7 @@ def _build_step(model_name: str, mb: int, recompute: str, device: torch.device):
         model = _steps._build(cfg, device, 0, recompute=recompute)
         pick_attention(model, device)
     opt, _ = _steps._optimizer(model.parameters(), device)
-    return _steps._train_step(model, opt, _steps._batches(cfg, mb, SEQ, 2, device, 1), 1)
+    return _steps._train_step(model, opt, _steps._batches(cfg, mb, seq, 2, device, 1), 1)
 
 
 def profile_step(step, device: torch.device, steps_profiled: int = 3):
@@ -339,17 +342,42 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
     adamw = adamw_rows(device)
     for r in adamw:
         log(f"adamw {r['params'] / 1e9:.2f} B params ({r['optimizer']}): {r['time_s'] * 1e3:.2f} ms, {r['gbps']:.0f} GB/s")
+    return _write(out_dir, {"profile.csv": (COLUMNS, rows), "profile_kernels.csv": (KERNEL_COLUMNS, kernel_rows),
+                            "layout.csv": (LAYOUT_COLUMNS, layout), "adamw.csv": (ADAMW_COLUMNS, adamw),
+                            "host.csv": (HOST_COLUMNS, host)})
+
+
+KERNEL_COLUMNS = ("case_id", "kernel", "klass", "seconds")
+
+
+def _write(out_dir: str, tables: dict[str, tuple[tuple[str, ...], list[dict]]]) -> list[str]:
+    """Each ``name: (columns, rows)`` as a CSV in ``out_dir``; the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, name) for name in ("profile.csv", "profile_kernels.csv", "layout.csv",
-                                                       "adamw.csv", "host.csv")]
-    for path, columns, data in ((paths[0], COLUMNS, rows), (paths[1], ("case_id", "kernel", "klass", "seconds"),
-                                                          kernel_rows), (paths[2], LAYOUT_COLUMNS, layout),
-                                (paths[3], ADAMW_COLUMNS, adamw), (paths[4], HOST_COLUMNS, host)):
-        with open(path, "w", newline="") as fh:
+    paths = []
+    for name, (columns, data) in tables.items():
+        paths.append(os.path.join(out_dir, name))
+        with open(paths[-1], "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(data)
     return paths
+
+
+def run_big(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Suite ``bigprofile``: the ``bigsteps`` cases under torch.profiler (kernel time by class),
+    to see where a whole Llama-3-8B step spends what plansim does not predict."""
+    rows, kernel_rows = [], []
+    for case in _steps.big_cases(quick):
+        model_name, mb, seq, recompute = case["model"], case["micro_batch"], case["seq_len"], case["recompute"]
+        step = _build_step(model_name, mb, recompute, device, seq)
+        wall, by_class, by_name = profile_step(step, device)
+        del step
+        _steps._free(device)
+        case_rows, case_kernels = profile_rows(case["case_id"], model_name, mb, recompute, wall, by_class, by_name)
+        rows += case_rows
+        kernel_rows += case_kernels
+        _log_case(log, case_rows)
+    return _write(out_dir, {"profile.csv": (COLUMNS, rows), "profile_kernels.csv": (KERNEL_COLUMNS, kernel_rows)})
 
 
 def _log_case(log, case_rows: list[dict]) -> None:
