@@ -46,7 +46,8 @@ def single_cases(quick: bool) -> list[dict]:
 
 
 #: suite ``bigsteps``: a full Llama-3-8B on one GPU (bf16 weights, gradients and AdamW states:
-#: 64 GB, so an H200, not an H100), the largest hidden size and vocabulary we can step on one GPU
+#: 64 GB; 71.4 GiB at most with activations, within an 80 GB H100), the largest hidden size and
+#: vocabulary we can step on one GPU
 BIG_MODEL = "llama3-8b"
 
 
