@@ -80,6 +80,8 @@ class FlowLink:
         tolerance = resolution * self.capacity_Bps * len(self._remaining) + 1e-9
         finished = [fid for fid, left in self._remaining.items() if left <= tolerance]
         for fid in finished:
-            self.bytes_carried += self._remaining.pop(fid)  # the rounding residue
+            residue = self._remaining.pop(fid)  # what rounding left of the flow: carried too,
+            self.bytes_carried += residue       # in the time the link needs for it
+            self.busy_time_s += residue / self.capacity_Bps
             self._done.pop(fid).succeed()
         self._reschedule()

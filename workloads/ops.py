@@ -122,10 +122,21 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
     return b_ops, w_ops
 
 
-def recompute_ops(forward: list[Op], policy: str) -> list[Op]:
-    """Forward ops re-run before backward: all of them (full) or the attention core (selective)."""
+def recompute_ops(forward: list[Op], policy: str, early_stop: bool = False) -> list[Op]:
+    """Forward ops re-run before backward: all of them (full) or the attention core (selective).
+
+    ``early_stop``: PyTorch's non-reentrant ``torch.utils.checkpoint`` stops recomputing "as soon
+    as it has computed all needed Tensors" (its default; ``set_checkpoint_early_stop``), so the
+    ops after the last one whose output backward keeps are not re-run: in a Llama block the down
+    projection (it keeps its input, not its output), its TP reduction and the residual add.
+    A GEMM keeps its input, so the last GEMM that keeps something is itself not re-run; any other
+    op that keeps something is (dropout keeps its own mask).  Megatron's checkpoint re-runs the
+    whole layer."""
     if policy == "full":
         chosen = forward
+        if early_stop:
+            last = max((i for i, op in enumerate(forward) if op.saved_bytes > 0), default=len(forward) - 1)
+            chosen = forward[:last] if forward[last].kind == "gemm" else forward[:last + 1]
     elif policy == "selective":
         chosen = [op for op in forward if op.recompute_selective]
     else:

@@ -433,7 +433,8 @@ class TrainingWorkload:
         # selective recomputation): the embedding and the output layer + loss are not re-run
         is_layer = forward is not self.embedding and forward is not self.head
         policy = self.plan.recompute if is_layer else "none"
-        return {"F": forward, "R": recompute_ops(forward, policy), "B": b_ops, "W": w_ops}
+        early_stop = self.plan.framework == "pytorch"  # torch.utils.checkpoint(use_reentrant=False)
+        return {"F": forward, "R": recompute_ops(forward, policy, early_stop), "B": b_ops, "W": w_ops}
 
     # --- memory ----------------------------------------------------------------------------
     def saved_activation_bytes(self, forward: list[Op]) -> float:
