@@ -215,9 +215,11 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
     ragged last wave of a causal grid with few heads costs what it does on the GPU (measured on
     H100 and H200: b·h = 32 at 2,048 tokens runs causal at 82 % of the full mask's time for
     53 % of its work)."""
+    shape = (batch, heads, kv_heads, head_dim, seq_q, seq_kv)
+    if all(np.ndim(x) == 0 for x in shape):  # the simulator's case: one op at a time
+        return _attention_time_scalar(*shape, bool(causal), phase, device, dtype)
     return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype"}, otypes=[float])(
-        batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal=bool(causal), phase=phase, device=device,
-        dtype=dtype)[()]
+        *shape, causal=bool(causal), phase=phase, device=device, dtype=dtype)
 
 
 def context_parallel_attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal: bool,

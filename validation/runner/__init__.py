@@ -85,32 +85,11 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                 log(f"== {s}/{name}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                     f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
-        if s == "profile":
+        if s in ("profile", "bigprofile"):
             from plansim.validation.runner import step_profile
 
-            written += step_profile.run(dev, quick, out_dir, log, n_gpus=n_gpus)
-            log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
-            continue
-        if s == "attention":
-            from plansim.validation.runner import kernels
-
-            rows = kernels.run_attention_sweep(dev, quick, log)
-            written.append(write_csv(os.path.join(out_dir, "kernels.csv"), "kernels", rows))
-            log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
-                f"{time.time() - ts:.0f} s -> {written[-1]}")
-            continue
-        if s == "bigsteps":
-            from plansim.validation.runner import steps
-
-            rows = steps.run_big(dev, quick, log)
-            written.append(write_csv(os.path.join(out_dir, "steps.csv"), "steps", rows))
-            log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
-                f"{time.time() - ts:.0f} s -> {written[-1]}")
-            continue
-        if s == "bigprofile":
-            from plansim.validation.runner import step_profile
-
-            written += step_profile.run_big(dev, quick, out_dir, log)
+            written += (step_profile.run(dev, quick, out_dir, log, n_gpus=n_gpus) if s == "profile"
+                        else step_profile.run_big(dev, quick, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
         if s == "power":
@@ -139,10 +118,14 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                 f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
-        if s == "kernels":
+        if s in ("kernels", "attention"):
             from plansim.validation.runner import kernels
 
-            rows = kernels.run(dev, quick, log)
+            rows = (kernels.run if s == "kernels" else kernels.run_attention_sweep)(dev, quick, log)
+        elif s == "bigsteps":
+            from plansim.validation.runner import steps
+
+            rows = steps.run_big(dev, quick, log)
         elif s == "transfers":
             from plansim.validation.runner import transfers
 
@@ -165,7 +148,9 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                 rows += run_workers("steps", steps.dist_cases(quick, 2), 2, device, quick, WORKER_TIMEOUT_S, log)
             else:
                 log("steps: 2-GPU cases (ddp, fsdp, tp, pp) skipped, one GPU visible")
-        written.append(write_csv(os.path.join(out_dir, f"{s}.csv"), s, rows))
+        # a measured suite writes <suite>.csv; the extra ones that reuse a schema name their CSV
+        name, columns = next(iter(EXTRA_SUITES[s].items())) if s in EXTRA_SUITES else (s, s)
+        written.append(write_csv(os.path.join(out_dir, f"{name}.csv"), columns, rows))
         log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
             f"{time.time() - ts:.0f} s -> {written[-1]}")
     info["duration_s"] = round(time.time() - t0, 1)

@@ -308,15 +308,8 @@ def adamw_rows(device: torch.device) -> list[dict]:
 def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int = 1) -> list[str]:
     rows, kernel_rows = [], []
     for model_name, mb, recompute in CASES[:1] if quick else CASES:
-        case_id = f"{model_name}-mb{mb}-s{SEQ}-rc{recompute}"
-        step = _build_step(model_name, mb, recompute, device)
-        wall, by_class, by_name = profile_step(step, device)
-        del step
-        _steps._free(device)
-        case_rows, case_kernels = profile_rows(case_id, model_name, mb, recompute, wall, by_class, by_name)
-        rows += case_rows
-        kernel_rows += case_kernels
-        _log_case(log, case_rows)
+        _profile_case(f"{model_name}-mb{mb}-s{SEQ}-rc{recompute}", model_name, mb, recompute, SEQ, device, log,
+                      rows, kernel_rows)
     if n_gpus >= 2:
         from plansim.validation.runner import WORKER_TIMEOUT_S, parallel2
         from plansim.validation.runner.launch import run_workers
@@ -368,16 +361,23 @@ def run_big(device: torch.device, quick: bool, out_dir: str, log=print) -> list[
     to see where a whole Llama-3-8B step spends what plansim does not predict."""
     rows, kernel_rows = [], []
     for case in _steps.big_cases(quick):
-        model_name, mb, seq, recompute = case["model"], case["micro_batch"], case["seq_len"], case["recompute"]
-        step = _build_step(model_name, mb, recompute, device, seq)
-        wall, by_class, by_name = profile_step(step, device)
-        del step
-        _steps._free(device)
-        case_rows, case_kernels = profile_rows(case["case_id"], model_name, mb, recompute, wall, by_class, by_name)
-        rows += case_rows
-        kernel_rows += case_kernels
-        _log_case(log, case_rows)
+        _profile_case(case["case_id"], case["model"], case["micro_batch"], case["recompute"], case["seq_len"], device,
+                      log, rows, kernel_rows)
     return _write(out_dir, {"profile.csv": (COLUMNS, rows), "profile_kernels.csv": (KERNEL_COLUMNS, kernel_rows)})
+
+
+def _profile_case(case_id: str, model_name: str, mb: int, recompute: str, seq: int, device: torch.device, log,
+                  rows: list[dict], kernel_rows: list[dict]) -> None:
+    """Build one single-GPU step, profile it, free it; append its ``profile.csv`` and
+    ``profile_kernels.csv`` rows and log it."""
+    step = _build_step(model_name, mb, recompute, device, seq)
+    wall, by_class, by_name = profile_step(step, device)
+    del step
+    _steps._free(device)
+    case_rows, case_kernels = profile_rows(case_id, model_name, mb, recompute, wall, by_class, by_name)
+    rows += case_rows
+    kernel_rows += case_kernels
+    _log_case(log, case_rows)
 
 
 def _log_case(log, case_rows: list[dict]) -> None:
