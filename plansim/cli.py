@@ -266,11 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser("measure", help="measure kernels, transfers, collectives and steps on local GPUs (needs torch)")
-    p.add_argument("--suite", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021", "parallel2",
-                                       "power", "overlap", "profile"), default="all",
+    from plansim.validation.runner import EXTRA_SUITES, SUITES
+    p.add_argument("--suite", choices=(*SUITES, "all", *EXTRA_SUITES), default="all",
                    help="gpt2021: Megatron-LM 2021 GPT operators and steps; parallel2: 2-GPU expert and context "
-                        "parallelism; power: sustained clocks under the board power limit; overlap: a GEMM beside "
-                        "an NCCL collective; profile: one GPU's step time by kernel class (none part of all)")
+                        "parallelism; power: sustained clocks under the board power limit; powerkernels: the power "
+                        "each kind of kernel draws; overlap: a GEMM beside an NCCL collective; profile: one GPU's "
+                        "step time by kernel class (none part of all; see validation/MEASURING.md)")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_measure)

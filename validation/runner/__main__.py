@@ -9,10 +9,13 @@ import sys  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m plansim.validation.runner",
                                 description="Measure kernels, transfers, collectives and training steps.")
-    p.add_argument("--suite", default="all", choices=("kernels", "transfers", "collectives", "steps", "all", "gpt2021", "parallel2", "power", "overlap", "profile", "attention", "bigsteps", "bigprofile"),
+    from plansim.validation.runner.common import SUITES
+    from plansim.validation.runner import EXTRA_SUITES
+    p.add_argument("--suite", default="all", choices=(*SUITES, "all", *EXTRA_SUITES),
                    help="gpt2021: Megatron-LM 2021 GPT operators and steps -> kernels_gpt.csv, steps_gpt.csv; "
                         "parallel2: 2-GPU expert and context parallelism steps -> steps_parallel2.csv; "
-                        "power: sustained clocks under the board power limit -> power.csv, power_samples.csv")
+                        "power: sustained clocks under the board power limit -> power.csv, power_samples.csv; "
+                        "powerkernels: the power each kind of kernel draws -> power_kernels.csv")
     p.add_argument("--out", required=True, help="output folder, e.g. validation/data/h100-x1")
     p.add_argument("--quick", action="store_true", help="a few small cases: a smoke test")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke test with --quick")

@@ -15,6 +15,13 @@ sampled by ``nvidia-smi`` every 100 ms beside the work:
 
 Writes ``power.csv`` (one row per window of each phase) and ``power_samples.csv`` (raw samples).
 Idle gaps between phases let the card cool as it would between runs.
+
+Suite ``powerkernels`` (``run_kernels``) streams one kernel at a time — GEMMs of the shapes the
+steps suite's models run, flash attention forward + backward, an RMSNorm — for ``KERNEL_STREAM_S``
+each, after a short boost-clock probe of the same kernel, and writes ``power_kernels.csv`` (one
+row per window: the kernel's rate at the boost clock and in the window, board power, SM clock) and
+``power_kernels_samples.csv``: what each kind of kernel draws, beyond the one large GEMM of
+``power``.
 """
 from __future__ import annotations
 
@@ -247,6 +254,114 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
     path = os.path.join(out_dir, "power.csv")
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return [path] + ([samples_path] if not quick else [])
+
+
+KERNEL_STREAM_S = 8.0
+KERNEL_COOL_S = 4.0
+KERNEL_COLUMNS = ("phase", "kind", "window", "t_start_s", "duration_s", "calls", "flops_per_call", "bytes_per_call",
+                  "boost_tflops", "boost_gbps", "tflops", "gbps", "power_w", "sm_clock_mhz", "temperature_c",
+                  "power_cap_active")
+
+
+def _kernel_cases(device, quick: bool):
+    """(phase, kind, fn, FLOPs per call, HBM bytes per call): each a closure over its own buffers."""
+    import torch.nn.functional as F
+
+    bf = torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=bf, generator=gen)
+
+    def gemm(m, n, k):
+        a, b, c = rand(m, k), rand(k, n), torch.empty(m, n, device=device, dtype=bf)
+        return (f"gemm-m{m}-n{n}-k{k}", "tensor", lambda: torch.matmul(a, b, out=c), 2.0 * m * n * k,
+                2.0 * (m * k + k * n + m * n))
+
+    def attention(b, h, kv, d, seq):
+        q = rand(b, h, seq, d).requires_grad_()
+        k, v = rand(b, kv, seq, d).requires_grad_(), rand(b, kv, seq, d).requires_grad_()
+        grad = rand(b, h, seq, d)
+
+        def fn():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
+            out.backward(grad)
+        # causal forward + backward: 3.5 × the forward's 4·b·h·s²·d, halved by the mask
+        return (f"attn-b{b}-h{h}-kv{kv}-d{d}-s{seq}-causal", "tensor", fn, 3.5 * 4.0 * b * h * seq * seq * d / 2,
+                2.0 * b * (2 * h + 2 * kv) * seq * d * 2)
+
+    def rmsnorm(tokens, hidden):
+        x, w = rand(tokens, hidden), rand(hidden)
+        return (f"rmsnorm-t{tokens}-h{hidden}", "memory", lambda: F.rms_norm(x, (hidden,), w), 0.0,
+                2.0 * 2 * tokens * hidden)
+
+    if quick:
+        return [gemm(1024, 1024, 1024), rmsnorm(1024, 1024)]
+    return [gemm(8192, 8192, 8192), gemm(4096, 2048, 2048), gemm(16384, 5632, 2048), gemm(8192, 3072, 3072),
+            gemm(8192, 8192, 3072), gemm(4096, 14336, 4096), attention(8, 32, 4, 64, 2048),
+            attention(4, 24, 8, 128, 2048), rmsnorm(16384, 3072)]
+
+
+def _stream(fn, seconds: float, calls: int) -> list[tuple[float, float]]:
+    """(wall start, GPU seconds) of blocks of ``calls`` back-to-back calls for ``seconds``."""
+    out, pending = [], []
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.time()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        pending.append((t0, a, b))
+        if len(pending) > 32:  # keep the launch queue bounded without draining it
+            pending[-32][2].synchronize()
+    torch.cuda.synchronize()
+    return [(t0, a.elapsed_time(b) / 1e3) for t0, a, b in pending]
+
+
+def run_kernels(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Stream each kernel of ``_kernel_cases``; write power_kernels.csv and power_kernels_samples.csv."""
+    scale = 0.1 if quick else 1.0
+    samples_path = os.path.join(out_dir, "power_kernels_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    rows: list[dict] = []
+    time.sleep(KERNEL_COOL_S * scale)
+    for phase, kind, fn, flops, nbytes in _kernel_cases(device, quick):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        one = min(dt for _, dt in _stream(fn, 0.05, 1))
+        calls = max(1, int(0.02 / max(one, 1e-6)))  # blocks of ~20 ms
+        boost = min(dt for _, dt in _stream(fn, 0.2, calls)) / calls  # short bursts: the boost clock
+        blocks = _stream(fn, KERNEL_STREAM_S * scale, calls)
+        start, acc = None, []
+        for t0, dt in blocks:
+            start = t0 if start is None else start
+            acc.append(dt)
+            if t0 - start >= WINDOW_S:
+                n, busy = calls * len(acc), sum(acc)
+                rows.append({"phase": phase, "kind": kind, "window": sum(r["phase"] == phase for r in rows),
+                             "t_start_s": round(start - t_origin, 3), "duration_s": busy, "calls": n,
+                             "flops_per_call": flops, "bytes_per_call": nbytes,
+                             "boost_tflops": flops / boost / 1e12, "boost_gbps": nbytes / boost / 1e9,
+                             "tflops": flops * n / busy / 1e12, "gbps": nbytes * n / busy / 1e9})
+                start, acc = None, []
+        last = [r for r in rows if r["phase"] == phase]
+        if last:
+            log(f"powerkernels {phase:<36} boost {last[-1]['boost_tflops']:.0f} TF/s {last[-1]['boost_gbps']:.0f} GB/s, "
+                f"sustained {last[-1]['tflops']:.0f} TF/s {last[-1]['gbps']:.0f} GB/s")
+        time.sleep(KERNEL_COOL_S * scale)
+    samples = sampler.stop()
+    _attach_samples(rows, samples, t_origin)
+    path = os.path.join(out_dir, "power_kernels.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=KERNEL_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
