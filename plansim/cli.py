@@ -150,6 +150,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     ]
     rows += [(f"  memory: {k}", format_bytes(v)) for k, v in result.memory_breakdown.items()]
     rows += [(f"  time: {k.replace('_', ' ')}", f"{v:.4f} s") for k, v in result.time_breakdown.items()]
+    rows.append(("SM clock (power limit)", "not modelled for this device" if result.sm_clock is None else
+                 f"{result.sm_clock:.0%} of maximum" + (" (held by the board power limit)" if result.sm_clock < 1 else "")))
     rows.append(("profile", result.calibrated_profile or "datasheet (no calibrated profile)"))
     if args.trace:
         rows.append(("trace", f"{args.trace} (open in https://ui.perfetto.dev or chrome://tracing)"))

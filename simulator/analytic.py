@@ -41,6 +41,7 @@ import simpy
 
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.compute import contention_s
+from plansim.simulator.costs.power import Activity, PowerModel
 from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
@@ -54,6 +55,8 @@ from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, split
 
 # columns of the per-piece / per-chunk cost vectors (per micro-batch)
 F, FC, B, BC, BI, W, WC, FLOPS, RFLOPS, SAVED, DENSE, EXPERT = range(12)
+TENSOR = slice(12, 16)  # PhaseCost.tensor of F + B: seconds and FLOPs of GEMMs and of attention
+COLUMNS = 16
 _PIECES = ("embedding", "dense", "moe", "head")
 
 
@@ -61,7 +64,8 @@ def _piece_vector(cc) -> np.ndarray:
     """A ChunkCost as the vector of the columns above."""
     f, b, bi, w = cc.phases["F"], cc.phases["B"], cc.phases["Bi"], cc.phases["W"]
     return np.array([f.time_s, f.compute_s, b.time_s, b.compute_s, bi.time_s, w.time_s, w.compute_s,
-                     f.flops + b.flops, cc.recompute_flops, cc.saved_bytes, cc.dense_params, cc.expert_params])
+                     f.flops + b.flops, cc.recompute_flops, cc.saved_bytes, cc.dense_params, cc.expert_params,
+                     *(f.tensor + b.tensor)])
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,11 @@ class AnalyticModel:
         first_moe = next((i for i in range(model.num_layers) if model.is_moe_layer(i)), None)
         first_dense = next((i for i in range(model.num_layers) if not model.is_moe_layer(i)), None)
         self._probe_layers = {"dense": first_dense, "moe": first_moe}
+        self._power = PowerModel.of(cluster.device)
 
     # --- costs of the pieces ------------------------------------------------------------------
     def pieces(self, plan: Plan) -> tuple[TrainingWorkload, np.ndarray]:
-        """cost_workload on pseudo-chunks holding one piece each: a 4 × 12 matrix (rows embedding,
+        """cost_workload on pseudo-chunks holding one piece each: a 4 × 16 matrix (rows embedding,
         dense layer, MoE layer, head).  Raises PlanError if the plan does not fit the model."""
         key = _layer_key(plan)
         hit = self._pieces.get(key)
@@ -163,7 +168,7 @@ class AnalyticModel:
         rows.append(3)
         chunks.append(Chunk(len(chunks), 0, 0, 0, False, True))
         workload.chunks = chunks
-        matrix = np.zeros((4, 12))
+        matrix = np.zeros((4, COLUMNS))
         for row, cc in zip(rows, cost_workload(workload, self.cluster)):
             matrix[row] = _piece_vector(cc)
         self._pieces[key] = (workload, matrix)
@@ -190,7 +195,7 @@ class AnalyticModel:
         return out
 
     def chunk_costs(self, plan: Plan) -> tuple[TrainingWorkload, Layout, np.ndarray]:
-        """Per chunk (virtual stage) the sum of its pieces: chunks × 12."""
+        """Per chunk (virtual stage) the sum of its pieces: chunks × 16."""
         workload, matrix = self.pieces(plan)
         layout = self.layout(plan)
         return workload, layout, layout.counts @ matrix
@@ -403,6 +408,19 @@ class AnalyticModel:
             ends[r] = start_delay + t_pipe - offsets[r] + exposed + opt_times[r]
         last = int(ends.argmax())
         step = float(ends[last])
+        # the board power limit: the engine's rule (TrainingSimulation.run), its re-run replaced
+        # by stretching the busiest rank's tensor-core time
+        throttle = 0.0
+        if self._power is not None:
+            tensor = np.zeros((p, COLUMNS - TENSOR.start))
+            np.add.at(tensor, ranks, costs[:, TENSOR] * m)
+            r = int(tensor[:, 1::2].sum(axis=1).argmax())
+            mine_r = ranks == r
+            activity = Activity.of(cluster.device, tensor[r],
+                                   m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], step)
+            slowdowns = self._power.slowdowns(self._power.sustained_clock(activity), activity)
+            throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, slowdowns))
+            step += throttle
 
         # metrics, with build_result's definitions
         tokens = plan.tokens_per_step
@@ -416,7 +434,7 @@ class AnalyticModel:
         useful = executed - float(costs[:, RFLOPS].sum())
         hfu = mfu * executed / useful if useful else mfu
         mine = ranks == last
-        compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + opt_times[last]
+        compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + opt_times[last] + throttle
         comm = m * float(((costs[mine, F] - costs[mine, FC]) + (costs[mine, B] - costs[mine, BC]) + z3[mine]).sum())
         comm += dp_exposed[last] + start_delay
         bubble = max(0.0, step - compute - comm)

@@ -151,6 +151,15 @@ class Device(_Profile):
     collective_launch_s: float | None = Field(default=None, ge=0)  # host cost of issuing one NCCL call
     kernel_issue_s: float | None = Field(default=None, gt=0)  # host cost of issuing one eager kernel
     overlap_contention: float | None = Field(default=None, ge=0, le=1)  # hidden collective's time that still shows
+    # the power-limited clock (simulator/costs/power.py), watts above idle at the maximum clock;
+    # None: the device is not throttled
+    power_limit_w: PositiveFloat | None = None  # board power limit (datasheet TDP), held on average
+    burst_power_w: PositiveFloat | None = None  # what a short burst of tensor work is held to
+    idle_power_w: PositiveFloat | None = None  # drawn with nothing running
+    tensor_power_w: PositiveFloat | None = None  # a large GEMM's draw
+    memory_power_w: PositiveFloat | None = None  # an HBM-bound kernel's draw
+    power_clock_exponent: float | None = Field(default=None, ge=0)  # draw ∝ clock^γ
+    tensor_static_fraction: float | None = Field(default=None, ge=0, le=1)  # tensor draw whatever the FLOP rate
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
 

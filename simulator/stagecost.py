@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import (contention_s, context_parallel_attention_time, gemm_time, kernel_issue_time,
+from plansim.simulator.costs.compute import (attention_flops, contention_s, context_parallel_attention_time, gemm_time,
+                                             kernel_issue_time,
                                              memory_bound_time, norm_time)
 from plansim.simulator.hardware import Cluster
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
 from plansim.workloads.training import Chunk, TrainingWorkload
+
+
+#: op kinds that run on the tensor cores, whose time follows the SM clock (costs/power.py), in
+#: the order of ``PhaseCost.tensor``
+TENSOR_KINDS = ("gemm", "attention")
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class PhaseCost:
     """Compute seconds and communication of one phase of one chunk for one micro-batch."""
 
     compute_s: float = 0.0
+    # of compute_s, the tensor-core kernels: seconds and FLOPs of each of TENSOR_KINDS, which set
+    # the step's power draw (costs/power.py): [gemm s, gemm FLOPs, attention s, attention FLOPs]
+    tensor: np.ndarray = field(default_factory=lambda: np.zeros(2 * len(TENSOR_KINDS)))
     flops: float = 0.0
     comm: list[CollectiveCost] = field(default_factory=list)  # exposed: runs after the compute
     beside: list[CollectiveCost] = field(default_factory=list)  # runs during the compute, hidden by it
@@ -58,6 +69,7 @@ class PhaseCost:
 
     def add(self, other: "PhaseCost", times: int = 1) -> None:
         self.compute_s += other.compute_s * times
+        self.tensor = self.tensor + other.tensor * times
         self.flops += other.flops * times
         self.comm.extend(other.comm * times)
         self.beside.extend(other.beside * times)
@@ -120,6 +132,14 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
     raise ValueError(f"op kind {op.kind!r} unknown")
 
 
+def _tensor_flops(op: Op) -> float:
+    """FLOPs a tensor-core kernel executes (a flash-attention kernel's own count: causal skips tiles)."""
+    if op.kind == "attention":
+        b, heads, _, d, sq, skv, causal = op.attention
+        return float(attention_flops(b, heads, d, sq, skv, causal, "backward" if op.phase == "B" else "forward"))
+    return op.flops
+
+
 def _split(comm: CollectiveCost, overlap_s: float) -> tuple[CollectiveCost, CollectiveCost | None]:
     """``comm`` as (the part that outlasts ``overlap_s`` of compute beside it, the part hidden by
     that compute); both parts carry their bytes, so links still see every byte sent."""
@@ -157,6 +177,9 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
             cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))
         elif seconds:
             cost.compute_s += seconds
+            if op.kind in TENSOR_KINDS:
+                i = 2 * TENSOR_KINDS.index(op.kind)
+                cost.tensor[i:i + 2] += (seconds, _tensor_flops(op))
             cost.flops += op.flops
             cost.ops.append((op.name, seconds, "compute"))
         if comm is not None or seconds:

@@ -34,6 +34,7 @@ from plansim.simulator.hardware import Cluster, Device, Link
 from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
                                         base_cluster, data_folders, device_for_folder, load_suite,
                                         predict_collective, predict_kernel, rel)
+from plansim.validation.power import fit_power
 
 #: (field, lower bound, upper bound); a callable bound takes the datasheet device
 KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
@@ -235,12 +236,22 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
         if missing:
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
-    for name, folders in sorted(by_device.items()):
-        written[name] = _calibrate_device(name, folders, out_dir)
+    shared: dict[tuple, dict] = {}  # power fits of a die, for a GPU of that die without powerkernels streams
+    for name, folders in sorted(by_device.items(), key=lambda item: (not _has_power_kernels(item[1]), item[0])):
+        written[name] = _calibrate_device(name, folders, out_dir, shared)
     return written
 
 
-def _calibrate_device(name: str, folders: list[Path], out_dir: Path) -> Path:
+def _has_power_kernels(folders: list[Path]) -> bool:
+    return any((folder / "power" / "power_kernels.csv").is_file() for folder in folders)
+
+
+def _die(device: Device) -> tuple:
+    """What two GPUs of one die share (H100 SXM and H200: GH100, 132 SMs, the same peaks)."""
+    return device.vendor, device.compute_units, tuple(sorted(device.peak_flops.items()))
+
+
+def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dict[tuple, dict]) -> Path:
     def gather(suite: str, kinds=None):
         parts = []
         for folder in folders:
@@ -275,6 +286,16 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path) -> Path:
 
     used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}
     fitted_on, case_ids = [], {}
+    for folder in folders:  # the power model, from the power suite's synthetic phases (not its steps)
+        if (folder / "power" / "power.csv").is_file():
+            power, s = fit_power(folder / "power", device, shared.get(_die(device)))
+            if "tensor_static_fraction" in power and s:
+                shared[_die(device)] = power
+            params.update(power)
+            stats.update(s)
+            source = ("power.csv phases gemm and hbm, power_kernels.csv" if s else
+                      "power.csv phases gemm and hbm; tensor_static_fraction from the same die's power_kernels.csv")
+            fitted_on.append(f"{rel(folder / 'power')} ({source})")
     for folder in folders:
         for suite, frame in used.items():
             if frame.empty:

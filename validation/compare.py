@@ -64,8 +64,9 @@ def provenance(folder: Path) -> dict:
 
 
 def device_for_folder(folder: Path) -> str:
-    """The device profile a data folder was measured on: provenance's GPU name, else the folder name."""
-    gpu = str(provenance(folder).get("gpu_name") or "").lower()
+    """The device profile a data folder was measured on: provenance's GPU name (of the folder, or
+    of its power suite's subfolder), else the folder name."""
+    gpu = str(provenance(folder).get("gpu_name") or provenance(Path(folder) / "power").get("gpu_name") or "").lower()
     for needle, name in GPU_NAMES:
         if needle in gpu:
             return name
@@ -84,12 +85,14 @@ def gpu_count(folder: Path) -> int:
 
 
 def data_folders(data_dir: Path = DATA_DIR, devices: Iterable[str] | None = None) -> list[Path]:
-    """Measurement folders (``<gpu>-x<count>`` holding at least one suite CSV), optionally of some devices."""
+    """Measurement folders (``<gpu>-x<count>`` holding at least one suite CSV, or a ``power``
+    suite folder), optionally of some devices."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         return []
     folders = [p for p in sorted(data_dir.iterdir())
-               if p.is_dir() and any((p / f"{s}.csv").is_file() for s in MEASURED_SUITES)]
+               if p.is_dir() and (any((p / f"{s}.csv").is_file() for s in MEASURED_SUITES)
+                                  or (p / "power" / "power.csv").is_file())]
     if devices:
         wanted = set(devices)
         folders = [f for f in folders if device_for_folder(f) in wanted]

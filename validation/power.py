@@ -9,16 +9,33 @@ power cap was active.  It answers two questions the cost models depend on:
   training run of hours sees? — compare a phase's first seconds with its last;
 * how far does a dense stream of tensor-core work fall below the short-burst GEMM rate, as a
   function of the share of time the tensor cores are busy (the ``mix-U`` phases)?
+
+``fit_power`` turns the synthetic phases (``gemm``, ``hbm``, ``mix-U``, and the ``powerkernels``
+streams where measured) into the parameters of ``simulator/costs/power.py``; the ``step-*``
+phases and the steps suites are never fitted: they are the held-out check (``plansim calibrate``
+writes the parameters into the calibrated profile).
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from plansim.simulator.costs import compute
+
+GEMM_N = 8192  # the power suite's GEMM (validation/runner/power.py)
 DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100-x1" / "power"
 EDGE_S = 5.0  # seconds at the start and at the end of a phase that are compared
+SETTLE_S = 5.0  # a phase's first seconds, while the power controller settles, are not fitted
+KERNEL_SETTLE_S = 1.0  # a powerkernels stream's first second is not fitted
+IDLE_QUANTILE = 0.01  # idle draw: the lowest samples, taken in the gaps between phases
+#: power-vs-clock exponent γ.  Not identifiable from the streams (each sits at the limit at one
+#: clock); 1 is power ∝ clock at a fixed voltage.  The held-out step clocks move by under 3 % for
+#: γ from 1 to 3 (README, "Power")
+CLOCK_EXPONENT = 1.0
 
 
 def load_power(data_dir: Path = DEFAULT_DIR) -> pd.DataFrame:
@@ -45,13 +62,147 @@ def summarize_power(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _synthetic(frame: pd.DataFrame) -> pd.DataFrame:
+    """The settled windows of the calibration phases (GEMM stream, HBM stream, duty-cycle loops)."""
+    fit = frame["phase"].eq("gemm") | frame["phase"].eq("hbm") | frame["phase"].str.startswith("mix-")
+    return frame[fit & (frame["t_phase_s"] >= SETTLE_S)]
+
+
+def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """The power-model parameters of ``simulator/costs/power.py`` from a ``power`` suite folder
+    (and its ``powerkernels`` streams, where measured), and the fit's residuals.  ``device``
+    (calibrated, not throttled) gives each kernel's short-sample time.  γ is ``CLOCK_EXPONENT``.
+
+    * idle: the lowest sampled draw (the gaps between phases, a process attached);
+    * tensor and static share: every ``powerkernels`` tensor stream sits at the power limit at
+      its own clock φ; its draw above idle over φ^γ is ``w_s + w_f · u`` (``u`` its short-sample
+      FLOP rate over the achievable GEMM rate), a line in ``u``: ``tensor_w = w_s + w_f`` and
+      ``a = w_s / tensor_w``.  A folder without these streams takes ``a`` from ``shared`` (a GPU
+      of the same die) and ``tensor_w`` from its GEMM stream; without ``shared`` it gives neither;
+    * burst: the GEMM stream's TFLOP/s per MHz puts the short-sample GEMM rate at a clock φ_s;
+      the draw there, ``idle + W · φ_s^γ``, is what a short burst is held to;
+    * memory: the HBM stream's draw above idle over φ^γ.
+    """
+    frame = _synthetic(load_power(data_dir))
+    samples = pd.read_csv(Path(data_dir) / "power_samples.csv", skipinitialspace=True)
+    idle = float(pd.to_numeric(samples["power.draw"], errors="coerce").quantile(IDLE_QUANTILE))
+    hbm = frame[frame["phase"] == "hbm"]
+    f_max = float(hbm["sm_clock_mhz"].max())
+    gemm = frame[frame["phase"] == "gemm"]
+    t_short = float(compute.gemm_time(GEMM_N, GEMM_N, GEMM_N, "bf16", device))
+    u_gemm = min(1.0, 2.0 * GEMM_N ** 3 / (device.flops("bf16") * device.achievable_gemm_fraction) / t_short)
+    gamma = CLOCK_EXPONENT
+    stats: dict[str, dict] = {}
+    kernels_csv = Path(data_dir) / "power_kernels.csv"
+    if kernels_csv.is_file():
+        tensor = _settled_tensor_streams(pd.read_csv(kernels_csv))
+        u = _utilization(tensor, device)
+        clock = tensor["sm_clock_mhz"].to_numpy() / f_max
+        w_s, w_f, res = _line_fit(u, (tensor["power_w"].to_numpy() - idle) / clock ** gamma)
+        tensor_w, static = w_s + w_f, w_s / (w_s + w_f)
+        stats["tensor power by kernel"] = _residuals(res)
+    elif shared:
+        static = shared["tensor_static_fraction"]
+        draw = float(((gemm["power_w"] - idle) / (gemm["sm_clock_mhz"] / f_max) ** gamma).median())
+        tensor_w = draw / (static + (1 - static) * u_gemm)
+    else:
+        return {"idle_power_w": idle}, stats
+    per_mhz = float((gemm["tflops"] / gemm["sm_clock_mhz"]).median())
+    short_clock = min(1.0, 2.0 * GEMM_N ** 3 / t_short / 1e12 / per_mhz / f_max)
+    burst = idle + tensor_w * (static + (1 - static) * u_gemm) * short_clock ** gamma
+    memory = float(((hbm["power_w"] - idle) / (hbm["sm_clock_mhz"] / f_max) ** gamma).median())
+    params = {"idle_power_w": idle, "burst_power_w": burst, "tensor_power_w": tensor_w,
+              "tensor_static_fraction": static, "memory_power_w": memory, "power_clock_exponent": gamma}
+    return params, stats
+
+
+def _settled_tensor_streams(kernels: pd.DataFrame) -> pd.DataFrame:
+    tensor = kernels[kernels["kind"] == "tensor"].copy()
+    tensor["t_phase_s"] = tensor["t_start_s"] - tensor.groupby("phase")["t_start_s"].transform("min")
+    return tensor[tensor["t_phase_s"] >= KERNEL_SETTLE_S]
+
+
+def _utilization(tensor: pd.DataFrame, device) -> np.ndarray:
+    """Each stream's short-sample FLOP rate over the device's achievable GEMM rate (≤ 1)."""
+    reference = device.flops("bf16") * device.achievable_gemm_fraction
+    short = {phase: kernel_short_sample(phase, device) for phase in tensor["phase"].unique()}
+    seconds = tensor["phase"].map(lambda p: short[p][0]).to_numpy()
+    flops = tensor["phase"].map(lambda p: short[p][1]).to_numpy()
+    return np.minimum(1.0, flops / reference / seconds)
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Least-squares ``y = a + b·x``: (a, b, relative residuals)."""
+    b, a = np.polyfit(x, y, 1)
+    return float(a), float(b), (a + b * x) / y - 1.0
+
+
+def _residuals(res: np.ndarray) -> dict:
+    return {"windows": int(len(res)), "median_abs_error": float(np.median(np.abs(res))),
+            "p90_abs_error": float(np.quantile(np.abs(res), 0.9))}
+
+
+_GEMM = re.compile(r"gemm-m(\d+)-n(\d+)-k(\d+)$")
+_ATTN = re.compile(r"attn-b(\d+)-h(\d+)-kv(\d+)-d(\d+)-s(\d+)-causal$")
+
+
+def kernel_short_sample(phase: str, device) -> tuple[float, float]:
+    """(short-sample seconds per call, FLOPs per call as the cost model counts them) of a
+    ``powerkernels`` tensor phase, from its name."""
+    if (g := _GEMM.match(phase)):
+        m, n, k = map(int, g.groups())
+        return float(compute.gemm_time(m, n, k, "bf16", device)), 2.0 * m * n * k
+    if (a := _ATTN.match(phase)):
+        b, h, kv, d, seq = map(int, a.groups())
+        time = float(compute.attention_time(b, h, kv, d, seq, seq, True, "both", device))
+        return time, float(compute.attention_flops(b, h, d, seq, seq, True, "both"))
+    raise ValueError(f"phase: {phase!r} is not a powerkernels tensor phase (gemm-m…-n…-k… or attn-b…-h…-kv…-d…-s…-causal)")
+
+
+_STEP_CASE = re.compile(r"step-(?P<model>.+)-single-tp1-pp1-dp1-mb(?P<mb>\d+)-nmb(?P<nmb>\d+)-s(?P<seq>\d+)-rc(?P<rc>\w+)$")
+
+
+def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
+    """The power suite's step phases (never fitted): each step's sustained SM clock as measured
+    (the mean of its last ``EDGE_S`` seconds) and as ``plansim simulate`` predicts it on
+    ``cluster`` (calibrated, one GPU)."""
+    from plansim.simulator.engine import TrainingSimulation
+    from plansim.validation.compare import CONFIGS_DIR, step_plan
+    from plansim.workloads.model_io import load_model
+    from plansim.workloads.training import TrainingWorkload
+
+    summary = summarize_power(load_power(data_dir))
+    f_max = float(load_power(data_dir).query("phase == 'hbm'")["sm_clock_mhz"].max())
+    rows = []
+    for _, phase in summary[summary["phase"].str.startswith("step-")].iterrows():
+        case = _STEP_CASE.match(phase["phase"]).groupdict()
+        mb, nmb = int(case["mb"]), int(case["nmb"])
+        plan = step_plan({"model": case["model"], "strategy": "single", "tp": 1, "pp": 1, "dp": 1, "micro_batch": mb,
+                          "global_batch": mb * nmb, "seq_len": int(case["seq"]), "recompute": case["rc"],
+                          "schedule": "-"})
+        spec = load_model(CONFIGS_DIR / f"{case['model']}.json")
+        output = TrainingSimulation(TrainingWorkload(spec, plan), cluster).run()
+        rows.append({"phase": phase["phase"], "measured_mhz": phase["sm_clock_mhz_last"],
+                     "predicted_mhz": (output.sm_clock or 1.0) * f_max})
+    frame = pd.DataFrame(rows)
+    frame["error"] = frame["predicted_mhz"] / frame["measured_mhz"] - 1.0
+    return frame
+
+
 def main(argv: list[str] | None = None) -> int:
+    from plansim.validation.compare import calibrated_cluster
+
     args = sys.argv[1:] if argv is None else argv
-    summary = summarize_power(load_power(Path(args[0]) if args else DEFAULT_DIR))
+    data_dir = Path(args[0]) if args else DEFAULT_DIR
+    summary = summarize_power(load_power(data_dir))
     cols = ["phase", "seconds", "tensor_busy", "tflops_first", "tflops_last", "gbps_last", "step_time_s_first",
             "step_time_s_last", "power_w_last", "sm_clock_mhz_first", "sm_clock_mhz_last", "temperature_c_last",
             "power_cap_active_last"]
-    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    fmt = {"index": False, "float_format": lambda v: f"{v:.4g}", "na_rep": "-"}
+    print(summary[cols].to_string(**fmt))
+    cluster, _ = calibrated_cluster(data_dir.parent)
+    print("\nsustained SM clock of the step phases (held out: never fitted), MHz")
+    print(step_clocks(data_dir, cluster.model_copy(update={"nodes": 1, "gpus_per_node": 1})).to_string(**fmt))
     return 0
 
 

@@ -1,0 +1,144 @@
+"""The SM clock a step sustains under the board power limit, and what it does to tensor kernels.
+
+A training step that keeps the tensor cores busy draws more than the board's power limit at full
+clock, so the power controller lowers the SM clock until the average draw is at the limit. Every
+stream of one kernel measured on the H200 sits at its 700 W limit: GEMMs at 1,420-1,610 MHz,
+flash attention at 1,740-1,840, an RMSNorm at 1,900 (`validation/data/h200-x1/power/`).
+Kernel costs are calibrated on short samples; a step runs at the clock its own mix of work
+sustains.  The controller averages over tens of milliseconds, many kernels of a step, so one
+clock φ (a fraction of the maximum clock) holds for the whole step.
+
+Over a step of ``step_s`` seconds at short-sample rates (``Activity``), with k over the
+tensor-core kernel classes (GEMMs, attention)::
+
+    power(φ) = idle + (Σ_k eq_k · s_k(φ) · W_k · min(φ, φ_k)^γ + other_s · memory_w · φ^γ) / step_s(φ)
+    step_s(φ) = step_s + Σ_k t_k · (s_k(φ) − 1),     s_k(φ) = max(1, φ_k / φ)
+    W_k = tensor_w · (a + (1 − a) · u_k),     u_k = ref_k / t_k,     eq_k = t_k · W_k / tensor_w
+
+* Power is ``memory_w · φ^γ`` for HBM-bound kernels and ``W_k · φ^γ`` for tensor kernels, γ the
+  ``power_clock_exponent``.  A large GEMM draws ``tensor_w``; a tensor kernel with fewer FLOPs
+  per second (a small GEMM, flash attention at 30-40 % of peak) draws less: a share ``a``
+  (``tensor_static_fraction``) of ``tensor_w`` whatever its rate, the rest in proportion to
+  its rate.  ``t_k`` is a class's time, ``ref_k`` the time a GEMM at the device's achievable
+  rate would take for its FLOPs.
+* Tensor-core kernels run at a rate proportional to the clock (the H200's GEMM stream and its
+  GEMM-HBM loops: 0.454 TFLOP/s per MHz at every clock), up to their short-sample clock ``φ_k``:
+  even a short burst is held below the burst power limit ``burst_power_w``, so
+  ``W_k · φ_k^γ = burst − idle`` (the H200's 787 TFLOP/s short-sample GEMM is 1,733 MHz at that
+  slope, below the 1,980 MHz maximum; flash attention, drawing less, reaches the maximum).  At
+  φ < φ_k a kernel of class k takes s_k(φ) times its short-sample time.
+* Time waiting on communication or in a pipeline bubble draws ``idle`` only, which is why a
+  pipelined or communication-bound step runs faster per FLOP than a single GPU's compute-bound one.
+
+The sustained clock is the largest φ ≤ 1 whose power is within the limit; power rises with φ,
+so bisection finds it.  Devices whose profile lacks the power parameters are not throttled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+#: no sustained clock below this fraction of the maximum is searched (H100 and H200 settle at
+#: 0.68-0.73 under a pure GEMM stream)
+MIN_CLOCK_FRACTION = 0.2
+_BISECTION_STEPS = 40
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What one GPU does in a step, in seconds at short-sample rates: per tensor-core kernel class
+    (GEMMs, attention) its time and the time a GEMM at the achievable rate would take for its
+    FLOPs; the other kernels' time; the whole step (idle and waiting included)."""
+
+    tensor_s: tuple[float, ...]
+    tensor_ref_s: tuple[float, ...]
+    other_s: float
+    step_s: float
+
+    @classmethod
+    def of(cls, device, tensor: Sequence[float], compute_s: float, step_s: float) -> "Activity":
+        """A GPU's step from what the engine and the analytic estimate count: ``tensor`` as
+        ``PhaseCost.tensor`` (seconds and FLOPs of each class), all its compute seconds, the step."""
+        reference = device.flops("bf16") * device.achievable_gemm_fraction
+        seconds, flops = tuple(float(x) for x in tensor[0::2]), tuple(float(x) for x in tensor[1::2])
+        return cls(tensor_s=seconds, tensor_ref_s=tuple(f / reference for f in flops),
+                   other_s=max(0.0, compute_s - sum(seconds)), step_s=step_s)
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """A GPU's power-limited clock: its limits and the draw of each kind of work (watts above idle
+    at the maximum clock)."""
+
+    limit_w: float  # board power limit (datasheet TDP), held on average
+    burst_w: float  # the draw a short burst of tensor work is held to
+    idle_w: float  # drawn by a GPU with a process attached and nothing running
+    tensor_w: float  # a large GEMM's draw
+    memory_w: float  # an HBM-bound kernel's draw
+    clock_exponent: float  # γ: draw ∝ clock^γ
+    tensor_static_fraction: float  # a: share of tensor_w a tensor kernel draws whatever its FLOP rate
+
+    @classmethod
+    def of(cls, device) -> "PowerModel | None":
+        """The device's power model, or None where its profile does not give every parameter."""
+        values = (device.power_limit_w, device.burst_power_w, device.idle_power_w, device.tensor_power_w,
+                  device.memory_power_w, device.power_clock_exponent, device.tensor_static_fraction)
+        if any(v is None for v in values):
+            return None
+        return cls(*(float(v) for v in values))
+
+    def draw_w(self, seconds: float, ref_s: float) -> float:
+        """A tensor kernel class's draw at the maximum clock, from its time and reference time."""
+        a = self.tensor_static_fraction
+        return self.tensor_w * (a + (1.0 - a) * min(1.0, ref_s / seconds)) if seconds > 0 else 0.0
+
+    def short_sample_clock(self, draw_w: float) -> float:
+        """The clock (fraction of maximum) a kernel drawing ``draw_w`` runs at in a short burst."""
+        if draw_w <= 0:
+            return 1.0
+        return min(1.0, ((self.burst_w - self.idle_w) / draw_w) ** (1.0 / self.clock_exponent))
+
+    def slowdowns(self, clock: float, activity: Activity) -> tuple[float, ...]:
+        """Per tensor-kernel class, how many times its short-sample time it takes at ``clock``."""
+        return tuple(max(1.0, self.short_sample_clock(self.draw_w(t, r)) / clock)
+                     for t, r in zip(activity.tensor_s, activity.tensor_ref_s))
+
+    def power_w(self, clock: float, activity: Activity) -> float:
+        """Average draw over a step run at ``clock`` (fraction of the maximum clock)."""
+        if activity.step_s <= 0:
+            return self.idle_w
+        g = self.clock_exponent
+        energy = activity.other_s * self.memory_w * clock ** g
+        step = activity.step_s
+        for t, r in zip(activity.tensor_s, activity.tensor_ref_s):
+            draw = self.draw_w(t, r)
+            top = self.short_sample_clock(draw)
+            slow = max(1.0, top / clock)
+            energy += t * slow * draw * min(clock, top) ** g
+            step += t * (slow - 1.0)
+        return self.idle_w + energy / step
+
+    def sustained_clock(self, activity: Activity) -> float:
+        """The clock (fraction of maximum, ≤ 1) at which the step's average draw meets the limit."""
+        if self.power_w(1.0, activity) <= self.limit_w:
+            return 1.0
+        lo, hi = MIN_CLOCK_FRACTION, 1.0
+        if self.power_w(lo, activity) > self.limit_w:
+            return lo
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            if self.power_w(mid, activity) > self.limit_w:
+                hi = mid
+            else:
+                lo = mid
+        return lo
+
+
+def throttled_device(device, slowdowns: Sequence[float]):
+    """``device`` with its GEMMs and attention kernels ``slowdowns`` times slower (their rates
+    divided; their HBM traffic, and every memory-bound kernel, unchanged)."""
+    gemm, attention = slowdowns
+    if gemm <= 1.0 and attention <= 1.0:
+        return device
+    return device.model_copy(update={"achievable_gemm_fraction": device.achievable_gemm_fraction / gemm,
+                                     "attention_fraction": device.attention_fraction / attention})
