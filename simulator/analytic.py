@@ -42,8 +42,7 @@ import simpy
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel
-from plansim.simulator.engine import RankStats, TrainingSimulation, bucket_params
-from plansim.simulator.flows import FlowLink
+from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
@@ -94,6 +93,25 @@ class Estimate:
     peak_stage: int
     infeasible_reason: str | None = None
     per_stage_memory: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """The closed-form step of one plan, and what the estimate's metrics read of it."""
+
+    workload: TrainingWorkload
+    layout: Layout
+    costs: np.ndarray
+    m: int
+    step_s: float  # with the power limit's stretch
+    last: int  # the rank that ends last
+    opt_times: np.ndarray
+    dp_exposed: np.ndarray
+    start_delay: float
+    z3: np.ndarray
+    throttle: float  # seconds the power limit adds
+    clock: float | None
+    slowdowns: tuple[float, ...]
 
 
 @dataclass
@@ -211,8 +229,7 @@ class AnalyticModel:
         env = simpy.Environment()
         owner = SimpleNamespace(plan=plan, cluster=self.cluster, _trace=lambda *a, **k: None,
                                 costs=[SimpleNamespace(chunk=SimpleNamespace(rank=0), params=params_on_rank)])
-        rank = SimpleNamespace(index=0, stats=RankStats(0),
-                               host=FlowLink(env, "pcie", self.cluster.host_link.achievable_bw_Bps))
+        rank = _Rank(env, 0, self.cluster)  # its host and storage links, for an offloaded optimizer
         env.process(TrainingSimulation._optimizer(owner, env, rank))
         env.run()
         self._memo[key] = float(env.now)
@@ -300,8 +317,9 @@ class AnalyticModel:
         return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {mem.stage}"
 
     # --- the estimate -------------------------------------------------------------------------
-    def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
-        """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known."""
+    def _step(self, plan: Plan) -> "_Step":
+        """The closed-form step of ``plan`` (module docstring), at the clock the board power
+        limit sustains."""
         cluster, model = self.cluster, self.model
         workload, layout, costs = self.chunk_costs(plan)
         p, v, m = plan.pp, plan.vpp, plan.num_microbatches
@@ -408,9 +426,9 @@ class AnalyticModel:
             ends[r] = start_delay + t_pipe - offsets[r] + exposed + opt_times[r]
         last = int(ends.argmax())
         step = float(ends[last])
-        # the board power limit: the engine's rule (TrainingSimulation.run), its re-run replaced
-        # by stretching the busiest rank's tensor-core time
-        throttle = 0.0
+        # the board power limit (costs/power.py): the busiest rank's activity sets the clock;
+        # its tensor-core kernels stretch the step
+        clock, slowdowns, throttle = None, (1.0, 1.0), 0.0
         if self._power is not None:
             tensor = np.zeros((p, COLUMNS - TENSOR.start))
             np.add.at(tensor, ranks, costs[:, TENSOR] * m)
@@ -418,10 +436,24 @@ class AnalyticModel:
             mine_r = ranks == r
             activity = Activity.of(cluster.device, tensor[r],
                                    m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], step)
-            slowdowns = self._power.slowdowns(self._power.sustained_clock(activity), activity)
+            clock = self._power.sustained_clock(activity)
+            slowdowns = self._power.slowdowns(clock, activity)
             throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, slowdowns))
-            step += throttle
+        return _Step(workload, layout, costs, m, step + throttle, last, opt_times, dp_exposed, start_delay, z3,
+                     throttle, clock, slowdowns)
 
+    def power_state(self, plan: Plan) -> tuple[float | None, tuple[float, ...]]:
+        """(sustained SM clock over its maximum, slowdown of GEMMs and of attention) of ``plan``:
+        what the event engine runs the step at (None: the device has no power model)."""
+        step = self._step(plan)
+        return step.clock, step.slowdowns
+
+    def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
+        """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known."""
+        cluster, model = self.cluster, self.model
+        t = self._step(plan)
+        workload, layout, costs, m, step, last = t.workload, t.layout, t.costs, t.m, t.step_s, t.last
+        ranks = layout.ranks
         # metrics, with build_result's definitions
         tokens = plan.tokens_per_step
         peak_bf16 = cluster.device.flops("bf16")
@@ -434,9 +466,9 @@ class AnalyticModel:
         useful = executed - float(costs[:, RFLOPS].sum())
         hfu = mfu * executed / useful if useful else mfu
         mine = ranks == last
-        compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + opt_times[last] + throttle
-        comm = m * float(((costs[mine, F] - costs[mine, FC]) + (costs[mine, B] - costs[mine, BC]) + z3[mine]).sum())
-        comm += dp_exposed[last] + start_delay
+        compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + t.opt_times[last] + t.throttle
+        comm = m * float(((costs[mine, F] - costs[mine, FC]) + (costs[mine, B] - costs[mine, BC]) + t.z3[mine]).sum())
+        comm += t.dp_exposed[last] + t.start_delay
         bubble = max(0.0, step - compute - comm)
 
         mem = memory if memory is not None else self.memory(plan, workload, layout, costs)

@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import simpy
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
 from plansim.simulator.costs.compute import contention_s, memory_bound_time, overlap_contention
-from plansim.simulator.costs.power import Activity, PowerModel, throttled_device
+from plansim.simulator.costs.power import PowerModel, throttled_device
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_sm_rate, optimizer_step_bytes,
@@ -247,32 +246,22 @@ class TrainingSimulation:
 
     # --- the iteration ------------------------------------------------------------------------
     def run(self) -> EngineOutput:
-        """Simulate the iteration at short-sample kernel rates; where the device's power model
-        says that step's mix of work holds the board at its power limit below the clock of those
-        rates, simulate it again with the tensor-core kernels at the clock the limit sustains
-        (costs/power.py)."""
+        """Simulate the iteration.  Where the device has a power model, the tensor-core kernels
+        run at the clock the board power limit sustains for this step's mix of work
+        (costs/power.py), decided on the closed-form step of the analytic estimate: the same clock
+        the planner ranks the plan at, without a second event simulation."""
+        clock = None
+        if PowerModel.of(self.cluster.device) is not None:
+            from plansim.simulator.analytic import AnalyticModel  # it builds on this module
+
+            clock, slowdowns = AnalyticModel(self.workload.model, self.cluster).power_state(self.plan)
+            if max(slowdowns) > 1.0:
+                self.cluster = self.cluster.model_copy(update={"device": throttled_device(self.cluster.device,
+                                                                                          slowdowns)})
+                self.costs = cost_workload(self.workload, self.cluster)
         output = self._run_once()
-        power = PowerModel.of(self.cluster.device)
-        if power is None:
-            return output
-        activity = self._duty(output)
-        clock = power.sustained_clock(activity)
-        slowdowns = power.slowdowns(clock, activity)
-        if max(slowdowns) > 1.0:
-            self.cluster = self.cluster.model_copy(update={"device": throttled_device(self.cluster.device, slowdowns)})
-            self.costs = cost_workload(self.workload, self.cluster)
-            self.events = []
-            output = self._run_once()
         output.sm_clock = clock
         return output
-
-    def _duty(self, output: EngineOutput) -> Activity:
-        """What the rank with the most tensor-core FLOPs did: it draws most and sets the clock."""
-        tensor = np.zeros((self.plan.pp, len(self.costs[0].phases["F"].tensor)))
-        for c in self.costs:
-            tensor[c.chunk.rank] += self.plan.num_microbatches * (c.phases["F"].tensor + c.phases["B"].tensor)
-        r = int(tensor[:, 1::2].sum(axis=1).argmax())
-        return Activity.of(self.cluster.device, tensor[r], output.ranks[r].compute_s, output.step_time_s)
 
     def _run_once(self) -> EngineOutput:
         env = simpy.Environment()
