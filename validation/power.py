@@ -38,9 +38,10 @@ IDLE_QUANTILE = 0.01  # idle draw: the lowest samples, taken in the gaps between
 CLOCK_EXPONENT = 1.0
 
 
-def load_power(data_dir: Path = DEFAULT_DIR) -> pd.DataFrame:
-    """``power.csv`` of a measurement folder, with the phase's own clock (seconds since it began)."""
-    frame = pd.read_csv(Path(data_dir) / "power.csv")
+def load_power(data_dir: Path = DEFAULT_DIR, name: str = "power.csv") -> pd.DataFrame:
+    """``power.csv`` (or another file of the power suites' columns) of a measurement folder, with
+    the phase's own clock (seconds since it began)."""
+    frame = pd.read_csv(Path(data_dir) / name)
     frame["t_phase_s"] = frame["t_start_s"] - frame.groupby("phase", sort=False)["t_start_s"].transform("min")
     return frame
 
@@ -163,7 +164,8 @@ _STEP_CASE = re.compile(r"step-(?P<model>.+)-single-tp1-pp1-dp1-mb(?P<mb>\d+)-nm
 
 
 def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
-    """The power suite's step phases (never fitted): each step's sustained SM clock as measured
+    """The power suites' step phases (``power.csv`` and ``power_steps.csv``; never fitted): each
+    step's sustained SM clock as measured
     (the mean of its last ``EDGE_S`` seconds) and as ``plansim simulate`` predicts it on
     ``cluster`` (calibrated, one GPU)."""
     from plansim.simulator.engine import TrainingSimulation
@@ -171,8 +173,10 @@ def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
     from plansim.workloads.model_io import load_model
     from plansim.workloads.training import TrainingWorkload
 
-    summary = summarize_power(load_power(data_dir))
     f_max = float(load_power(data_dir).query("phase == 'hbm'")["sm_clock_mhz"].max())
+    frames = [load_power(data_dir)] + ([load_power(data_dir, "power_steps.csv")]
+                                       if (Path(data_dir) / "power_steps.csv").is_file() else [])
+    summary = pd.concat([summarize_power(f) for f in frames], ignore_index=True)
     rows = []
     for _, phase in summary[summary["phase"].str.startswith("step-")].iterrows():
         case = _STEP_CASE.match(phase["phase"]).groupdict()

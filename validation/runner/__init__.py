@@ -17,13 +17,13 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 #: suites run only when named (not part of ``all``): suite -> {csv name: columns of that suite}
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
-                "powerkernels": {"power_kernels": "power"},
+                "powerkernels": {"power_kernels": "power"}, "powersteps": {"power_steps": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
                 "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
-CUDA_ONLY = ("power", "powerkernels", "profile", "bigprofile")
+CUDA_ONLY = ("power", "powerkernels", "powersteps", "profile", "bigprofile")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -93,10 +93,11 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                         else step_profile.run_big(dev, quick, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
-        if s in ("power", "powerkernels"):
+        if s in ("power", "powerkernels", "powersteps"):
             from plansim.validation.runner import power
 
-            written += (power.run if s == "power" else power.run_kernels)(dev, quick, out_dir, log)
+            run = {"power": power.run, "powerkernels": power.run_kernels, "powersteps": power.run_steps}[s]
+            written += run(dev, quick, out_dir, log)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
         if s == "overlap":

@@ -39,6 +39,7 @@ from plansim.validation.runner.timing import sync
 GEMM_N = 8192
 ADD_ELEMS = 1 << 29  # 1 GiB of bf16 per operand
 WINDOW_S = 0.5
+STEP_PHASE_S = 40.0  # powersteps: seconds of back-to-back steps per case
 SAMPLE_FIELDS = ("timestamp", "power.draw", "power.draw.instant", "clocks.sm", "clocks.mem", "temperature.gpu",
                  "clocks_event_reasons.sw_power_cap", "clocks_event_reasons.sw_thermal_slowdown",
                  "clocks_event_reasons.hw_slowdown")
@@ -177,6 +178,35 @@ def _steps_phase(case: dict, seconds: float, device, t_origin: float) -> list[di
     del model, opt, data, step
     steps._free(device)
     return rows
+
+
+def run_steps(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Suite ``powersteps``: whole Llama-3-8B steps (the ``bigsteps`` cases with and without
+    recomputation) run back to back for ``STEP_PHASE_S`` each, sampled as the ``power`` suite's
+    step phases are; writes power_steps.csv and power_steps_samples.csv."""
+    from plansim.validation.runner.steps import BIG_MODEL, _case
+
+    samples_path = os.path.join(out_dir, "power_steps_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    cases = ([_case("tiny", "single", mb=2, seq=64, recompute="full")] if quick else
+             [_case(BIG_MODEL, "single", mb=1, seq=4096, recompute=rc) for rc in ("full", "none")])
+    rows: list[dict] = []
+    for case in cases:
+        time.sleep(15 * (0.1 if quick else 1.0))
+        got = _steps_phase(case, STEP_PHASE_S * (0.1 if quick else 1.0), device, t_origin)
+        rows += got
+        log(f"powersteps {case['case_id']}: {len(got)} steps, first {got[0]['step_time_s']:.4f} s, "
+            f"last {got[-1]['step_time_s']:.4f} s")
+    samples = sampler.stop()
+    _attach_samples(rows, samples, t_origin)
+    path = os.path.join(out_dir, "power_steps.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return [path] + ([samples_path] if not quick else [])
 
 
 def _attach_samples(rows: list[dict], samples: list[dict], t_origin: float) -> None:
