@@ -53,12 +53,13 @@ def test_each_kernels_draw_follows_its_flop_rate(fits):
     assert stats["p90_abs_error"] < 0.10
 
 
-@pytest.mark.parametrize("name, bound", [("h200", 0.03), ("h100-sxm", 0.10)])
-def test_held_out_step_clocks(name, bound):
-    """Whole Llama-3.2-3B and TinyLlama steps run back to back for a minute (never fitted): the
-    predicted sustained clock against nvidia-smi's.  H200 within 1 %; the H100 is predicted
-    7-8 % high (its a is the H200's; README, "Power")."""
+@pytest.mark.parametrize("name, bound, steps", [("h200", 0.04, 4), ("h100-sxm", 0.10, 2)])
+def test_held_out_step_clocks(name, bound, steps):
+    """Whole steps run back to back for 40-60 s (never fitted): the predicted sustained clock
+    against nvidia-smi's.  H200: Llama-3.2-3B and TinyLlama within 1 %, Llama-3-8B (predicted
+    before it was measured) 3 % low; the H100 is predicted 7-8 % high (its a is the H200's;
+    README, "Power")."""
     cluster, _ = calibrated_cluster(FOLDERS[name].parent)
     frame = step_clocks(FOLDERS[name], cluster.model_copy(update={"nodes": 1, "gpus_per_node": 1}))
-    assert len(frame) == 2
+    assert len(frame) == steps
     assert frame["error"].abs().max() < bound
