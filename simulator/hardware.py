@@ -158,7 +158,7 @@ class Device(_Profile):
     idle_power_w: PositiveFloat | None = None  # drawn with nothing running
     tensor_power_w: PositiveFloat | None = None  # a large GEMM's draw
     memory_power_w: PositiveFloat | None = None  # an HBM-bound kernel's draw
-    power_clock_exponent: float | None = Field(default=None, ge=0)  # draw ∝ clock^γ
+    power_clock_exponent: float | None = Field(default=None, gt=0)  # draw ∝ clock^γ
     tensor_static_fraction: float | None = Field(default=None, ge=0, le=1)  # tensor draw whatever the FLOP rate
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
@@ -172,6 +172,11 @@ class Device(_Profile):
             raise ValueError("peak_flops: bf16 is required (MFU is defined against it)")
         if self.achievable_hbm_bw_Bps > self.hbm_bw_Bps:
             raise ValueError("achievable_hbm_bw: larger than the datasheet hbm_bw")
+        if self.idle_power_w is not None:
+            for name in ("power_limit_w", "burst_power_w"):
+                value = getattr(self, name)
+                if value is not None and value <= self.idle_power_w:
+                    raise ValueError(f"{name}: {value} W must exceed idle_power_w ({self.idle_power_w} W)")
         return self
 
     def flops(self, dtype: str) -> float:

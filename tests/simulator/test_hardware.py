@@ -207,3 +207,11 @@ def test_per_dtype_sources_accepted():
                     "achievable_gemm_fraction": "a", "compute_units": "a", "l2": "a", "kernel_launch": "a",
                     "attention_fraction": "a"}})
     assert d.hbm_bytes == 2**30 and d.flops("fp8") == 1e12
+
+
+def test_power_draws_below_idle_are_refused(tmp_path):
+    text = GOOD.replace("\nsources:\n", "\nidle_power_w: 800\nsources:\n  idle_power_w: test\n", 1)
+    path = _write(tmp_path, text)
+    with pytest.raises(ProfileError) as e:
+        load_device(path)
+    assert _one_line(e) == f"{path}: power_limit_w: 700.0 W must exceed idle_power_w (800.0 W)"
