@@ -63,6 +63,8 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--gpus-per-node", type=positive_int)
     p.add_argument("--nics-per-node", type=positive_int)
     p.add_argument("--nic-gbps", type=float)
+    p.add_argument("--power-limit", type=float, metavar="WATTS",
+                   help="cap each GPU's board power (as nvidia-smi -pl does); default: the datasheet limit")
     batch = p.add_mutually_exclusive_group(required=True)
     batch.add_argument("--global-batch", type=positive_int, help="sequences per step, fixed")
     batch.add_argument("--max-global-batch", type=positive_int,
@@ -99,7 +101,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from plansim.planner.search import explain, search
     frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
-                   global_batch=args.global_batch, max_global_batch=args.max_global_batch, seq_len=args.seq_len,
+                   power_limit_w=args.power_limit, global_batch=args.global_batch, max_global_batch=args.max_global_batch, seq_len=args.seq_len,
                    objective=args.objective, tokens=args.tokens, top=args.top, constraints=args.constraint,
                    pareto=args.pareto, executor=args.executor, workers=args.workers, address=args.address,
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,

@@ -35,6 +35,7 @@ from plansim.planner.executors import InlineExecutor, evaluate_task, make_execut
 from plansim.planner.space import (MEMORY_KEYS, Enumeration, Pruned, SearchSpace,
                                    check_constraints_satisfiable, enumerate_plans, parse_constraints)
 from plansim.simulator.calibration import apply_calibration
+from plansim.simulator.costs.power import with_power_limit
 from plansim.simulator.hardware import Cluster, build_cluster
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
@@ -145,7 +146,7 @@ class Target:
 
 
 def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
-             prices) -> list[Target]:
+             prices, power_limit_w=None) -> list[Target]:
     names = [h.strip() for h in hardware.split(",")] if isinstance(hardware, str) else list(hardware or [None])
     names = [n for n in names if n] or [None]
     counts = parse_gpus(gpus)
@@ -169,6 +170,7 @@ def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_g
                 device, source = apply_calibration(machine.device)
                 if source is not None:
                     machine = machine.model_copy(update={"device": device})
+            machine = with_power_limit(machine, power_limit_w)
             dev = machine.device.name
             price = prices.get(dev, prices.get(name or dev, machine.device.price_per_hour_usd))
             out.append(Target(name or dev, machine, price))
@@ -179,7 +181,7 @@ def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_g
 def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = "h100-sxm", cluster: str | None = None, *,
            gpus: int | str | Sequence[int] | None = None, nodes: int | None = None,
            gpus_per_node: int | None = None, nics_per_node: int | None = None, nic_gbps: float | None = None,
-           global_batch: int | None = None, max_global_batch: int | None = None, seq_len: int = 2048,
+           power_limit_w: float | None = None, global_batch: int | None = None, max_global_batch: int | None = None, seq_len: int = 2048,
            objective: str = "throughput", tokens: float | None = None, top: int | None = 10,
            constraints: Iterable[str] | None = None, pareto: str | Sequence[str] | None = None,
            executor: str = "local", workers: int | None = None, address: str | None = None,
@@ -226,7 +228,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = "h100-
         space = SearchSpace(**{**space.__dict__, "plan_defaults": {**space.plan_defaults, **plan_defaults}})
     price_table = resolve_prices(prices)
     targets = _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
-                       price_table)
+                       price_table, power_limit_w)
     if objective == "cost" or "cost" in pareto_metrics:
         if all(t.price is None for t in targets):
             names = sorted({t.cluster.device.name for t in targets})

@@ -9,6 +9,7 @@ import yaml
 from plansim.simulator.calibration import apply_calibration, calibrate_cluster
 from plansim.simulator.costs.collectives import Group, collective_cost, nccl_tests_bandwidths
 from plansim.simulator.costs import compute
+from plansim.simulator.costs.power import with_power_limit
 from plansim.simulator.engine import TrainingSimulation
 from plansim.simulator.hardware import Cluster, ProfileError, build_cluster, load_device
 from plansim.simulator.result import Result, build_result
@@ -21,15 +22,15 @@ from plansim.workloads.training import TrainingWorkload
 def resolve_cluster(hardware: str | None = None, cluster: str | Cluster | None = None, *,
                     nodes: int | None = None, gpus_per_node: int | None = None,
                     nics_per_node: int | None = None, nic_gbps: float | None = None,
-                    calibrated: bool = True) -> tuple[Cluster, str | None]:
-    """The cluster to simulate on, with the device's calibrated profile applied if one exists."""
+                    calibrated: bool = True, power_limit_w: float | None = None) -> tuple[Cluster, str | None]:
+    """The cluster to simulate on, with the device's calibrated profile applied if one exists
+    and its board power limit set to ``power_limit_w`` if given."""
     if isinstance(cluster, Cluster):
         base = cluster
     else:
         base = build_cluster(hardware, cluster, nodes, gpus_per_node, nics_per_node, nic_gbps)
-    if not calibrated:
-        return base, None
-    return calibrate_cluster(base)
+    machine, source = calibrate_cluster(base) if calibrated else (base, None)
+    return with_power_limit(machine, power_limit_w), source
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
@@ -48,15 +49,18 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 def simulate(model: str | ModelSpec, hardware: str | None = None, cluster: str | Cluster | None = None,
              plan: Plan | dict[str, Any] | None = None, *, nodes: int | None = None,
              gpus_per_node: int | None = None, nics_per_node: int | None = None, nic_gbps: float | None = None,
-             trace: bool = False, trace_detail: str = "phase", calibrated: bool = True) -> Result:
+             trace: bool = False, trace_detail: str = "phase", calibrated: bool = True,
+             power_limit_w: float | None = None) -> Result:
     """Simulate one training iteration of ``model`` under ``plan`` on a cluster.
 
     ``plan`` may omit ``dp``: it is then the GPU count over tp·pp·cp.  A plan that does not fit
-    in memory is returned with ``fits=False`` and the reason, not raised.
+    in memory is returned with ``fits=False`` and the reason, not raised.  ``power_limit_w``
+    caps the GPUs' board power (as ``nvidia-smi -pl`` does); the default is the datasheet limit.
     """
     spec = load_model(model) if not isinstance(model, ModelSpec) else model
     machine, source = resolve_cluster(hardware, cluster, nodes=nodes, gpus_per_node=gpus_per_node,
-                                      nics_per_node=nics_per_node, nic_gbps=nic_gbps, calibrated=calibrated)
+                                      nics_per_node=nics_per_node, nic_gbps=nic_gbps, calibrated=calibrated,
+                                      power_limit_w=power_limit_w)
     plan = complete_plan(plan, machine)
     if plan.world_size != machine.num_gpus:
         raise PlanError(f"dp: tp·pp·dp·cp = {plan.tp}·{plan.pp}·{plan.dp}·{plan.cp} = {plan.world_size} "

@@ -45,6 +45,11 @@ def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None =
     p.add_argument("--no-calibration", action="store_true", help="use the datasheet profile even if a calibrated one exists")
 
 
+def _add_power_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--power-limit", type=float, metavar="WATTS",
+                   help="cap each GPU's board power (as nvidia-smi -pl does); default: the datasheet limit")
+
+
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     from plansim.workloads.plan import PRECISIONS, RECOMPUTE, SCHEDULES
     p.add_argument("--plan", help="YAML/JSON file with plan fields (flags override it)")
@@ -130,7 +135,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     fields = _plan_fields(args) or dict(DEFAULT_PLAN)
     result = simulate(args.model, args.hardware, args.cluster, fields, nodes=args.nodes,
                       gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
-                      trace=bool(args.trace), trace_detail=args.trace_detail, calibrated=not args.no_calibration)
+                      trace=bool(args.trace), trace_detail=args.trace_detail, calibrated=not args.no_calibration,
+                      power_limit_w=args.power_limit)
     if args.trace:
         result.write_trace(args.trace)
     if args.format == "json":
@@ -225,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="evaluate one training plan")
     p.add_argument("--model", default="llama3-8b", help="built-in name (plansim models list) or config.json/YAML path")
     _add_cluster_args(p)
+    _add_power_arg(p)
     _add_plan_args(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")

@@ -38,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from plansim.simulator.hardware import ProfileError
+
 #: no sustained clock below this fraction of the maximum is searched (H100 and H200 settle at
 #: 0.68-0.73 under a pure GEMM stream)
 MIN_CLOCK_FRACTION = 0.2
@@ -132,6 +134,20 @@ class PowerModel:
             else:
                 lo = mid
         return lo
+
+
+def with_power_limit(cluster, watts: float | None):
+    """``cluster`` with its GPUs' board power limit set to ``watts`` (``nvidia-smi -pl``, a power
+    cap an operator sets); None leaves the datasheet limit.  Raises ProfileError for a limit at or
+    below the device's idle draw."""
+    if watts is None:
+        return cluster
+    if isinstance(watts, bool) or not watts > 0:
+        raise ProfileError(f"power_limit: must be positive watts, got {watts!r}")
+    device = cluster.device
+    if device.idle_power_w is not None and watts <= device.idle_power_w:
+        raise ProfileError(f"power_limit: {watts:g} W must exceed {device.name}'s idle draw ({device.idle_power_w:g} W)")
+    return cluster.model_copy(update={"device": device.model_copy(update={"power_limit_w": float(watts)})})
 
 
 def throttled_device(device, slowdowns: Sequence[float]):

@@ -180,6 +180,84 @@ def _steps_phase(case: dict, seconds: float, device, t_origin: float) -> list[di
     return rows
 
 
+DUTY_PHASE_S = 20.0  # powerduty: seconds per duty cycle
+DUTIES = (0.9, 0.8, 0.65)  # powerduty: share of time in GEMMs, the rest idle
+PERIODS = 8  # powerduty: GEMM + idle periods per timed record
+
+
+def run_duty(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Suite ``powerduty``: one 8192³ GEMM, then the GPU idle (a one-thread spin kernel,
+    ``torch.cuda._sleep``) for as long as makes the GEMMs a share U of the time, repeated for
+    ``DUTY_PHASE_S`` at each U in ``DUTIES``.  A period of ~2 ms is far shorter than the power
+    controller's averaging, so the board holds one clock per phase and the GEMMs' rate gives it:
+    with the GEMM stream, how a GEMM's draw follows the clock (``validation/power.py``).  Writes
+    power_duty.csv (``gemm_s`` GEMM time, ``other_s`` idle time per window) and its samples."""
+    n = 1024 if quick else GEMM_N
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    flops = 2.0 * n ** 3
+    for _ in range(5):
+        torch.matmul(a, b, out=c)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    torch.cuda._sleep(1_000_000)
+    e1.record()
+    torch.cuda.synchronize()
+    cycles_per_s = 1_000_000 / (e0.elapsed_time(e1) / 1e3)
+    samples_path = os.path.join(out_dir, "power_duty_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    rows: list[dict] = []
+    for u in DUTIES:
+        time.sleep(10 * (0.1 if quick else 1.0))
+        e0.record()
+        torch.matmul(a, b, out=c)
+        e1.record()
+        torch.cuda.synchronize()
+        gap = int(cycles_per_s * e0.elapsed_time(e1) / 1e3 * (1 - u) / u)
+        marks, pending = [], []
+        t_end = time.time() + DUTY_PHASE_S * (0.1 if quick else 1.0)
+        while time.time() < t_end:
+            t0 = time.time()
+            evs = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            evs[0].record()
+            torch.matmul(a, b, out=c)  # the first GEMM of 8 periods is timed alone: its rate
+            evs[1].record()
+            torch.cuda._sleep(gap)
+            for _ in range(PERIODS - 1):
+                torch.matmul(a, b, out=c)
+                torch.cuda._sleep(gap)
+            evs[2].record()
+            pending.append((t0, evs))
+            if len(pending) > 32:
+                pending[-32][1][2].synchronize()
+        torch.cuda.synchronize()
+        start, acc = None, []
+        for t0, evs in pending:
+            start = t0 if start is None else start
+            acc.append((evs[0].elapsed_time(evs[1]) / 1e3, evs[0].elapsed_time(evs[2]) / 1e3))
+            if t0 - start >= WINDOW_S:
+                gemm = sum(g for g, _ in acc)  # one timed GEMM per record
+                total = sum(t for _, t in acc)
+                rows.append({"phase": f"duty-{u}", "window": sum(r["phase"] == f"duty-{u}" for r in rows),
+                             "t_start_s": round(start - t_origin, 3), "duration_s": total,
+                             "gemm_s": PERIODS * gemm, "other_s": total - PERIODS * gemm,
+                             "tflops": flops * len(acc) / gemm / 1e12})
+                start, acc = None, []
+        log(f"powerduty {u}: {sum(r['phase'] == f'duty-{u}' for r in rows)} windows")
+    samples = sampler.stop()
+    _attach_samples(rows, samples, t_origin)
+    path = os.path.join(out_dir, "power_duty.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return [path] + ([samples_path] if not quick else [])
+
+
 def run_steps(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
     """Suite ``powersteps``: whole Llama-3-8B steps (the ``bigsteps`` cases with and without
     recomputation) run back to back for ``STEP_PHASE_S`` each, sampled as the ``power`` suite's
