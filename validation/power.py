@@ -32,10 +32,7 @@ EDGE_S = 5.0  # seconds at the start and at the end of a phase that are compared
 SETTLE_S = 5.0  # a phase's first seconds, while the power controller settles, are not fitted
 KERNEL_SETTLE_S = 1.0  # a powerkernels stream's first second is not fitted
 IDLE_QUANTILE = 0.01  # idle draw: the lowest samples, taken in the gaps between phases
-#: power-vs-clock exponent γ.  Not identifiable from the streams (each sits at the limit at one
-#: clock); 1 is power ∝ clock at a fixed voltage.  The held-out step clocks move by under 3 % for
-#: γ from 1 to 3 (README, "Power")
-CLOCK_EXPONENT = 1.0
+DUTY_CAPPED = 0.97  # powerduty windows drawing at least this share of the limit are held by it
 
 
 def load_power(data_dir: Path = DEFAULT_DIR, name: str = "power.csv") -> pd.DataFrame:
@@ -71,31 +68,39 @@ def _synthetic(frame: pd.DataFrame) -> pd.DataFrame:
 
 def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """The power-model parameters of ``simulator/costs/power.py`` from a ``power`` suite folder
-    (and its ``powerkernels`` streams, where measured), and the fit's residuals.  ``device``
-    (calibrated, not throttled) gives each kernel's short-sample time.  γ is ``CLOCK_EXPONENT``.
+    (and its ``powerduty`` and ``powerkernels`` runs, where measured), and the fit's residuals.
+    ``device`` (calibrated, not throttled) gives each kernel's short-sample time.
 
     * idle: the lowest sampled draw (the gaps between phases, a process attached);
+    * γ: the GEMM stream and the ``powerduty`` phases (one GEMM, then idle, in ~2 ms periods:
+      one clock per phase) that the limit holds: a GEMM's draw, (draw − idle) / GEMM share,
+      against the clock is a line in logs, of slope γ;
     * tensor and static share: every ``powerkernels`` tensor stream sits at the power limit at
       its own clock φ; its draw above idle over φ^γ is ``w_s + w_f · u`` (``u`` its short-sample
       FLOP rate over the achievable GEMM rate), a line in ``u``: ``tensor_w = w_s + w_f`` and
-      ``a = w_s / tensor_w``.  A folder without these streams takes ``a`` from ``shared`` (a GPU
-      of the same die) and ``tensor_w`` from its GEMM stream; without ``shared`` it gives neither;
+      ``a = w_s / tensor_w``;
     * burst: the GEMM stream's TFLOP/s per MHz puts the short-sample GEMM rate at a clock φ_s;
       the draw there, ``idle + W · φ_s^γ``, is what a short burst is held to;
     * memory: the HBM stream's draw above idle over φ^γ.
+
+    A folder without ``powerduty`` or ``powerkernels`` runs takes γ and ``a`` from ``shared``
+    (a GPU of the same die) and ``tensor_w`` from its GEMM stream; without ``shared`` it gives
+    only the idle draw.
     """
+    data_dir = Path(data_dir)
     frame = _synthetic(load_power(data_dir))
-    samples = pd.read_csv(Path(data_dir) / "power_samples.csv", skipinitialspace=True)
+    samples = pd.read_csv(data_dir / "power_samples.csv", skipinitialspace=True)
     idle = float(pd.to_numeric(samples["power.draw"], errors="coerce").quantile(IDLE_QUANTILE))
     hbm = frame[frame["phase"] == "hbm"]
     f_max = float(hbm["sm_clock_mhz"].max())
     gemm = frame[frame["phase"] == "gemm"]
     t_short = float(compute.gemm_time(GEMM_N, GEMM_N, GEMM_N, "bf16", device))
     u_gemm = min(1.0, 2.0 * GEMM_N ** 3 / (device.flops("bf16") * device.achievable_gemm_fraction) / t_short)
-    gamma = CLOCK_EXPONENT
     stats: dict[str, dict] = {}
-    kernels_csv = Path(data_dir) / "power_kernels.csv"
-    if kernels_csv.is_file():
+    kernels_csv, duty_csv = data_dir / "power_kernels.csv", data_dir / "power_duty.csv"
+    if kernels_csv.is_file() and duty_csv.is_file():
+        gamma, stats["gemm draw against clock"] = _fit_clock_exponent(gemm, load_power(data_dir, "power_duty.csv"),
+                                                                     idle, f_max, device.power_limit_w)
         tensor = _settled_tensor_streams(pd.read_csv(kernels_csv))
         u = _utilization(tensor, device)
         clock = tensor["sm_clock_mhz"].to_numpy() / f_max
@@ -103,7 +108,7 @@ def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) ->
         tensor_w, static = w_s + w_f, w_s / (w_s + w_f)
         stats["tensor power by kernel"] = _residuals(res)
     elif shared:
-        static = shared["tensor_static_fraction"]
+        gamma, static = shared["power_clock_exponent"], shared["tensor_static_fraction"]
         draw = float(((gemm["power_w"] - idle) / (gemm["sm_clock_mhz"] / f_max) ** gamma).median())
         tensor_w = draw / (static + (1 - static) * u_gemm)
     else:
@@ -115,6 +120,20 @@ def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) ->
     params = {"idle_power_w": idle, "burst_power_w": burst, "tensor_power_w": tensor_w,
               "tensor_static_fraction": static, "memory_power_w": memory, "power_clock_exponent": gamma}
     return params, stats
+
+
+def _fit_clock_exponent(gemm: pd.DataFrame, duty: pd.DataFrame, idle: float, f_max: float,
+                        limit: float) -> tuple[float, dict]:
+    """γ from the GEMM stream and the ``powerduty`` windows the limit holds (their clock is one
+    clock: the period is far below the controller's averaging): log GEMM draw against log clock."""
+    duty = duty[(duty["t_phase_s"] >= SETTLE_S) & (duty["power_w"] >= DUTY_CAPPED * limit)]
+    windows = pd.concat([gemm, duty], ignore_index=True)
+    share = (windows["gemm_s"] / windows["duration_s"]).to_numpy()
+    clock = windows["sm_clock_mhz"].to_numpy() / f_max
+    draw = (windows["power_w"].to_numpy() - idle) / share
+    gamma, log_w = np.polyfit(np.log(clock), np.log(draw), 1)
+    res = np.exp(log_w) * clock ** gamma / draw - 1.0
+    return float(gamma), _residuals(res)
 
 
 def _settled_tensor_streams(kernels: pd.DataFrame) -> pd.DataFrame:

