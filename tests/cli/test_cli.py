@@ -136,6 +136,8 @@ def test_unreadable_hardware_file(capsys, files):
     (["op", "--kind", "gemm", "--m", "1", "--n", "1", "--k", "1", "--dtype", "fp32", "--hardware", "ascend-910b"],
      ["'fp32'", "ascend-910b", "bf16"]),
     (["frobnicate"], ["invalid choice", "simulate"]),
+    (["simulate", "--hardware", "h200", "--power-limit", "90"], ["power_limit", "90 W", "idle draw"]),
+    (["search", "--model", "llama3-8b", "--global-batch", "8", "--power-limit", "0"], ["power_limit", "positive"]),
     (["simulate", "--first-stage-layers", "100", "--pp", "2"], ["first_stage_layers", "100", "between 1 and"]),
     (["op", "--kind", "attention", "--batch", "1", "--heads", "32", "--kv-heads", "5", "--head-dim", "128",
       "--seq-len", "128"], ["kv-heads", "5", "divide heads 32"]),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plansim.api import resolve_cluster, simulate
+from plansim.api import ProfileError, resolve_cluster, simulate
 from plansim.simulator.analytic import estimate
 from plansim.simulator.costs.power import MIN_CLOCK_FRACTION, Activity, PowerModel, throttled_device
 from plansim.workloads.model_io import load_model
@@ -101,3 +101,20 @@ def test_the_analytic_estimate_applies_the_limit_as_the_engine_does():
     free = estimate(model, plan, _without_power(cluster))
     assert analytic.step_time_s > free.step_time_s
     assert analytic.step_time_s == pytest.approx(engine.step_time_s, rel=0.01)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(min_value=150.0, max_value=1200.0), st.floats(min_value=1.0, max_value=300.0))
+def test_a_higher_power_limit_never_makes_a_step_slower(limit, more):
+    cluster, _ = resolve_cluster("h200", None, nodes=1, gpus_per_node=1)
+    low = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=limit)
+    high = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=limit + more)
+    assert high.step_time_s <= low.step_time_s * (1 + 1e-9)
+    assert high.sm_clock >= low.sm_clock - 1e-9
+
+
+def test_a_power_limit_at_or_below_idle_is_refused():
+    with pytest.raises(ProfileError, match="power_limit: 100 W must exceed h200's idle draw"):
+        simulate("llama3-8b", "h200", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=100)
+    with pytest.raises(ProfileError, match="power_limit: must be positive"):
+        simulate("llama3-8b", "h200", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=-5)
