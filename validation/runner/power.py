@@ -394,12 +394,15 @@ def _kernel_cases(device, quick: bool):
                 2.0 * (m * k + k * n + m * n))
 
     def attention(b, h, kv, d, seq):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         q = rand(b, h, seq, d).requires_grad_()
         k, v = rand(b, kv, seq, d).requires_grad_(), rand(b, kv, seq, d).requires_grad_()
         grad = rand(b, h, seq, d)
 
-        def fn():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
+        def fn():  # the flash backend, as every other suite forces it (left alone, SDPA may pick cuDNN)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
             out.backward(grad)
         # causal forward + backward: 3.5 × the forward's 4·b·h·s²·d, halved by the mask
         return (f"attn-b{b}-h{h}-kv{kv}-d{d}-s{seq}-causal", "tensor", fn, 3.5 * 4.0 * b * h * seq * seq * d / 2,
