@@ -14,8 +14,8 @@ from plansim.workloads.model_io import load_model
 from plansim.workloads.plan import Plan
 
 #: the H200's fitted parameters (hardware_profiles/calibrated/h200.yaml), rounded
-H200 = PowerModel(limit_w=700.0, burst_w=911.0, idle_w=125.0, tensor_w=1062.0, memory_w=570.0, clock_exponent=2.08,
-                  tensor_static_fraction=0.51)
+H200 = PowerModel(limit_w=700.0, burst_w=869.0, idle_w=125.0, tensor_w=1006.0, memory_w=570.0, clock_exponent=2.08,
+                  tensor_static_fraction=0.30)
 
 seconds = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
 
@@ -53,11 +53,12 @@ def test_more_tensor_work_never_raises_the_clock_and_idle_time_never_lowers_it(a
 
 
 def test_a_large_gemm_stream_settles_where_the_h200_measured_it():
-    """A stream of one large GEMM (u = 1, nothing else): the model's clock against the streams
-    the fit used (1,440-1,447 MHz of 1,980; a consistency check of the fit, not held-out: the
-    line in u through all nine streams leaves 4 % median, 15 % p90 in their draw)."""
+    """A stream of one large GEMM (u = 1, nothing else): the model's clock against the 8192³
+    stream of the powerkernels run the fit used (1,479 MHz; a consistency check, not held-out:
+    the line in u through the eight tensor streams leaves 2 % median, 14 % p90 in their draw).
+    The power suite's run of the same GEMM, on another lease, settled at 1,440 MHz."""
     clock = H200.sustained_clock(Activity((1.0, 0.0), (1.0, 0.0), 0.0, 1.0))
-    assert clock * 1980 == pytest.approx(1440, rel=0.05)
+    assert clock * 1980 == pytest.approx(1479, rel=0.05)
 
 
 def test_throttling_slows_only_the_tensor_core_kernels():
