@@ -19,7 +19,7 @@ from plansim.workloads.plan import PRECISIONS, PlanError
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
                  ("recompute", "recompute"), ("schedule", "schedule"), ("step_time_s", "step s"),
-                 ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peak_memory_bytes", "peak mem"),
+                 ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("sm_clock", "clock"), ("peak_memory_bytes", "peak mem"),
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
 
 
@@ -192,8 +192,8 @@ def _fmt(col: str, v: Any) -> str:
         return "-"
     if col == "peak_memory_bytes":
         return f"{v / 2**30:.1f} GiB"
-    if col == "mfu":
-        return f"{v:.1%}"
+    if col in ("mfu", "sm_clock"):
+        return f"{v:.1%}" if col == "mfu" else f"{v:.0%}"
     if col == "tokens_per_s":
         return f"{v:,.0f}"
     if col == "schedule":

@@ -47,7 +47,7 @@ def _metrics(est_or_result) -> dict[str, Any]:
     return {"step_time_s": r.step_time_s, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "hfu": r.hfu,
             "fits": r.fits, "peak_memory_bytes": r.peak_memory_bytes, "device_memory_bytes": r.device_memory_bytes,
             "memory_breakdown": dict(r.memory_breakdown), "time_breakdown": dict(r.time_breakdown),
-            "infeasible_reason": r.infeasible_reason}
+            "infeasible_reason": r.infeasible_reason, "sm_clock": r.sm_clock}
 
 
 _RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}

@@ -92,6 +92,7 @@ class Estimate:
     time_breakdown: dict[str, float]
     peak_stage: int
     infeasible_reason: str | None = None
+    sm_clock: float | None = None  # as Result.sm_clock
     per_stage_memory: list[float] = field(default_factory=list)
 
 
@@ -484,7 +485,7 @@ class AnalyticModel:
                               "other": max(0.0, peak - states.total - mem.activations)},
             time_breakdown={"compute": compute, "exposed_communication": comm, "exposed_transfers": 0.0,
                             "pipeline_bubble": bubble},
-            peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist())
+            peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(), sm_clock=t.clock)
 
 
 @lru_cache(maxsize=8192)
