@@ -158,6 +158,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     rows += [(f"  time: {k.replace('_', ' ')}", f"{v:.4f} s") for k, v in result.time_breakdown.items()]
     rows.append(("SM clock (power limit)", "not modelled for this device" if result.sm_clock is None else
                  f"{result.sm_clock:.0%} of maximum" + (" (held by the board power limit)" if result.sm_clock < 1 else "")))
+    if result.power_w is not None:
+        rows.append(("board power / energy", f"{result.power_w:.0f} W per GPU, {result.energy_per_token_j:.3g} J per token"))
     rows.append(("profile", result.calibrated_profile or "datasheet (no calibrated profile)"))
     if args.trace:
         rows.append(("trace", f"{args.trace} (open in https://ui.perfetto.dev or chrome://tracing)"))

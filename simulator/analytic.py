@@ -41,7 +41,7 @@ import simpy
 
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.compute import contention_s
-from plansim.simulator.costs.power import Activity, PowerModel
+from plansim.simulator.costs.power import Activity, PowerModel, PowerState
 from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
@@ -111,8 +111,7 @@ class _Step:
     start_delay: float
     z3: np.ndarray
     throttle: float  # seconds the power limit adds
-    clock: float | None
-    slowdowns: tuple[float, ...]
+    power: PowerState | None
 
 
 @dataclass
@@ -429,7 +428,7 @@ class AnalyticModel:
         step = float(ends[last])
         # the board power limit (costs/power.py): the busiest rank's activity sets the clock;
         # its tensor-core kernels stretch the step
-        clock, slowdowns, throttle = None, (1.0, 1.0), 0.0
+        power, throttle = None, 0.0
         if self._power is not None:
             tensor = np.zeros((p, COLUMNS - TENSOR.start))
             np.add.at(tensor, ranks, costs[:, TENSOR] * m)
@@ -437,17 +436,15 @@ class AnalyticModel:
             mine_r = ranks == r
             activity = Activity.of(cluster.device, tensor[r],
                                    m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], step)
-            clock = self._power.sustained_clock(activity)
-            slowdowns = self._power.slowdowns(clock, activity)
-            throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, slowdowns))
+            power = self._power.state(activity)
+            throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, power.slowdowns))
         return _Step(workload, layout, costs, m, step + throttle, last, opt_times, dp_exposed, start_delay, z3,
-                     throttle, clock, slowdowns)
+                     throttle, power)
 
-    def power_state(self, plan: Plan) -> tuple[float | None, tuple[float, ...]]:
-        """(sustained SM clock over its maximum, slowdown of GEMMs and of attention) of ``plan``:
-        what the event engine runs the step at (None: the device has no power model)."""
-        step = self._step(plan)
-        return step.clock, step.slowdowns
+    def power_state(self, plan: Plan) -> PowerState | None:
+        """The clock, slowdowns and draw the power limit leaves ``plan``: what the event engine
+        runs the step at (None: the device has no power model)."""
+        return self._step(plan).power
 
     def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
         """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known."""
@@ -485,7 +482,8 @@ class AnalyticModel:
                               "other": max(0.0, peak - states.total - mem.activations)},
             time_breakdown={"compute": compute, "exposed_communication": comm, "exposed_transfers": 0.0,
                             "pipeline_bubble": bubble},
-            peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(), sm_clock=t.clock)
+            peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(),
+            sm_clock=t.power.clock if t.power else None)
 
 
 @lru_cache(maxsize=8192)

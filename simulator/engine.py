@@ -21,7 +21,7 @@ import simpy
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
 from plansim.simulator.costs.compute import contention_s, memory_bound_time, overlap_contention
-from plansim.simulator.costs.power import PowerModel, throttled_device
+from plansim.simulator.costs.power import PowerModel, PowerState, throttled_device
 from plansim.simulator.flows import FlowLink
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer_sm_rate, optimizer_step_bytes,
@@ -77,8 +77,8 @@ class EngineOutput:
     events: list[TraceEvent]
     links: list[FlowLink]
     chunk_costs: list[ChunkCost]
-    sm_clock: float | None = None  # sustained SM clock over the maximum under the board power limit
-    #   (costs/power.py); None: the device has no power model
+    power: PowerState | None = None  # what the board power limit leaves the step (costs/power.py);
+    #   None: the device has no power model
 
 
 class _Rank:
@@ -250,17 +250,17 @@ class TrainingSimulation:
         run at the clock the board power limit sustains for this step's mix of work
         (costs/power.py), decided on the closed-form step of the analytic estimate: the same clock
         the planner ranks the plan at, without a second event simulation."""
-        clock = None
+        power = None
         if PowerModel.of(self.cluster.device) is not None:
             from plansim.simulator.analytic import AnalyticModel  # it builds on this module
 
-            clock, slowdowns = AnalyticModel(self.workload.model, self.cluster).power_state(self.plan)
-            if max(slowdowns) > 1.0:
+            power = AnalyticModel(self.workload.model, self.cluster).power_state(self.plan)
+            if max(power.slowdowns) > 1.0:
                 self.cluster = self.cluster.model_copy(update={"device": throttled_device(self.cluster.device,
-                                                                                          slowdowns)})
+                                                                                          power.slowdowns)})
                 self.costs = cost_workload(self.workload, self.cluster)
         output = self._run_once()
-        output.sm_clock = clock
+        output.power = power
         return output
 
     def _run_once(self) -> EngineOutput:

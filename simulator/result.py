@@ -35,6 +35,8 @@ class Result:
     calibrated_profile: str | None = None
     sm_clock: float | None = None  # SM clock over its maximum that the board power limit sustains
     #   (costs/power.py): 1 where the step stays under the limit; None where the device has no power model
+    power_w: float | None = None  # the busiest GPU's average board draw over the step
+    energy_per_token_j: float | None = None  # every GPU at that draw (an upper bound where stages wait more)
     infeasible_reason: str | None = None
     per_stage: list[dict[str, float]] = field(default_factory=list)
     events: list[TraceEvent] = field(default_factory=list, repr=False)
@@ -119,7 +121,9 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
                           "activations": mem.peak_activations, "other": max(0.0, other)},
         time_breakdown={"compute": last.compute_s, "exposed_communication": last.comm_exposed_s,
                         "exposed_transfers": last.transfer_exposed_s, "pipeline_bubble": bubble},
-        calibrated_profile=calibrated, sm_clock=output.sm_clock,
+        calibrated_profile=calibrated, sm_clock=output.power.clock if output.power else None,
+        power_w=output.power.power_w if output.power else None,
+        energy_per_token_j=output.power.power_w * n * step / tokens if output.power and tokens else None,
         infeasible_reason=None if mem.peak_bytes <= capacity else
         f"out of memory: peak {mem.peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {peak_rank.rank}",
         per_stage=per_stage, events=output.events,

@@ -206,7 +206,7 @@ def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
         spec = load_model(CONFIGS_DIR / f"{case['model']}.json")
         output = TrainingSimulation(TrainingWorkload(spec, plan), cluster).run()
         rows.append({"phase": phase["phase"], "measured_mhz": phase["sm_clock_mhz_last"],
-                     "predicted_mhz": (output.sm_clock or 1.0) * f_max})
+                     "predicted_mhz": (output.power.clock if output.power else 1.0) * f_max})
     frame = pd.DataFrame(rows)
     frame["error"] = frame["predicted_mhz"] / frame["measured_mhz"] - 1.0
     return frame

@@ -68,6 +68,16 @@ class Activity:
 
 
 @dataclass(frozen=True)
+class PowerState:
+    """What the power limit leaves a step: the sustained clock (fraction of the maximum), the
+    slowdown of GEMMs and of attention, and the busiest GPU's average draw (watts)."""
+
+    clock: float
+    slowdowns: tuple[float, ...]
+    power_w: float
+
+
+@dataclass(frozen=True)
 class PowerModel:
     """A GPU's power-limited clock: its limits and the draw of each kind of work (watts above idle
     at the maximum clock)."""
@@ -119,6 +129,11 @@ class PowerModel:
             energy += t * slow * draw * min(clock, top) ** g
             step += t * (slow - 1.0)
         return self.idle_w + energy / step
+
+    def state(self, activity: Activity) -> PowerState:
+        """The sustained clock, the slowdowns at it and the draw there."""
+        clock = self.sustained_clock(activity)
+        return PowerState(clock, self.slowdowns(clock, activity), self.power_w(clock, activity))
 
     def sustained_clock(self, activity: Activity) -> float:
         """The clock (fraction of maximum, ≤ 1) at which the step's average draw meets the limit."""

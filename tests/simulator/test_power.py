@@ -119,3 +119,17 @@ def test_a_power_limit_at_or_below_idle_is_refused():
         simulate("llama3-8b", "h200", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=100)
     with pytest.raises(ProfileError, match="power_limit: must be positive"):
         simulate("llama3-8b", "h200", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=-5)
+
+
+def test_a_step_held_at_the_limit_draws_the_limit_and_its_energy_adds_up():
+    cluster, _ = resolve_cluster("h200", None, nodes=1, gpus_per_node=1)
+    for limit in (400.0, 700.0):
+        r = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=limit)
+        assert r.sm_clock < 1.0
+        assert r.power_w == pytest.approx(limit, rel=1e-6)
+        tokens = PLAN["global_batch"] * PLAN["seq_len"]
+        assert r.energy_per_token_j == pytest.approx(r.power_w * r.num_gpus * r.step_time_s / tokens)
+    # a step under the limit draws less than it, more than idle
+    free = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=2000.0)
+    assert free.sm_clock == 1.0
+    assert cluster.device.idle_power_w < free.power_w < 2000.0
