@@ -80,7 +80,7 @@ def test_measure_without_gpu_raises_the_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", fake)
     import plansim.validation.runner as runner
 
-    for suite in ("all", "power", "powerkernels", "powersteps", "powerduty", "parallel2", "gpt2021", "overlap", "profile", "attention", "bigsteps", "bigprofile"):
+    for suite in ("all", "power", "powerkernels", "powersteps", "powerduty", "powergaps", "parallel2", "gpt2021", "overlap", "profile", "attention", "bigsteps", "bigprofile"):
         with pytest.raises(RuntimeError, match="no CUDA GPU found: plansim measure needs one"):
             runner.measure(suite, str(tmp_path))
     with pytest.raises(ValueError, match="suite"):

@@ -18,13 +18,13 @@ __all__ = ["measure", "SUITES", "EXTRA_SUITES", "split_for"]
 EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
                 "powerkernels": {"power_kernels": "power"}, "powersteps": {"power_steps": "power"},
-                "powerduty": {"power_duty": "power"},
+                "powerduty": {"power_duty": "power"}, "powergaps": {"power_gaps": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
                 "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
-CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "profile", "bigprofile")
+CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "profile", "bigprofile")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -94,11 +94,11 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                         else step_profile.run_big(dev, quick, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
-        if s in ("power", "powerkernels", "powersteps", "powerduty"):
+        if s in ("power", "powerkernels", "powersteps", "powerduty", "powergaps"):
             from plansim.validation.runner import power
 
             run = {"power": power.run, "powerkernels": power.run_kernels, "powersteps": power.run_steps,
-                   "powerduty": power.run_duty}[s]
+                   "powerduty": power.run_duty, "powergaps": power.run_gaps}[s]
             written += run(dev, quick, out_dir, log)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue

@@ -141,8 +141,9 @@ def _window_row(phase, index, t_start, acc, flops, nbytes):
             "gbps": nbytes * len(acc) / e / 1e9 if e else None}
 
 
-def _steps_phase(case: dict, seconds: float, device, t_origin: float) -> list[dict]:
-    """Back-to-back training steps of a ``steps``-suite case for ``seconds``; one row per step."""
+def _steps_phase(case: dict, seconds: float, device, t_origin: float, gap_s: float = 0.0) -> list[dict]:
+    """Back-to-back training steps of a ``steps``-suite case for ``seconds``; one row per step.
+    ``gap_s`` > 0 leaves the GPU idle that long after each step (the host waits, then launches)."""
     from plansim.validation.runner import steps
     from plansim.validation.runner.model import LlamaConfig, pick_attention
 
@@ -168,16 +169,52 @@ def _steps_phase(case: dict, seconds: float, device, t_origin: float) -> list[di
         step(3 + i)
         b.record()
         events.append((a, b))
-        if len(events) > 2:  # two steps in flight at most: the host never drains the queue
+        if gap_s:
+            b.synchronize()
+            time.sleep(gap_s)
+        elif len(events) > 2:  # two steps in flight at most: the host never drains the queue
             events[-3][1].synchronize()
         i += 1
     sync(device)
     marks = [(t_first + first.elapsed_time(a) / 1e3, a.elapsed_time(b) / 1e3) for a, b in events]
-    rows = [{"phase": f"step-{case['case_id']}", "window": k, "t_start_s": round(t0 - t_origin, 3),
+    phase = f"step-{case['case_id']}" + (f"-gap{gap_s:g}" if gap_s else "")
+    rows = [{"phase": phase, "window": k, "t_start_s": round(t0 - t_origin, 3),
              "duration_s": dt, "step_time_s": dt} for k, (t0, dt) in enumerate(marks)]
     del model, opt, data, step
     steps._free(device)
     return rows
+
+
+GAPS_S = (0.5, 0.05)  # powergaps: idle seconds after each step
+
+
+def run_gaps(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Suite ``powergaps``: the ``powersteps`` Llama-3-8B step (full recomputation) with the GPU
+    left idle ``GAPS_S`` after each step, ``STEP_PHASE_S`` each: does idle time between bursts of
+    work raise the clock the work runs at (as a pipeline bubble or an exposed all-reduce would)?
+    The samples inside each step's own window give its clock.  Writes power_gaps.csv."""
+    from plansim.validation.runner.steps import BIG_MODEL, _case
+
+    samples_path = os.path.join(out_dir, "power_gaps_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    case = (_case("tiny", "single", mb=2, seq=64, recompute="full") if quick else
+            _case(BIG_MODEL, "single", mb=1, seq=4096, recompute="full"))
+    rows: list[dict] = []
+    for gap in GAPS_S:
+        time.sleep(15 * (0.1 if quick else 1.0))
+        got = _steps_phase(case, STEP_PHASE_S * (0.1 if quick else 1.0), device, t_origin, gap_s=gap)
+        rows += got
+        log(f"powergaps {gap} s: {len(got)} steps, median {sorted(r['step_time_s'] for r in got)[len(got) // 2]:.4f} s")
+    samples = sampler.stop()
+    _attach_samples(rows, samples, t_origin)
+    path = os.path.join(out_dir, "power_gaps.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return [path] + ([samples_path] if not quick else [])
 
 
 DUTY_PHASE_S = 20.0  # powerduty: seconds per duty cycle
