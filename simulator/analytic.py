@@ -427,15 +427,19 @@ class AnalyticModel:
         last = int(ends.argmax())
         step = float(ends[last])
         # the board power limit (costs/power.py): the busiest rank's activity sets the clock;
-        # its tensor-core kernels stretch the step
+        # its tensor-core kernels stretch the step.  The controller resolves idle spans of 50 ms
+        # and more (suite powergaps), so the activity is over the rank's busy span: its forward
+        # and backward passes with the communication and sends inside them, and its optimizer,
+        # not the pipeline bubble or the data-parallel tail, which it waits out at idle draw
         power, throttle = None, 0.0
         if self._power is not None:
             tensor = np.zeros((p, COLUMNS - TENSOR.start))
             np.add.at(tensor, ranks, costs[:, TENSOR] * m)
             r = int(tensor[:, 1::2].sum(axis=1).argmax())
             mine_r = ranks == r
+            busy = m * float(per_rank[r]) + opt_times[r]
             activity = Activity.of(cluster.device, tensor[r],
-                                   m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], step)
+                                   m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], busy)
             power = self._power.state(activity)
             throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, power.slowdowns))
         return _Step(workload, layout, costs, m, step + throttle, last, opt_times, dp_exposed, start_delay, z3,
