@@ -433,12 +433,11 @@ class AnalyticModel:
         # not the pipeline bubble or the data-parallel tail, which it waits out at idle draw
         power, throttle = None, 0.0
         if self._power is not None:
-            tensor = np.zeros((p, COLUMNS - TENSOR.start))
-            np.add.at(tensor, ranks, costs[:, TENSOR] * m)
-            r = int(tensor[:, 1::2].sum(axis=1).argmax())
+            flops = costs[:, TENSOR][:, 1::2].sum(axis=1)
+            r = int(np.bincount(ranks, weights=flops, minlength=p).argmax())
             mine_r = ranks == r
             busy = m * float(per_rank[r]) + opt_times[r]
-            activity = Activity.of(cluster.device, tensor[r],
+            activity = Activity.of(cluster.device, m * costs[mine_r, TENSOR].sum(axis=0),
                                    m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], busy)
             power = self._power.state(activity)
             throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, power.slowdowns))

@@ -146,6 +146,17 @@ class TrainingSimulation:
         self.trace_detail = trace_detail
         self.workload = workload
         self.plan = workload.plan
+        # where the device has a power model, its tensor-core kernels run at the clock the board
+        # power limit sustains for this step's mix of work (costs/power.py), decided on the
+        # closed-form step of the analytic estimate: the clock the planner ranks the plan at
+        self.power: PowerState | None = None
+        if PowerModel.of(cluster.device) is not None:
+            from plansim.simulator.analytic import AnalyticModel  # it builds on this module
+
+            self.power = AnalyticModel(workload.model, cluster).power_state(self.plan)
+            if max(self.power.slowdowns) > 1.0:
+                cluster = cluster.model_copy(update={"device": throttled_device(cluster.device,
+                                                                                self.power.slowdowns)})
         self.cluster = cluster
         self.record_trace = record_trace
         self.costs = cost_workload(workload, cluster)
@@ -246,24 +257,6 @@ class TrainingSimulation:
 
     # --- the iteration ------------------------------------------------------------------------
     def run(self) -> EngineOutput:
-        """Simulate the iteration.  Where the device has a power model, the tensor-core kernels
-        run at the clock the board power limit sustains for this step's mix of work
-        (costs/power.py), decided on the closed-form step of the analytic estimate: the same clock
-        the planner ranks the plan at, without a second event simulation."""
-        power = None
-        if PowerModel.of(self.cluster.device) is not None:
-            from plansim.simulator.analytic import AnalyticModel  # it builds on this module
-
-            power = AnalyticModel(self.workload.model, self.cluster).power_state(self.plan)
-            if max(power.slowdowns) > 1.0:
-                self.cluster = self.cluster.model_copy(update={"device": throttled_device(self.cluster.device,
-                                                                                          power.slowdowns)})
-                self.costs = cost_workload(self.workload, self.cluster)
-        output = self._run_once()
-        output.power = power
-        return output
-
-    def _run_once(self) -> EngineOutput:
         env = simpy.Environment()
         plan, cluster = self.plan, self.cluster
         p = plan.pp
@@ -566,7 +559,7 @@ class TrainingSimulation:
         step = max(r.stats.end_s for r in ranks)
         links = [link for r in ranks for link in (r.intra, r.inter, r.h2d, r.d2h, *r.storage_read.values(),
                                                    *r.storage_write.values())]
-        return EngineOutput(step, [r.stats for r in ranks], self.events, links, self.costs)
+        return EngineOutput(step, [r.stats for r in ranks], self.events, links, self.costs, self.power)
 
     def _grad_bytes(self, c: ChunkCost) -> float:
         """Gradient bytes of a chunk on one rank (sharded under ZeRO-2/3)."""
