@@ -2,13 +2,16 @@
 
 A training step that keeps the tensor cores busy draws more than the board's power limit at full
 clock, so the power controller lowers the SM clock until the average draw is at the limit. Every
-stream of one kernel measured on the H200 sits at its 700 W limit: GEMMs at 1,420-1,610 MHz,
-flash attention at 1,740-1,840, an RMSNorm at 1,900 (`validation/data/h200-x1/power/`).
+GEMM streamed alone on an H200 sits at its 700 W limit, each at its own clock (1,470-1,660 MHz);
+flash attention draws ~640 W at the 1,980 MHz maximum (`validation/data/h200-x1/power/`).
 Kernel costs are calibrated on short samples; a step runs at the clock its own mix of work
-sustains.  The controller averages over tens of milliseconds, many kernels of a step, so one
-clock φ (a fraction of the maximum clock) holds for the whole step.
+sustains.  The controller averages over many kernels of a step (a 1.3 ms GEMM then up to 0.4 ms
+idle, repeated, holds one clock) but resolves idle spans of 50 ms and more (steps with such gaps run at
+the clock of steps without), so one clock φ (a fraction of the maximum clock) holds over a GPU's
+busy span: its passes with the communication inside them, and its optimizer step, not the
+pipeline bubble or the data-parallel tail.
 
-Over a step of ``step_s`` seconds at short-sample rates (``Activity``), with k over the
+Over a busy span of ``step_s`` seconds at short-sample rates (``Activity``), with k over the
 tensor-core kernel classes (GEMMs, attention)::
 
     power(φ) = idle + (Σ_k eq_k · s_k(φ) · W_k · min(φ, φ_k)^γ + other_s · memory_w · φ^γ) / step_s(φ)
@@ -27,8 +30,7 @@ tensor-core kernel classes (GEMMs, attention)::
   ``W_k · φ_k^γ = burst − idle`` (the H200's 787 TFLOP/s short-sample GEMM is 1,733 MHz at that
   slope, below the 1,980 MHz maximum; flash attention, drawing less, reaches the maximum).  At
   φ < φ_k a kernel of class k takes s_k(φ) times its short-sample time.
-* Time waiting on communication or in a pipeline bubble draws ``idle`` only, which is why a
-  pipelined or communication-bound step runs faster per FLOP than a single GPU's compute-bound one.
+* Waiting on communication inside the span draws ``idle`` only.
 
 The sustained clock is the largest φ ≤ 1 whose power is within the limit; power rises with φ,
 so bisection finds it.  Devices whose profile lacks the power parameters are not throttled.
@@ -50,7 +52,7 @@ _BISECTION_STEPS = 24  # the clock to 5e-8, the draw to ~1e-7 of the limit
 class Activity:
     """What one GPU does in a step, in seconds at short-sample rates: per tensor-core kernel class
     (GEMMs, attention) its time and the time a GEMM at the achievable rate would take for its
-    FLOPs; the other kernels' time; the whole step (idle and waiting included)."""
+    FLOPs; the other kernels' time; the busy span they lie in (waits inside it included)."""
 
     tensor_s: tuple[float, ...]
     tensor_ref_s: tuple[float, ...]
@@ -60,7 +62,7 @@ class Activity:
     @classmethod
     def of(cls, device, tensor: Sequence[float], compute_s: float, step_s: float) -> "Activity":
         """A GPU's step from what the engine and the analytic estimate count: ``tensor`` as
-        ``PhaseCost.tensor`` (seconds and FLOPs of each class), all its compute seconds, the step."""
+        ``PhaseCost.tensor`` (seconds and FLOPs of each class), all its compute seconds, its busy span."""
         reference = device.flops("bf16") * device.achievable_gemm_fraction
         seconds, flops = tuple(float(x) for x in tensor[0::2]), tuple(float(x) for x in tensor[1::2])
         return cls(tensor_s=seconds, tensor_ref_s=tuple(f / reference for f in flops),
