@@ -16,7 +16,9 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from plansim.simulator.calibration import apply_calibration
 from plansim.simulator.costs.collectives import traffic_bytes
+from plansim.simulator.costs.power import with_power_limit
 from plansim.simulator.engine import TrainingSimulation
 from plansim.simulator.hardware import build_cluster
 from plansim.simulator.result import build_result
@@ -73,8 +75,12 @@ def cases(draw):
         assume(False)
     world = plan.world_size
     gpn = draw(st.sampled_from([g for g in (1, 2, 4, 8) if world % g == 0 and g <= world]))
-    hardware = draw(st.sampled_from(["h100-sxm", "a100-80gb", "mi300x"]))
+    hardware = draw(st.sampled_from(["h100-sxm", "a100-80gb", "mi300x", "h200"]))
     cluster = build_cluster(hardware, nodes=world // gpn, gpus_per_node=gpn)
+    if draw(st.booleans()):  # the calibrated profile: H100 and H200 bring their power model ...
+        cluster = cluster.model_copy(update={"device": apply_calibration(cluster.device)[0]})
+        if cluster.device.idle_power_w is not None:  # ... which these small models reach under a cap
+            cluster = with_power_limit(cluster, draw(st.floats(150.0, 700.0)))
     return workload, cluster
 
 
@@ -160,9 +166,15 @@ def test_simulation_invariants(case):
 @given(case=cases(), factor=st.sampled_from([1.5, 2.0, 10.0]))
 def test_more_bandwidth_never_makes_a_step_slower(case, factor):
     workload, cluster = case
+    # the host floor of a calibrated profile's NCCL calls breaks this (see the xfail below)
+    assume(not cluster.device.collective_launch_s)
     _, slow = _run(workload, cluster, trace=False)
     _, fast = _run(workload, _scaled(cluster, factor), trace=False)
-    assert fast.step_time_s <= slow.step_time_s * (1 + 1e-9)
+    # under the power limit a faster link leaves less waiting inside the busy span, so the clock
+    # falls a little; it is decided on the closed-form step, whose power balance gets no longer,
+    # while the event timeline at that clock can end ~1e-6 later (a fuzzed case at 150 W)
+    tolerance = 1e-9 if slow.sm_clock in (None, 1.0) else 1e-5
+    assert fast.step_time_s <= slow.step_time_s * (1 + tolerance)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -174,3 +186,25 @@ def test_deterministic(case):
     _, b = _run(TrainingWorkload(workload.model, workload.plan), cluster)
     assert a.to_json() == b.to_json()
     assert json.dumps(a.chrome_trace(), sort_keys=True) == json.dumps(b.chrome_trace(), sort_keys=True)
+
+
+@pytest.mark.xfail(strict=True, reason="known: a calibrated collective_launch_s floor is folded into the call's latency "
+                                       "(floor − bytes/rate), so a faster link moves a floored flow's bytes later, "
+                                       "where they share the NIC with other flows")
+def test_more_bandwidth_with_a_host_floor_on_nccl_calls():
+    """A counterexample found by the fuzzing above with the calibrated H200 (34.9 µs per NCCL call):
+    ZeRO-3, interleaved 2 × 2, context-parallel ring, one GPU per node; 10× the bandwidth is
+    3 µs slower.  When it passes, the floor is modelled as a concurrent minimum and the
+    calibrated profiles can join the property above."""
+    model = ModelSpec(name="rand", num_layers=6, hidden=256, num_heads=2, num_kv_heads=1, ffn_hidden=512, vocab=200,
+                      mlp="gelu", norm="layernorm", position="learned", bias=True, dropout=False,
+                      tied_embeddings=True, max_seq_len=1024)
+    plan = Plan(tp=2, pp=2, dp=2, cp=2, zero=3, micro_batch=2, global_batch=8, seq_len=512, recompute="full",
+                sequence_parallel=False, schedule="interleaved", vpp=2, precision="bf16-pure",
+                overlap_grad_reduce=False, attention="unfused")
+    cluster = build_cluster("h200", nodes=16, gpus_per_node=1)
+    cluster = cluster.model_copy(update={"device": apply_calibration(cluster.device)[0]})
+    workload = TrainingWorkload(model, plan)
+    _, slow = _run(workload, cluster, trace=False)
+    _, fast = _run(workload, _scaled(cluster, 10.0), trace=False)
+    assert fast.step_time_s <= slow.step_time_s * (1 + 1e-9)
