@@ -352,7 +352,7 @@ class AnalyticModel:
                 g = self._collective_cost("all_gather", params[i] * 2.0, grad_group)
                 share = 1.0 / max(1, chunk.num_layers)
                 vol = g.volume_bytes / g.rate_Bps if g.volume_bytes else 0.0
-                first, rest = g.latency_s + vol * share, vol * (1 - share)
+                first, rest = max(g.floor_s, g.latency_s + vol * share), vol * (1 - share)
                 beside_b = costs[i, BI] if split_w else costs[i, B]
                 # exposed remainder, plus the engine's contention for the part hidden by compute
                 rest_rate = g.payload_bytes * (1 - share) / rest if rest > 0 else 0.0

@@ -174,11 +174,15 @@ class TrainingSimulation:
             self.events.append(TraceEvent(name, stream, rank.index, start, end - start, args))
 
     def _flow(self, env, rank: _Rank, cost: CollectiveCost):
-        """Latency, then the bytes as a flow on the link they cross."""
+        """Latency, then the bytes as a flow on the link they cross; never done before the host
+        has issued the call (its floor runs beside the GPU work)."""
+        start = env.now
         if cost.latency_s:
             yield env.timeout(cost.latency_s)
         if cost.volume_bytes and cost.link != "none":
             yield rank.link(cost.link).transfer(cost.volume_bytes)
+        if env.now < start + cost.floor_s:
+            yield env.timeout(start + cost.floor_s - env.now)
 
     def _flows(self, env, rank: _Rank, merged: list[CollectiveCost]):
         """Collectives merged per link (``PhaseCost.by_link``), one link after the other."""
@@ -367,10 +371,10 @@ class TrainingSimulation:
             gather = zero3_gather_cost(c)
             first_share = 1.0 / max(1, c.chunk.num_layers)
             wait_start = env.now
-            first = gather.scaled(first_share, latency_s=gather.latency_s)
+            first = gather.scaled(first_share, latency_s=gather.latency_s, floor_s=gather.floor_s)
             yield from self._flow(env, rank, first)
             rest_done = env.event()
-            rest = gather.scaled(1 - first_share, latency_s=0.0)
+            rest = gather.scaled(1 - first_share, latency_s=0.0, floor_s=0.0)
             self._collective_async(env, rank, rank.gather_stream, rest, f"fsdp gather {label}", rest_done)
             rank.stats.comm_exposed_s += env.now - wait_start
             if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters

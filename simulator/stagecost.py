@@ -103,7 +103,7 @@ def _merge(a: CollectiveCost, b: CollectiveCost) -> CollectiveCost:
     volume = a.volume_bytes + b.volume_bytes
     payload = a.payload_bytes + b.payload_bytes
     return CollectiveCost(a.latency_s + b.latency_s, b.link, volume, b.rate_Bps,
-                          payload_fraction=payload / volume if volume else 1.0)
+                          payload_fraction=payload / volume if volume else 1.0, floor_s=a.floor_s + b.floor_s)
 
 
 def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, CollectiveCost | None]:

@@ -83,6 +83,7 @@ class CollectiveCost:
     volume_bytes: float  # on the wire: the data plus the protocol's flags (LL doubles it)
     rate_Bps: float  # uncontended rate of that resource for this collective
     payload_fraction: float = 1.0  # the collective's own bytes per wire byte
+    floor_s: float = 0.0  # the host's cost of issuing the call(s): the GPU work runs under it, not after it
 
     @property
     def payload_bytes(self) -> float:
@@ -91,14 +92,16 @@ class CollectiveCost:
         protocol), so that a faster link choosing the LL protocol does not charge its flags."""
         return self.volume_bytes * self.payload_fraction
 
-    def scaled(self, share: float, latency_s: float | None = None) -> CollectiveCost:
-        """``share`` of the bytes (and, unless given, of the latency) on the same link and rate."""
+    def scaled(self, share: float, latency_s: float | None = None, floor_s: float | None = None) -> CollectiveCost:
+        """``share`` of the bytes (and, unless given, of the latency and the host floor) on the
+        same link and rate."""
         return replace(self, latency_s=self.latency_s * share if latency_s is None else latency_s,
+                       floor_s=self.floor_s * share if floor_s is None else floor_s,
                        volume_bytes=self.volume_bytes * share)
 
     @property
     def time_s(self) -> float:
-        return self.latency_s + (self.volume_bytes / self.rate_Bps if self.volume_bytes else 0.0)
+        return max(self.floor_s, self.latency_s + (self.volume_bytes / self.rate_Bps if self.volume_bytes else 0.0))
 
 
 #: NCCL protocols: base latency (s), per-hop latency relative to the link's LL hop latency by
@@ -197,9 +200,7 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     # back-to-back calls cannot finish faster than the host issues them (PyTorch c10d and
     # NCCL enqueue, once per NCCL call; a send/recv pair is two): the GPU work hides under it
     floor = (cluster.device.collective_launch_s or 0.0) * (2 if op == "send_recv" else 1)
-    if best.time_s < floor:
-        best = replace(best, latency_s=floor - best.volume_bytes / best.rate_Bps)
-    return best
+    return replace(best, floor_s=floor) if floor else best
 
 
 def collective_time(op: str, nbytes: float, group: Group, cluster: Cluster, algorithm: str = "auto") -> float:
