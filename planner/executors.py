@@ -47,7 +47,8 @@ def _metrics(est_or_result) -> dict[str, Any]:
     return {"step_time_s": r.step_time_s, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "hfu": r.hfu,
             "fits": r.fits, "peak_memory_bytes": r.peak_memory_bytes, "device_memory_bytes": r.device_memory_bytes,
             "memory_breakdown": dict(r.memory_breakdown), "time_breakdown": dict(r.time_breakdown),
-            "infeasible_reason": r.infeasible_reason, "sm_clock": r.sm_clock}
+            "infeasible_reason": r.infeasible_reason, "sm_clock": r.sm_clock, "power_w": r.power_w,
+            "energy_per_token_j": r.energy_per_token_j}
 
 
 _RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}

@@ -445,6 +445,7 @@ def _pareto(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str
 
 FRAME_COLUMNS = ("rank", "hardware", "num_gpus", "nodes", "gpus_per_node") + PLAN_COLUMNS + (
     "step_time_s", "tokens_per_s", "mfu", "hfu", "fits", "peak_memory_bytes", "device_memory_bytes", "sm_clock",
+    "power_w", "energy_per_token_j",
     "cost_per_million_tokens_usd", "price_per_gpu_hour_usd", "time_to_train_s", "time_to_train_days",
     "evaluated", "analytic_step_time_s", "memory_breakdown", "time_breakdown", "plan", "infeasible_reason")
 

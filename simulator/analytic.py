@@ -93,6 +93,8 @@ class Estimate:
     peak_stage: int
     infeasible_reason: str | None = None
     sm_clock: float | None = None  # as Result.sm_clock
+    power_w: float | None = None  # as Result.power_w
+    energy_per_token_j: float | None = None  # as Result.energy_per_token_j
     per_stage_memory: list[float] = field(default_factory=list)
 
 
@@ -486,7 +488,8 @@ class AnalyticModel:
             time_breakdown={"compute": compute, "exposed_communication": comm, "exposed_transfers": 0.0,
                             "pipeline_bubble": bubble},
             peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(),
-            sm_clock=t.power.clock if t.power else None)
+            sm_clock=t.power.clock if t.power else None, power_w=t.power.power_w if t.power else None,
+            energy_per_token_j=t.power.power_w * plan.world_size * step / tokens if t.power and tokens else None)
 
 
 @lru_cache(maxsize=8192)

@@ -171,3 +171,15 @@ def test_cli_global_batch_nothing_divides(capsys):
             "--gpus-per-node", "8", "--global-batch", "2520", "--workers", "1"]
     assert run(argv) == 2
     assert "max-global-batch" in capsys.readouterr().err
+
+
+def test_rows_carry_the_clock_power_and_energy_of_the_power_model():
+    frame = search("llama3-8b", "h100-sxm,a100-80gb", nodes=1, gpus_per_node=8, global_batch=64, seq_len=4096,
+                   top=None)
+    h100, a100 = frame[frame.hardware == "h100-sxm"], frame[frame.hardware == "a100-80gb"]
+    assert len(h100) and len(a100)
+    assert ((h100.sm_clock > 0) & (h100.sm_clock <= 1)).all()
+    tokens = h100.global_batch * h100.seq_len
+    assert (abs(h100.energy_per_token_j - h100.power_w * h100.num_gpus * h100.step_time_s / tokens)
+            <= 1e-9 * h100.energy_per_token_j).all()
+    assert a100.sm_clock.isna().all() and a100.power_w.isna().all()  # no power data for the A100
