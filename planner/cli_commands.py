@@ -23,6 +23,12 @@ TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), (
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
 
 
+def add_power_limit_arg(p: argparse.ArgumentParser) -> None:
+    """``--power-limit WATTS``, for ``plansim simulate`` and ``plansim search``."""
+    p.add_argument("--power-limit", type=float, metavar="WATTS",
+                   help="cap each GPU's board power (as nvidia-smi -pl does); default: the datasheet limit")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer ≥ 1."""
     try:
@@ -63,8 +69,7 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--gpus-per-node", type=positive_int)
     p.add_argument("--nics-per-node", type=positive_int)
     p.add_argument("--nic-gbps", type=float)
-    p.add_argument("--power-limit", type=float, metavar="WATTS",
-                   help="cap each GPU's board power (as nvidia-smi -pl does); default: the datasheet limit")
+    add_power_limit_arg(p)
     batch = p.add_mutually_exclusive_group(required=True)
     batch.add_argument("--global-batch", type=positive_int, help="sequences per step, fixed")
     batch.add_argument("--max-global-batch", type=positive_int,
@@ -101,7 +106,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from plansim.planner.search import explain, search
     frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
-                   power_limit_w=args.power_limit, global_batch=args.global_batch, max_global_batch=args.max_global_batch, seq_len=args.seq_len,
+                   power_limit_w=args.power_limit, global_batch=args.global_batch,
+                   max_global_batch=args.max_global_batch, seq_len=args.seq_len,
                    objective=args.objective, tokens=args.tokens, top=args.top, constraints=args.constraint,
                    pareto=args.pareto, executor=args.executor, workers=args.workers, address=args.address,
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
@@ -192,8 +198,10 @@ def _fmt(col: str, v: Any) -> str:
         return "-"
     if col == "peak_memory_bytes":
         return f"{v / 2**30:.1f} GiB"
-    if col in ("mfu", "sm_clock"):
-        return f"{v:.1%}" if col == "mfu" else f"{v:.0%}"
+    if col == "mfu":
+        return f"{v:.1%}"
+    if col == "sm_clock":
+        return f"{v:.0%}"
     if col == "tokens_per_s":
         return f"{v:,.0f}"
     if col == "schedule":

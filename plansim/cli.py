@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from plansim.planner.cli_commands import positive_int
+from plansim.planner.cli_commands import add_power_limit_arg, positive_int
 
 EXIT_BAD_INPUT = 2
 
@@ -43,11 +43,6 @@ def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None =
     p.add_argument("--nics-per-node", type=positive_int)
     p.add_argument("--nic-gbps", type=float)
     p.add_argument("--no-calibration", action="store_true", help="use the datasheet profile even if a calibrated one exists")
-
-
-def _add_power_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--power-limit", type=float, metavar="WATTS",
-                   help="cap each GPU's board power (as nvidia-smi -pl does); default: the datasheet limit")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -233,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="evaluate one training plan")
     p.add_argument("--model", default="llama3-8b", help="built-in name (plansim models list) or config.json/YAML path")
     _add_cluster_args(p)
-    _add_power_arg(p)
+    add_power_limit_arg(p)
     _add_plan_args(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")

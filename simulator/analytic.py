@@ -489,7 +489,7 @@ class AnalyticModel:
                             "pipeline_bubble": bubble},
             peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(),
             sm_clock=t.power.clock if t.power else None, power_w=t.power.power_w if t.power else None,
-            energy_per_token_j=t.power.power_w * plan.world_size * step / tokens if t.power and tokens else None)
+            energy_per_token_j=t.power.energy_per_token_j(plan.world_size, step, tokens) if t.power else None)
 
 
 @lru_cache(maxsize=8192)

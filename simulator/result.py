@@ -123,7 +123,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
                         "exposed_transfers": last.transfer_exposed_s, "pipeline_bubble": bubble},
         calibrated_profile=calibrated, sm_clock=output.power.clock if output.power else None,
         power_w=output.power.power_w if output.power else None,
-        energy_per_token_j=output.power.power_w * n * step / tokens if output.power and tokens else None,
+        energy_per_token_j=output.power.energy_per_token_j(n, step, tokens) if output.power else None,
         infeasible_reason=None if mem.peak_bytes <= capacity else
         f"out of memory: peak {mem.peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {peak_rank.rank}",
         per_stage=per_stage, events=output.events,

@@ -34,7 +34,7 @@ from plansim.simulator.hardware import Cluster, Device, Link
 from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
                                         base_cluster, data_folders, device_for_folder, load_suite,
                                         predict_collective, predict_kernel, rel)
-from plansim.validation.power import fit_power
+from plansim.validation.power import fit_power, fits_own_draws
 
 #: (field, lower bound, upper bound); a callable bound takes the datasheet device
 KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
@@ -237,13 +237,13 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
     shared: dict[tuple, dict] = {}  # power fits of a die, for a GPU of that die without powerkernels streams
-    for name, folders in sorted(by_device.items(), key=lambda item: (not _has_power_kernels(item[1]), item[0])):
+    for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared)
     return written
 
 
-def _has_power_kernels(folders: list[Path]) -> bool:
-    return any((folder / "power" / "power_kernels.csv").is_file() for folder in folders)
+def _fits_own_draws(folders: list[Path]) -> bool:
+    return any(fits_own_draws(folder / "power") for folder in folders)
 
 
 def _die(device: Device) -> tuple:
@@ -289,12 +289,14 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
     for folder in folders:  # the power model, from the power suite's synthetic phases (not its steps)
         if (folder / "power" / "power.csv").is_file():
             power, s = fit_power(folder / "power", device, shared.get(_die(device)))
-            if "tensor_static_fraction" in power and s:
+            own = fits_own_draws(folder / "power")
+            if own:
                 shared[_die(device)] = power
             params.update(power)
             stats.update(s)
-            source = ("power.csv phases gemm and hbm, power_kernels.csv" if s else
-                      "power.csv phases gemm and hbm; tensor_static_fraction from the same die's power_kernels.csv")
+            source = ("power.csv phases gemm and hbm, power_duty.csv, power_kernels.csv" if own else
+                      "power.csv phases gemm and hbm; power_clock_exponent and tensor_static_fraction from the same "
+                      "die's power_duty.csv and power_kernels.csv")
             fitted_on.append(f"{rel(folder / 'power')} ({source})")
     for folder in folders:
         for suite, frame in used.items():

@@ -66,6 +66,12 @@ def _synthetic(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[fit & (frame["t_phase_s"] >= SETTLE_S)]
 
 
+def fits_own_draws(data_dir: Path) -> bool:
+    """Whether a power folder has the ``powerduty`` and ``powerkernels`` runs that ``fit_power``
+    takes γ and the static share from (else they come from a GPU of the same die)."""
+    return all((Path(data_dir) / f"{name}.csv").is_file() for name in ("power_duty", "power_kernels"))
+
+
 def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """The power-model parameters of ``simulator/costs/power.py`` from a ``power`` suite folder
     (and its ``powerduty`` and ``powerkernels`` runs, where measured), and the fit's residuals.
@@ -97,11 +103,10 @@ def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) ->
     t_short = float(compute.gemm_time(GEMM_N, GEMM_N, GEMM_N, "bf16", device))
     u_gemm = min(1.0, 2.0 * GEMM_N ** 3 / (device.flops("bf16") * device.achievable_gemm_fraction) / t_short)
     stats: dict[str, dict] = {}
-    kernels_csv, duty_csv = data_dir / "power_kernels.csv", data_dir / "power_duty.csv"
-    if kernels_csv.is_file() and duty_csv.is_file():
+    if fits_own_draws(data_dir):
         gamma, stats["gemm draw against clock"] = _fit_clock_exponent(gemm, load_power(data_dir, "power_duty.csv"),
                                                                      idle, f_max, device.power_limit_w)
-        tensor = _settled_tensor_streams(pd.read_csv(kernels_csv))
+        tensor = _settled_tensor_streams(pd.read_csv(data_dir / "power_kernels.csv"))
         u = _utilization(tensor, device)
         clock = tensor["sm_clock_mhz"].to_numpy() / f_max
         w_s, w_f, res = _line_fit(u, (tensor["power_w"].to_numpy() - idle) / clock ** gamma)
@@ -192,9 +197,10 @@ def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
     from plansim.workloads.model_io import load_model
     from plansim.workloads.training import TrainingWorkload
 
-    f_max = float(load_power(data_dir).query("phase == 'hbm'")["sm_clock_mhz"].max())
-    frames = [load_power(data_dir)] + ([load_power(data_dir, "power_steps.csv")]
-                                       if (Path(data_dir) / "power_steps.csv").is_file() else [])
+    power = load_power(data_dir)
+    f_max = float(power.query("phase == 'hbm'")["sm_clock_mhz"].max())
+    frames = [power] + ([load_power(data_dir, "power_steps.csv")]
+                        if (Path(data_dir) / "power_steps.csv").is_file() else [])
     summary = pd.concat([summarize_power(f) for f in frames], ignore_index=True)
     rows = []
     for _, phase in summary[summary["phase"].str.startswith("step-")].iterrows():

@@ -11,11 +11,11 @@ the clock of steps without), so one clock φ (a fraction of the maximum clock) h
 busy span: its passes with the communication inside them, and its optimizer step, not the
 pipeline bubble or the data-parallel tail.
 
-Over a busy span of ``step_s`` seconds at short-sample rates (``Activity``), with k over the
+Over a busy span of ``span_s`` seconds at short-sample rates (``Activity``), with k over the
 tensor-core kernel classes (GEMMs, attention)::
 
-    power(φ) = idle + (Σ_k eq_k · s_k(φ) · W_k · min(φ, φ_k)^γ + other_s · memory_w · φ^γ) / step_s(φ)
-    step_s(φ) = step_s + Σ_k t_k · (s_k(φ) − 1),     s_k(φ) = max(1, φ_k / φ)
+    power(φ) = idle + (Σ_k eq_k · s_k(φ) · W_k · min(φ, φ_k)^γ + other_s · memory_w · φ^γ) / span_s(φ)
+    span_s(φ) = span_s + Σ_k t_k · (s_k(φ) − 1),     s_k(φ) = max(1, φ_k / φ)
     W_k = tensor_w · (a + (1 − a) · u_k),     u_k = ref_k / t_k,     eq_k = t_k · W_k / tensor_w
 
 * Power is ``memory_w · φ^γ`` for HBM-bound kernels and ``W_k · φ^γ`` for tensor kernels, γ the
@@ -57,16 +57,16 @@ class Activity:
     tensor_s: tuple[float, ...]
     tensor_ref_s: tuple[float, ...]
     other_s: float
-    step_s: float
+    span_s: float
 
     @classmethod
-    def of(cls, device, tensor: Sequence[float], compute_s: float, step_s: float) -> "Activity":
+    def of(cls, device, tensor: Sequence[float], compute_s: float, span_s: float) -> "Activity":
         """A GPU's step from what the engine and the analytic estimate count: ``tensor`` as
         ``PhaseCost.tensor`` (seconds and FLOPs of each class), all its compute seconds, its busy span."""
         reference = device.flops("bf16") * device.achievable_gemm_fraction
         seconds, flops = tuple(float(x) for x in tensor[0::2]), tuple(float(x) for x in tensor[1::2])
         return cls(tensor_s=seconds, tensor_ref_s=tuple(f / reference for f in flops),
-                   other_s=max(0.0, compute_s - sum(seconds)), step_s=step_s)
+                   other_s=max(0.0, compute_s - sum(seconds)), span_s=span_s)
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class PowerState:
     clock: float
     slowdowns: tuple[float, ...]
     power_w: float
+
+    def energy_per_token_j(self, gpus: int, step_s: float, tokens: float) -> float | None:
+        """Every GPU at the busiest one's draw over the step, per token (an upper bound where
+        pipeline stages wait more)."""
+        return self.power_w * gpus * step_s / tokens if tokens else None
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,6 @@ class PowerModel:
             return 1.0
         return min(1.0, ((self.burst_w - self.idle_w) / draw_w) ** (1.0 / self.clock_exponent))
 
-    def slowdowns(self, clock: float, activity: Activity) -> tuple[float, ...]:
-        """Per tensor-kernel class, how many times its short-sample time it takes at ``clock``."""
-        return tuple(max(1.0, self.short_sample_clock(self.draw_w(t, r)) / clock)
-                     for t, r in zip(activity.tensor_s, activity.tensor_ref_s))
-
     def _classes(self, activity: Activity) -> tuple[tuple[float, float, float], ...]:
         """Per tensor-kernel class: its time, its draw at the maximum clock, its short-sample clock."""
         out = []
@@ -126,31 +126,18 @@ class PowerModel:
         return tuple(out)
 
     def _power(self, clock: float, activity: Activity, classes) -> float:
+        if activity.span_s <= 0:
+            return self.idle_w
         g = self.clock_exponent
         energy = activity.other_s * self.memory_w * clock ** g
-        step = activity.step_s
+        span = activity.span_s
         for t, draw, top in classes:
             slow = max(1.0, top / clock)
             energy += t * slow * draw * min(clock, top) ** g
-            step += t * (slow - 1.0)
-        return self.idle_w + energy / step
+            span += t * (slow - 1.0)
+        return self.idle_w + energy / span
 
-    def power_w(self, clock: float, activity: Activity) -> float:
-        """Average draw over a step run at ``clock`` (fraction of the maximum clock)."""
-        if activity.step_s <= 0:
-            return self.idle_w
-        return self._power(clock, activity, self._classes(activity))
-
-    def state(self, activity: Activity) -> PowerState:
-        """The sustained clock, the slowdowns at it and the draw there."""
-        clock = self.sustained_clock(activity)
-        return PowerState(clock, self.slowdowns(clock, activity), self.power_w(clock, activity))
-
-    def sustained_clock(self, activity: Activity) -> float:
-        """The clock (fraction of maximum, ≤ 1) at which the step's average draw meets the limit."""
-        if activity.step_s <= 0:
-            return 1.0
-        classes = self._classes(activity)
+    def _clock(self, activity: Activity, classes) -> float:
         if self._power(1.0, activity, classes) <= self.limit_w:
             return 1.0
         lo, hi = MIN_CLOCK_FRACTION, 1.0
@@ -163,6 +150,25 @@ class PowerModel:
             else:
                 lo = mid
         return lo
+
+    def power_w(self, clock: float, activity: Activity) -> float:
+        """Average draw over the busy span run at ``clock`` (fraction of the maximum clock)."""
+        return self._power(clock, activity, self._classes(activity))
+
+    def sustained_clock(self, activity: Activity) -> float:
+        """The clock (fraction of maximum, ≤ 1) at which the span's average draw meets the limit."""
+        return self._clock(activity, self._classes(activity))
+
+    def slowdowns(self, clock: float, activity: Activity) -> tuple[float, ...]:
+        """Per tensor-kernel class, how many times its short-sample time it takes at ``clock``."""
+        return tuple(max(1.0, top / clock) for _, _, top in self._classes(activity))
+
+    def state(self, activity: Activity) -> PowerState:
+        """The sustained clock, the slowdowns at it and the draw there."""
+        classes = self._classes(activity)
+        clock = self._clock(activity, classes)
+        return PowerState(clock, tuple(max(1.0, top / clock) for _, _, top in classes),
+                          self._power(clock, activity, classes))
 
 
 def with_power_limit(cluster, watts: float | None):

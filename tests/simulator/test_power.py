@@ -25,7 +25,7 @@ def activities(draw) -> Activity:
     gemm, attention, other, idle = draw(seconds), draw(seconds), draw(seconds), draw(seconds)
     gemm_u, attention_u = draw(st.floats(0.0, 1.0)), draw(st.floats(0.0, 1.0))
     return Activity(tensor_s=(gemm, attention), tensor_ref_s=(gemm * gemm_u, attention * attention_u), other_s=other,
-                    step_s=gemm + attention + other + idle)
+                    span_s=gemm + attention + other + idle)
 
 
 @settings(max_examples=300, deadline=None)
@@ -46,8 +46,8 @@ def test_more_tensor_work_never_raises_the_clock_and_idle_time_never_lowers_it(a
     clock = H200.sustained_clock(activity)
     busier = Activity((activity.tensor_s[0] + extra, activity.tensor_s[1]),
                       (activity.tensor_ref_s[0] + extra, activity.tensor_ref_s[1]), activity.other_s,
-                      activity.step_s + extra)
-    idler = Activity(activity.tensor_s, activity.tensor_ref_s, activity.other_s, activity.step_s + extra)
+                      activity.span_s + extra)
+    idler = Activity(activity.tensor_s, activity.tensor_ref_s, activity.other_s, activity.span_s + extra)
     assert H200.sustained_clock(busier) <= clock + 1e-9
     assert H200.sustained_clock(idler) >= clock - 1e-9
 

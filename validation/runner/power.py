@@ -122,15 +122,20 @@ def _loop(seconds: float, gemms: int, adds: int, bufs, device) -> list[tuple[flo
     return out
 
 
-def _windows(phase: str, iters, t_origin: float, gemm_flops: float, add_bytes: float, gemms: int, adds: int):
-    rows, start, acc = [], None, []
-    for t0, g, e in iters:
+def _windowed(marks):
+    """(window start, values) for ``(wall start, value)`` marks grouped into ``WINDOW_S`` windows."""
+    start, acc = None, []
+    for t0, value in marks:
         start = t0 if start is None else start
-        acc.append((g, e))
+        acc.append(value)
         if t0 - start >= WINDOW_S:
-            rows.append(_window_row(phase, len(rows), start - t_origin, acc, gemm_flops * gemms, add_bytes * adds))
+            yield start, acc
             start, acc = None, []
-    return rows
+
+
+def _windows(phase: str, iters, t_origin: float, gemm_flops: float, add_bytes: float, gemms: int, adds: int):
+    return [_window_row(phase, i, start - t_origin, acc, gemm_flops * gemms, add_bytes * adds)
+            for i, (start, acc) in enumerate(_windowed((t0, (g, e)) for t0, g, e in iters))]
 
 
 def _window_row(phase, index, t_start, acc, flops, nbytes):
@@ -195,26 +200,10 @@ def run_gaps(device: torch.device, quick: bool, out_dir: str, log=print) -> list
     The samples inside each step's own window give its clock.  Writes power_gaps.csv."""
     from plansim.validation.runner.steps import BIG_MODEL, _case
 
-    samples_path = os.path.join(out_dir, "power_gaps_samples.csv")
-    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
-    t_origin = time.time()
     case = (_case("tiny", "single", mb=2, seq=64, recompute="full") if quick else
             _case(BIG_MODEL, "single", mb=1, seq=4096, recompute="full"))
-    rows: list[dict] = []
-    for gap in GAPS_S:
-        time.sleep(15 * (0.1 if quick else 1.0))
-        got = _steps_phase(case, STEP_PHASE_S * (0.1 if quick else 1.0), device, t_origin, gap_s=gap)
-        rows += got
-        log(f"powergaps {gap} s: {len(got)} steps, median {sorted(r['step_time_s'] for r in got)[len(got) // 2]:.4f} s")
-    samples = sampler.stop()
-    _attach_samples(rows, samples, t_origin)
-    path = os.path.join(out_dir, "power_gaps.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return [path] + ([samples_path] if not quick else [])
+    return _sampled(out_dir, "power_gaps", quick, COLUMNS, lambda t_origin: _step_phases(
+        "powergaps", [(case, gap) for gap in GAPS_S], STEP_PHASE_S, quick, device, t_origin, log))
 
 
 DUTY_PHASE_S = 20.0  # powerduty: seconds per duty cycle
@@ -246,56 +235,44 @@ def run_duty(device: torch.device, quick: bool, out_dir: str, log=print) -> list
     torch.cuda.synchronize()
     cycles_per_s = 10_000_000 / (e0.elapsed_time(e1) / 1e3)
     log(f"powerduty: the spin kernel runs {cycles_per_s / 1e6:.0f} M cycles/s")
-    samples_path = os.path.join(out_dir, "power_duty_samples.csv")
-    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
-    t_origin = time.time()
-    rows: list[dict] = []
-    for u in DUTIES:
-        time.sleep(10 * (0.1 if quick else 1.0))
-        e0.record()
-        torch.matmul(a, b, out=c)
-        e1.record()
-        torch.cuda.synchronize()
-        gap = int(cycles_per_s * e0.elapsed_time(e1) / 1e3 * (1 - u) / u)
-        marks, pending = [], []
-        t_end = time.time() + DUTY_PHASE_S * (0.1 if quick else 1.0)
-        while time.time() < t_end:
-            t0 = time.time()
-            evs = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            evs[0].record()
-            torch.matmul(a, b, out=c)  # the first GEMM of 8 periods is timed alone: its rate
-            evs[1].record()
-            torch.cuda._sleep(gap)
-            for _ in range(PERIODS - 1):
-                torch.matmul(a, b, out=c)
+    def measure(t_origin: float) -> list[dict]:
+        rows: list[dict] = []
+        for u in DUTIES:
+            time.sleep(10 * (0.1 if quick else 1.0))
+            e0.record()
+            torch.matmul(a, b, out=c)
+            e1.record()
+            torch.cuda.synchronize()
+            gap = int(cycles_per_s * e0.elapsed_time(e1) / 1e3 * (1 - u) / u)
+            pending = []
+            t_end = time.time() + DUTY_PHASE_S * (0.1 if quick else 1.0)
+            while time.time() < t_end:
+                t0 = time.time()
+                evs = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                evs[0].record()
+                torch.matmul(a, b, out=c)  # the first GEMM of 8 periods is timed alone: its rate
+                evs[1].record()
                 torch.cuda._sleep(gap)
-            evs[2].record()
-            pending.append((t0, evs))
-            if len(pending) > 32:
-                pending[-32][1][2].synchronize()
-        torch.cuda.synchronize()
-        start, acc = None, []
-        for t0, evs in pending:
-            start = t0 if start is None else start
-            acc.append((evs[0].elapsed_time(evs[1]) / 1e3, evs[0].elapsed_time(evs[2]) / 1e3))
-            if t0 - start >= WINDOW_S:
+                for _ in range(PERIODS - 1):
+                    torch.matmul(a, b, out=c)
+                    torch.cuda._sleep(gap)
+                evs[2].record()
+                pending.append((t0, evs))
+                if len(pending) > 32:
+                    pending[-32][1][2].synchronize()
+            torch.cuda.synchronize()
+            marks = ((t0, (evs[0].elapsed_time(evs[1]) / 1e3, evs[0].elapsed_time(evs[2]) / 1e3))
+                     for t0, evs in pending)
+            for i, (start, acc) in enumerate(_windowed(marks)):
                 gemm = sum(g for g, _ in acc)  # one timed GEMM per record
                 total = sum(t for _, t in acc)
-                rows.append({"phase": f"duty-{u}", "window": sum(r["phase"] == f"duty-{u}" for r in rows),
-                             "t_start_s": round(start - t_origin, 3), "duration_s": total,
-                             "gemm_s": PERIODS * gemm, "other_s": total - PERIODS * gemm,
+                rows.append({"phase": f"duty-{u}", "window": i, "t_start_s": round(start - t_origin, 3),
+                             "duration_s": total, "gemm_s": PERIODS * gemm, "other_s": total - PERIODS * gemm,
                              "tflops": flops * len(acc) / gemm / 1e12})
-                start, acc = None, []
-        log(f"powerduty {u}: {sum(r['phase'] == f'duty-{u}' for r in rows)} windows")
-    samples = sampler.stop()
-    _attach_samples(rows, samples, t_origin)
-    path = os.path.join(out_dir, "power_duty.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return [path] + ([samples_path] if not quick else [])
+            log(f"powerduty {u}: {sum(r['phase'] == f'duty-{u}' for r in rows)} windows")
+        return rows
+
+    return _sampled(out_dir, "power_duty", quick, COLUMNS, measure)
 
 
 def run_steps(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
@@ -304,27 +281,44 @@ def run_steps(device: torch.device, quick: bool, out_dir: str, log=print) -> lis
     step phases are; writes power_steps.csv and power_steps_samples.csv."""
     from plansim.validation.runner.steps import BIG_MODEL, _case
 
-    samples_path = os.path.join(out_dir, "power_steps_samples.csv")
-    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
-    t_origin = time.time()
     cases = ([_case("tiny", "single", mb=2, seq=64, recompute="full")] if quick else
              [_case(BIG_MODEL, "single", mb=1, seq=4096, recompute=rc) for rc in ("full", "none")])
-    rows: list[dict] = []
-    for case in cases:
-        time.sleep(15 * (0.1 if quick else 1.0))
-        got = _steps_phase(case, STEP_PHASE_S * (0.1 if quick else 1.0), device, t_origin)
-        rows += got
-        log(f"powersteps {case['case_id']}: {len(got)} steps, first {got[0]['step_time_s']:.4f} s, "
-            f"last {got[-1]['step_time_s']:.4f} s")
-    samples = sampler.stop()
+    return _sampled(out_dir, "power_steps", quick, COLUMNS, lambda t_origin: _step_phases(
+        "powersteps", [(case, 0.0) for case in cases], STEP_PHASE_S, quick, device, t_origin, log))
+
+
+def _sampled(out_dir: str, name: str, quick: bool, columns, measure) -> list[str]:
+    """Run ``measure(t_origin)`` (its rows, timed from ``t_origin``) with the board sampled
+    beside it; give each row its samples' power, clock and temperature, and write ``<name>.csv``
+    and (unless ``quick``) ``<name>_samples.csv`` into ``out_dir``."""
+    samples_path = os.path.join(out_dir, f"{name}_samples.csv")
+    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
+    t_origin = time.time()
+    try:
+        rows = measure(t_origin)
+    finally:
+        samples = sampler.stop()
     _attach_samples(rows, samples, t_origin)
-    path = os.path.join(out_dir, "power_steps.csv")
+    path = os.path.join(out_dir, f"{name}.csv")
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return [path] + ([samples_path] if not quick else [])
+
+
+def _step_phases(label: str, phases, seconds: float, quick: bool, device, t_origin: float, log) -> list[dict]:
+    """``_steps_phase`` for each ``(case, idle gap)``, 15 s apart (a tenth when ``quick``)."""
+    scale = 0.1 if quick else 1.0
+    rows: list[dict] = []
+    for case, gap in phases:
+        time.sleep(15 * scale)
+        got = _steps_phase(case, seconds * scale, device, t_origin, gap_s=gap)
+        rows += got
+        log(f"{label} {got[0]['phase']}: {len(got)} steps, first {got[0]['step_time_s']:.4f} s, "
+            f"last {got[-1]['step_time_s']:.4f} s")
+    return rows
 
 
 def _attach_samples(rows: list[dict], samples: list[dict], t_origin: float) -> None:
@@ -360,52 +354,36 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
     probe = _loop(0.3, 4, 4, bufs, device)
     t_gemm = min(g for _, g, _ in probe) / 4
     t_add = min(e for _, _, e in probe) / 4
-    samples_path = os.path.join(out_dir, "power_samples.csv")
-    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
-    t_origin = time.time()
-    rows: list[dict] = []
-
-    def idle(seconds):
-        time.sleep(seconds * scale)
-
-    idle(5)
-    plan = [("gemm", 60, 8, 0), ("cool", 20, 0, 0), ("hbm", 30, 0, 8)]
-    for u in (0.75, 0.5, 0.25):
-        gemms = 8
-        adds = max(1, round(gemms * t_gemm * (1 - u) / u / t_add))
-        plan += [(f"mix-{u}", 30, gemms, adds), ("cool", 10, 0, 0)]
-    for phase, seconds, gemms, adds in plan:
-        if phase == "cool":
-            idle(seconds)
-            continue
-        iters = _loop(seconds * scale, gemms, adds, bufs, device)
-        got = _windows(phase, iters, t_origin, gemm_flops, add_bytes, gemms, adds)
-        rows += got
-        log(f"power {phase:<10} {len(got)} windows; first {got[0].get('tflops') or 0:.0f} TF/s "
-            f"{got[0].get('gbps') or 0:.0f} GB/s, last {got[-1].get('tflops') or 0:.0f} TF/s "
-            f"{got[-1].get('gbps') or 0:.0f} GB/s" if got else f"power {phase}: no windows")
-    del bufs
-    torch.cuda.empty_cache()
     from plansim.validation.runner.steps import _case
 
     step_cases = ([_case("tiny", "single", mb=2, seq=64, recompute="full")] if quick else
                   [_case("llama3.2-3b-untied", "single", mb=4, seq=2048, recompute="full"),
                    _case("tinyllama-1.1b", "single", mb=8, seq=2048, recompute="full")])
-    for case in step_cases:
-        idle(15)
-        got = _steps_phase(case, 60 * scale, device, t_origin)
-        rows += got
-        log(f"power step {case['case_id']}: {len(got)} steps, first {got[0]['step_time_s']:.4f} s, "
-            f"last {got[-1]['step_time_s']:.4f} s")
-    samples = sampler.stop()
-    _attach_samples(rows, samples, t_origin)
-    path = os.path.join(out_dir, "power.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return [path] + ([samples_path] if not quick else [])
+
+    def measure(t_origin: float) -> list[dict]:
+        nonlocal bufs
+        rows: list[dict] = []
+        time.sleep(5 * scale)
+        plan = [("gemm", 60, 8, 0), ("cool", 20, 0, 0), ("hbm", 30, 0, 8)]
+        for u in (0.75, 0.5, 0.25):
+            gemms = 8
+            adds = max(1, round(gemms * t_gemm * (1 - u) / u / t_add))
+            plan += [(f"mix-{u}", 30, gemms, adds), ("cool", 10, 0, 0)]
+        for phase, seconds, gemms, adds in plan:
+            if phase == "cool":
+                time.sleep(seconds * scale)
+                continue
+            iters = _loop(seconds * scale, gemms, adds, bufs, device)
+            got = _windows(phase, iters, t_origin, gemm_flops, add_bytes, gemms, adds)
+            rows += got
+            log(f"power {phase:<10} {len(got)} windows; first {got[0].get('tflops') or 0:.0f} TF/s "
+                f"{got[0].get('gbps') or 0:.0f} GB/s, last {got[-1].get('tflops') or 0:.0f} TF/s "
+                f"{got[-1].get('gbps') or 0:.0f} GB/s" if got else f"power {phase}: no windows")
+        bufs = None  # the steps need the memory
+        torch.cuda.empty_cache()
+        return rows + _step_phases("power", [(case, 0.0) for case in step_cases], 60, quick, device, t_origin, log)
+
+    return _sampled(out_dir, "power", quick, COLUMNS, measure)
 
 
 KERNEL_STREAM_S = 8.0
@@ -478,42 +456,29 @@ def _stream(fn, seconds: float, calls: int) -> list[tuple[float, float]]:
 def run_kernels(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
     """Stream each kernel of ``_kernel_cases``; write power_kernels.csv and power_kernels_samples.csv."""
     scale = 0.1 if quick else 1.0
-    samples_path = os.path.join(out_dir, "power_kernels_samples.csv")
-    sampler = Sampler(samples_path if not quick else os.path.join(tempfile.mkdtemp(), "samples.csv"))
-    t_origin = time.time()
-    rows: list[dict] = []
-    time.sleep(KERNEL_COOL_S * scale)
-    for phase, kind, fn, flops, nbytes in _kernel_cases(device, quick):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        one = min(dt for _, dt in _stream(fn, 0.05, 1))
-        calls = max(1, int(0.02 / max(one, 1e-6)))  # blocks of ~20 ms
-        boost = min(dt for _, dt in _stream(fn, 0.2, calls)) / calls  # short bursts: the boost clock
-        blocks = _stream(fn, KERNEL_STREAM_S * scale, calls)
-        start, acc = None, []
-        for t0, dt in blocks:
-            start = t0 if start is None else start
-            acc.append(dt)
-            if t0 - start >= WINDOW_S:
+    def measure(t_origin: float) -> list[dict]:
+        rows: list[dict] = []
+        time.sleep(KERNEL_COOL_S * scale)
+        for phase, kind, fn, flops, nbytes in _kernel_cases(device, quick):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            one = min(dt for _, dt in _stream(fn, 0.05, 1))
+            calls = max(1, int(0.02 / max(one, 1e-6)))  # blocks of ~20 ms
+            boost = min(dt for _, dt in _stream(fn, 0.2, calls)) / calls  # short bursts: the boost clock
+            for i, (start, acc) in enumerate(_windowed(_stream(fn, KERNEL_STREAM_S * scale, calls))):
                 n, busy = calls * len(acc), sum(acc)
-                rows.append({"phase": phase, "kind": kind, "window": sum(r["phase"] == phase for r in rows),
+                rows.append({"phase": phase, "kind": kind, "window": i,
                              "t_start_s": round(start - t_origin, 3), "duration_s": busy, "calls": n,
                              "flops_per_call": flops, "bytes_per_call": nbytes,
                              "boost_tflops": flops / boost / 1e12, "boost_gbps": nbytes / boost / 1e9,
                              "tflops": flops * n / busy / 1e12, "gbps": nbytes * n / busy / 1e9})
-                start, acc = None, []
-        last = [r for r in rows if r["phase"] == phase]
-        if last:
-            log(f"powerkernels {phase:<36} boost {last[-1]['boost_tflops']:.0f} TF/s {last[-1]['boost_gbps']:.0f} GB/s, "
-                f"sustained {last[-1]['tflops']:.0f} TF/s {last[-1]['gbps']:.0f} GB/s")
-        time.sleep(KERNEL_COOL_S * scale)
-    samples = sampler.stop()
-    _attach_samples(rows, samples, t_origin)
-    path = os.path.join(out_dir, "power_kernels.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=KERNEL_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return [path] + ([samples_path] if not quick else [])
+            last = [r for r in rows if r["phase"] == phase]
+            if last:
+                log(f"powerkernels {phase:<36} boost {last[-1]['boost_tflops']:.0f} TF/s "
+                    f"{last[-1]['boost_gbps']:.0f} GB/s, sustained {last[-1]['tflops']:.0f} TF/s "
+                    f"{last[-1]['gbps']:.0f} GB/s")
+            time.sleep(KERNEL_COOL_S * scale)
+        return rows
+
+    return _sampled(out_dir, "power_kernels", quick, KERNEL_COLUMNS, measure)
