@@ -117,12 +117,12 @@ def test_stored_profiles_were_fitted_on_calibration_rows_only():
 
 @pytest.mark.skipif(not (DATA_DIR / "vidur").is_dir(), reason="no Vidur tables under validation/data")
 def test_vidur_transfer_fit_uses_calibration_rows_and_is_never_scored(tmp_path):
-    from plansim.validation.vidur import TRANSFER_MIN_TOKENS, calibrate_from_vidur
+    from plansim.validation.vidur import FIT_MIN_TOKENS, calibrate_from_vidur
 
     ids = _recorded(CALIBRATED_DIR, vidur=True).get(("vidur", "vidur"), set())
     assert ids, "commit hardware_profiles/calibrated/a100-80gb.yaml written by plansim calibrate --from-vidur"
     assert {split_for("vidur", i) for i in ids} == {"calibration"}
-    assert all(int(i.split(":T")[1].split(":")[0]) >= TRANSFER_MIN_TOKENS for i in ids)
+    assert all(int(i.split(":T")[1].split(":")[0]) >= FIT_MIN_TOKENS for i in ids)
     scored = validate("vidur", DATA_DIR)
     a100 = scored[scored.source == "vidur-a100"]
     assert len(a100) > 0 and not set(a100.case_id) & ids
