@@ -1,5 +1,6 @@
 """Megatron-LM's published A100 runs predicted by ``plansim simulate``: Table 1 of Narayanan
-et al. (SC'21, achieved TFLOP/s) and the measured iteration times of Korthikanti et al. (2022).
+et al. (SC'21, achieved TFLOP/s), the parallelism sweeps of its Figures 13-15 (against the
+findings the paper states), and the measured iteration times of Korthikanti et al. (2022).
 
 Each published row becomes a plan as the authors ran it (``run_table_1.sh``): GPT with
 dropout, fp16 mixed precision with fp16 gradients (accumulated by autograd, no fp32 main_grad:
@@ -101,6 +102,39 @@ def compare_korthikanti2022(hardware: str = "a100-80gb", calibrated: bool = True
     return pd.DataFrame(rows)
 
 
+#: Narayanan et al. SC'21 §5.4, Figures 13-15: one model on 64 A100s (8 DGX nodes), the product
+#: of two degrees fixed at 64, as ``examples/academic_paper_scripts/sc21/run_figure_{13,14,15}.sh``
+#: ran them (micro-batch 1, full recomputation, local DDP, plain 1F1B, sequence 2048, the fp16 setup
+#: of Table 1).  figure -> (model, the swept degree, its partner, the swept values, global batches,
+#: the published finding the sweep shows)
+FIGURE_SWEEPS = {
+    13: (dict(heads=128, hidden=20480, layers=32), "pp", "tp", (2, 4, 8, 16, 32), (32, 128),
+         "peak throughput at tensor-parallel size 8, the GPUs of one node"),
+    14: (dict(heads=32, hidden=3840, layers=32), "pp", "dp", (2, 4, 8, 16, 32), (32, 512),
+         "throughput falls as the pipeline-parallel size grows"),
+    15: (dict(heads=32, hidden=3840, layers=32), "tp", "dp", (2, 4, 8, 16, 32), (32, 128, 512),
+         "throughput falls as the tensor-parallel size grows"),
+}
+
+
+def compare_megatron_sweeps(hardware: str = "a100-80gb", calibrated: bool = True) -> pd.DataFrame:
+    """Predicted TFLOP/s per GPU (the paper's count) of every configuration of Figures 13-15, for
+    checking against the published findings (the figures give no table of numbers)."""
+    rows = []
+    for figure, (shape, swept, partner, values, batches, _) in FIGURE_SWEEPS.items():
+        for batch in batches:
+            for value in values:
+                degrees = {"tp": 1, "pp": 1, "dp": 1, swept: value, partner: 64 // value}
+                row = dict(shape, **degrees, gpus=64, global_batch=batch, micro_batch=1, seq_len=2048, vocab=51200,
+                           model=f"figure{figure}")
+                plan = _row_plan(row, 1, recompute="full", ddp="megatron", overlap_grad_reduce=False, **TABLE1_SETUP)
+                result = _simulate_row(row, plan, hardware, calibrated)
+                rows.append({"figure": figure, "global_batch": batch, **degrees,
+                             "predicted_tflops": megatron_flops_per_iteration(row) / result.step_time_s / 64 / 1e12,
+                             "fits": result.fits})
+    return pd.DataFrame(rows)
+
+
 def _summary(error: pd.Series) -> str:
     return f"median |error| {error.abs().median():.1%}, max {error.abs().max():.1%}, mean signed {error.mean():+.1%}"
 
@@ -118,6 +152,13 @@ def main() -> None:
     print("\nKorthikanti et al. 2022 (measured iteration time; error < 0: predicted faster)")
     print(runs.to_string(**fmt))
     print(_summary(runs["error"]))
+    sweeps = compare_megatron_sweeps()
+    print("\nNarayanan et al. SC'21 Figures 13-15 (predicted TFLOP/s per GPU on 64 A100s)")
+    for figure, part in sweeps.groupby("figure"):
+        shape, swept, partner, *_, finding = FIGURE_SWEEPS[figure]
+        table = part.pivot(index="global_batch", columns=swept, values="predicted_tflops")
+        print(f"Figure {figure} ({swept} x {partner} = 64; published: {finding})")
+        print(table.to_string(float_format=lambda v: f"{v:.1f}"))
 
 
 if __name__ == "__main__":

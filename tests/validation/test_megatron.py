@@ -41,3 +41,30 @@ def test_table1_accuracy_bound(table):
     err = table["error"].abs()
     assert err.median() <= 0.05
     assert err.max() <= 0.15
+
+
+@pytest.fixture(scope="module")
+def sweeps():
+    from plansim.validation.megatron import compare_megatron_sweeps
+    return compare_megatron_sweeps()
+
+
+def test_figure_13_peaks_at_tensor_parallel_size_8(sweeps):
+    """Narayanan et al. §5.4.1 (Figure 13): for the 162B model on 64 GPUs, throughput peaks where
+    the tensor-parallel size equals the GPUs of one DGX A100 node (8), at both batch sizes."""
+    fig = sweeps[sweeps.figure == 13]
+    assert fig.fits.all()
+    for batch, part in fig.groupby("global_batch"):
+        assert int(part.loc[part.predicted_tflops.idxmax(), "tp"]) == 8, (batch, part)
+
+
+@pytest.mark.parametrize("figure,degree", [(14, "pp"), (15, "tp")])
+def test_figures_14_15_throughput_falls_with_model_parallel_size(sweeps, figure, degree):
+    """§5.4 (Figures 14 and 15): for the 5.9B model, throughput decreases as the pipeline-parallel
+    (Figure 14) or tensor-parallel (Figure 15) size grows at the expense of data parallelism, at
+    every batch size."""
+    fig = sweeps[sweeps.figure == figure]
+    assert fig.fits.all()
+    for batch, part in fig.groupby("global_batch"):
+        rates = part.sort_values(degree).predicted_tflops.to_numpy()
+        assert (rates[1:] < rates[:-1]).all(), (batch, part)
