@@ -218,6 +218,26 @@ def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
     return frame
 
 
+def stream_slowdowns(data_dir: Path, device) -> pd.DataFrame:
+    """The ``powerstream`` suite (``power_stream.csv``; never fitted): per configuration whose
+    short samples were measured, how much slower its GEMMs ran inside Vidur's layer stream than
+    alone (GEMM-time weighted) against ``validation.vidur.stream_slowdown`` on ``device`` (the
+    fully settled clock), with the sampled SM clock and board power."""
+    from plansim.validation.vidur import stream_slowdown
+
+    frame = pd.read_csv(Path(data_dir) / "power_stream.csv")
+    rows = []
+    for phase, part in frame.groupby("phase", sort=False):
+        row = dict(part.iloc[0].to_dict(), use_gated_mlp=True)
+        rows.append({"phase": phase, "stream_ms": 1e3 * row["duration_s"],
+                     "measured": part["stream_s"].sum() / part["short_s"].sum(),
+                     "predicted": stream_slowdown(row, device), "sm_clock_mhz": row.get("sm_clock_mhz"),
+                     "power_w": row.get("power_w")})
+    out = pd.DataFrame(rows)
+    out["error"] = out["predicted"] / out["measured"] - 1.0
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from plansim.validation.compare import calibrated_cluster
 
@@ -232,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster, _ = calibrated_cluster(data_dir.parent)
     print("\nsustained SM clock of the step phases (held out: never fitted), MHz")
     print(step_clocks(data_dir, cluster.model_copy(update={"nodes": 1, "gpus_per_node": 1})).to_string(**fmt))
+    if (data_dir / "power_stream.csv").is_file():
+        print("\nGEMMs in Vidur's layer stream against short samples (held out: never fitted), time ratio")
+        print(stream_slowdowns(data_dir, cluster.device).to_string(**fmt))
     return 0
 
 

@@ -168,8 +168,10 @@ def _layer_memory_bytes(row) -> float:
 
 def stream_slowdown(row, device) -> float:
     """How many times its short-sample time a GEMM of ``row`` takes in Vidur's profiling stream
-    (the layer's kernels back to back) at the clock the device's power limit sustains there;
-    1 for a device without a power model."""
+    (the layer's kernels back to back) at the clock the device's power limit sustains there once
+    settled (Vidur runs its token counts back to back; a lone stream of under ~60 ms mostly ends
+    before the controller settles: the ``powerstream`` suite); 1 for a device without a power
+    model."""
     power = PowerModel.of(device)
     if power is None:
         return 1.0

@@ -19,12 +19,13 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
                 "powerkernels": {"power_kernels": "power"}, "powersteps": {"power_steps": "power"},
                 "powerduty": {"power_duty": "power"}, "powergaps": {"power_gaps": "power"},
+                "powerstream": {"power_stream": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
                 "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
-CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "profile", "bigprofile")
+CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "profile", "bigprofile")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -94,11 +95,11 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                         else step_profile.run_big(dev, quick, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
-        if s in ("power", "powerkernels", "powersteps", "powerduty", "powergaps"):
-            from plansim.validation.runner import power
+        if s in ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream"):
+            from plansim.validation.runner import power, stream
 
             run = {"power": power.run, "powerkernels": power.run_kernels, "powersteps": power.run_steps,
-                   "powerduty": power.run_duty, "powergaps": power.run_gaps}[s]
+                   "powerduty": power.run_duty, "powergaps": power.run_gaps, "powerstream": stream.run}[s]
             written += run(dev, quick, out_dir, log)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
