@@ -271,8 +271,6 @@ class AnalyticModel:
         dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
         expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
         m_eff = plan.num_microbatches if plan.schedule == "gpipe" else min(plan.num_microbatches, 2 * p)
-        peaks = np.zeros(p)
-        details = []
         params = costs[:, DENSE] + costs[:, EXPERT]
         lkey = _layer_key(plan)
         tkey = ("transients", id(layout), lkey, plan.zero >= 3)
@@ -284,22 +282,28 @@ class AnalyticModel:
                 np.array([self.transient_bytes(workload, plan, c, params[i], "B", lkey)
                           for i, c in enumerate(layout.chunks)]))
         t_f, t_b = hit
+        # every rank's candidate peaks at once: its observations' activations plus the working
+        # memory of the phase observed; each rank's peak is the largest of its own rows
+        matrix, kind, stage, starts = _all_observations(plan.schedule, p, m_eff, plan.vpp)
+        act = matrix @ costs[:, SAVED] / 2.0
+        total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
+        best = np.maximum.reduceat(total, starts)
+        offload = tuple(sorted(plan.offload.items()))
+        states, static = [], np.empty(p)
         for r in range(p):
             skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
-                    plan.precision, plan.fp32_grads, plan.ddp, tuple(sorted(plan.offload.items())))
-            states = self._memo.get(skey)
-            if states is None:
-                states = self._memo[skey] = rank_model_states(float(dense_r[r]), float(expert_r[r]), plan)
-            static = static_bytes(states, plan)
-            local, matrix, kind, stage = _observations(plan.schedule, p, m_eff, plan.vpp, r)
-            act = matrix @ costs[local, SAVED] / 2.0
-            total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
-            j = int(total.argmax())
-            opt = optimizer_transient_bytes(plan, float(dense_r[r] + expert_r[r]))
-            peaks[r] = static + max(0.0, float(total[j]), opt)
-            details.append((states, float(act[j]) if total[j] > 0 else 0.0))
-        stage = int(peaks.argmax())
-        return Memory(peaks, details[stage][0], details[stage][1])
+                    plan.precision, plan.fp32_grads, plan.ddp, offload)
+            rank_states = self._memo.get(skey)
+            if rank_states is None:
+                rank_states = self._memo[skey] = rank_model_states(float(dense_r[r]), float(expert_r[r]), plan)
+            states.append(rank_states)
+            static[r] = static_bytes(rank_states, plan)
+        opt = np.array([optimizer_transient_bytes(plan, float(n)) for n in dense_r + expert_r])
+        peaks = static + np.maximum(0.0, np.maximum(best, opt))
+        top = int(peaks.argmax())
+        rows = slice(starts[top], starts[top + 1] if top + 1 < p else len(total))
+        j = starts[top] + int(total[rows].argmax())
+        return Memory(peaks, states[top], float(act[j]) if total[j] > 0 else 0.0)
 
     def memory_of(self, plan: Plan) -> tuple[Memory, str | None]:
         """Peak memory and the out-of-memory reason (None if it fits): the pruning test."""
@@ -490,6 +494,22 @@ class AnalyticModel:
             peak_stage=mem.stage, infeasible_reason=reason, per_stage_memory=mem.peaks.tolist(),
             sm_clock=t.power.clock if t.power else None, power_w=t.power.power_w if t.power else None,
             energy_per_token_j=t.power.energy_per_token_j(plan.world_size, step, tokens) if t.power else None)
+
+
+@lru_cache(maxsize=1024)
+def _all_observations(schedule: str, p: int, m: int, v: int) -> tuple[np.ndarray, ...]:
+    """``_observations`` of every rank stacked: (observations × virtual stages matrix, kind and
+    virtual stage per observation, the first row of each rank)."""
+    blocks, kinds, stages, starts = [], [], [], []
+    for rank in range(p):
+        local, matrix, kind, stage = _observations(schedule, p, m, v, rank)
+        block = np.zeros((len(matrix), p * v))
+        block[:, local] = matrix
+        starts.append(sum(len(b) for b in blocks))
+        blocks.append(block)
+        kinds.append(kind)
+        stages.append(stage)
+    return np.vstack(blocks), np.concatenate(kinds), np.concatenate(stages), np.array(starts)
 
 
 @lru_cache(maxsize=8192)
