@@ -110,8 +110,7 @@ def add_parsers(subparsers, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--device", action="append", default=[], help="fit only this device (repeatable)")
     p.add_argument("--out", help="where to write <device>.yaml (default: hardware_profiles/calibrated)")
     p.add_argument("--from-vidur", action="store_true",
-                   help="fit the A100 (never measured here) from Vidur's A100/H100 GEMM time ratios, anchored to "
-                        "the calibrated H100 profile")
+                   help="fit the A100's GEMM rate (never measured here) to Vidur's A100 GEMM times")
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("validate", help="predict every held-out measured case and report the error")
