@@ -27,8 +27,8 @@ runs at the clock the layer's mix of work sustains under the power limit, not at
 short-sample clock our kernel costs are calibrated at.  ``stream_slowdown`` predicts that with the
 device's power model (``simulator/costs/power.py``, fitted on our own H100/H200 power data, never
 on Vidur): on the H100 it puts Vidur's GEMM stream at ~72 % of the maximum clock, and it turns our
-short-sample GEMM times, 9 % faster than Vidur's H100 medians, into predictions 2 % slower than
-them (median |error| 9.1 % -> 5.1 %).  Vidur's times are therefore faithful kernel times, and the
+short-sample GEMM times, 8.7 % faster than Vidur's H100 medians at >= 1024 tokens, into
+predictions 1.3 % slower than them (median |error| 9.1 % -> 4.8 %, 756 GEMMs).  Vidur's times are therefore faithful kernel times, and the
 H100 rows are scored at the stream's clock.
 
 **The A100** (we have none to measure): ``calibrate_from_vidur`` (``plansim calibrate
