@@ -11,8 +11,9 @@ recomputation, unfused attention, no sequence parallelism, unfused gradient accu
 torch DDP without pipelining and Megatron's local DDP with it).  The search space is Megatron-LM's
 of 2021 with that fixed training setup: no distributed optimizer (ZeRO 0), full recomputation
 (allowing none finds plans ~1.3-1.5x faster, which says nothing about the layouts), 1F1B or
-interleaved, torch DDP without pipelining and local DDP with it (the script's rule); tp inside a node; tp, pp, dp, micro-batch and virtual
-stages free.  ``--full-space`` lets the degrees, schedule, ZeRO and recomputation range over
+interleaved, torch DDP without pipelining and local DDP with it (the script's rule); tp inside a
+node; the asserts of that Megatron-LM (layers divisible by pp, interleaving only with pp > 2,
+micro-batches a multiple of pp when interleaved); tp, pp, dp, micro-batch and virtual stages free.  ``--full-space`` lets the degrees, schedule, ZeRO and recomputation range over
 everything plansim knows.
 
     python benchmarks/megatron_search_check.py [--rows 1.7,3.6] [--write benchmarks/RESULTS.md]
@@ -34,7 +35,11 @@ from plansim.validation.megatron import TABLE1_SETUP, megatron_plan
 from plansim.validation.reference_data import load_megatron_table1, megatron_gpt_spec
 from plansim.workloads.plan import Plan
 
-MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,))
+#: what the authors' Megatron-LM (6985e58) could run: no distributed optimizer, and its asserts:
+#: layers divisible by pp (model/transformer.py), the interleaved schedule only with pp > 2
+#: (arguments.py) and micro-batches a multiple of pp (schedules.py; the space checks that always)
+MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,), even_layers=True,
+                            interleaved_min_pp=3)
 # fixed for every plan, as run_table_1.sh ran them: validation/megatron.py's TABLE1_SETUP (fp16 with
 # fp16 gradients, no sequence parallelism, unfused attention, no gradient-accumulation fusion,
 # synchronous pipeline sends, TP all-reduces in line); and either DDP implementation of the script
@@ -126,8 +131,8 @@ def main(argv=None) -> int:
                       + (" (full plansim space)" if args.full_space else
                          " (Megatron-LM 2021 space: ZeRO 0, full recomputation, no sequence parallelism, unfused attention "
                          "and gradient accumulation as in the paper's script, torch DDP without pipelining and local DDP with "
-                         "it; 1F1B or interleaved; "
-                         "tp, pp, dp, micro-batch and virtual stages free)") + ". Throughputs are plansim predictions (event simulation) on A100 80GB, "
+                         "it; 1F1B or interleaved; that Megatron-LM's asserts: layers divisible by pp, interleaving "
+                         "only with pp > 2; tp, pp, dp, micro-batch and virtual stages free)") + ". Throughputs are plansim predictions (event simulation) on A100 80GB, "
                          "DGX A100 nodes. *Pass*: the best plan found predicts at least the published plan's throughput "
                          "and the published plan ranks in the top 10 of all plans; *rank among layouts* counts each "
                          "(tp, pp, dp, micro-batch) once, since its schedule/vpp variants are near-ties.\n\n" + md)

@@ -109,6 +109,10 @@ class SearchSpace:
     max_vpp: int = 16
     tp_within_node: bool = True
     even_layers: bool = False  # only plans whose layers split evenly over pp (uneven: Megatron-style)
+    #: the smallest pp the interleaved schedule is tried at: Megatron-LM required pp > 2 for it
+    #: from March 2021 (182841f7df) until May 2024 (3ee489d9ea, "Enable virtual pipelining ... at
+    #: PP=2"); set 3 to search as the Megatron-LM of those years could run
+    interleaved_min_pp: int = 2
     plan_defaults: dict[str, Any] = field(default_factory=dict)  # precision, attention, fp32_grads, ...
 
 
@@ -275,12 +279,15 @@ def _zeros(space: SearchSpace, dp: int, cp: int) -> tuple[int, ...]:
 
 def _schedules(model: ModelSpec, pp: int, space: SearchSpace) -> Iterator[tuple[str, int]]:
     """(schedule, vpp) pairs: one for pp = 1 (schedules coincide), else each allowed schedule;
-    interleaving with every vpp ≥ 2 that splits the layers evenly over pp·vpp chunks."""
+    interleaving (from ``space.interleaved_min_pp`` on) with every vpp ≥ 2 that splits the layers
+    evenly over pp·vpp chunks."""
     if pp == 1:
         yield "1f1b", 1
         return
     for name in space.schedules:
         if name == "interleaved":
+            if pp < space.interleaved_min_pp:
+                continue
             for vpp in range(2, space.max_vpp + 1):
                 if model.num_layers % (pp * vpp) == 0:
                     yield name, vpp

@@ -34,6 +34,17 @@ def test_pruned_subtrees_carry_reasons():
     assert any(x.category == "global_batch" for x in e.pruned)
 
 
+def test_interleaving_from_a_minimum_pipeline_size():
+    """Megatron-LM of 2021-2024 ran the interleaved schedule only with pp > 2: with
+    ``interleaved_min_pp=3`` no pp = 2 plan interleaves, and the other pp = 2 plans stay."""
+    def pp2(space):
+        plans = enumerate_plans(MODEL, CLUSTER, space, seq_len=4096, global_batch=64).plans
+        return {p.schedule for p in plans if p.pp == 2}, {p.schedule for p in plans if p.pp == 4}
+
+    assert pp2(SearchSpace()) == ({"1f1b", "interleaved", "zero-bubble"},) * 2
+    assert pp2(SearchSpace(interleaved_min_pp=3)) == ({"1f1b", "zero-bubble"}, {"1f1b", "interleaved", "zero-bubble"})
+
+
 def test_max_global_batch_takes_the_largest_multiple():
     e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, max_global_batch=50)
     for p in e.plans:
