@@ -27,6 +27,8 @@ from plansim.workloads.plan import Plan, PlanError
 from plansim.workloads.training import TrainingWorkload, gemm_dtype
 
 SETTINGS = dict(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: how much later a power-capped step may end with faster links (see the bandwidth property)
+POWER_CAPPED_TOLERANCE = 1e-4
 EPS = 1e-9
 
 
@@ -168,10 +170,11 @@ def test_more_bandwidth_never_makes_a_step_slower(case, factor):
     workload, cluster = case
     _, slow = _run(workload, cluster, trace=False)
     _, fast = _run(workload, _scaled(cluster, factor), trace=False)
-    # under the power limit a faster link leaves less waiting inside the busy span, so the clock
-    # falls a little; it is decided on the closed-form step, whose power balance gets no longer,
-    # while the event timeline at that clock can end ~1e-6 later (a fuzzed case at 150 W)
-    tolerance = 1e-9 if slow.sm_clock in (None, 1.0) else 1e-5
+    # under the power limit a faster link moves more bytes while the GEMMs it hides behind run:
+    # their contention is charged as compute, which draws power where the wait it replaces drew
+    # the idle draw, so the clock falls a little and a step can end up to ~2e-5 later
+    # (test_more_bandwidth_under_a_deep_power_cap); the bound leaves room for that, no more
+    tolerance = 1e-9 if slow.sm_clock in (None, 1.0) else POWER_CAPPED_TOLERANCE
     assert fast.step_time_s <= slow.step_time_s * (1 + tolerance)
 
 
@@ -204,3 +207,24 @@ def test_more_bandwidth_with_a_host_floor_on_nccl_calls():
     _, slow = _run(workload, cluster, trace=False)
     _, fast = _run(workload, _scaled(cluster, 10.0), trace=False)
     assert fast.step_time_s <= slow.step_time_s * (1 + 1e-9)
+
+
+def test_more_bandwidth_under_a_deep_power_cap():
+    """A counterexample a fresh hypothesis run found: calibrated H100s capped at 150 W (16.5 W
+    above idle), TP 2 across two nodes with the backward TP collectives beside the GEMMs.  1.5×
+    the bandwidth leaves the busy span as it was but moves more bytes during the hidden part, whose
+    contention is charged as compute drawing power: the clock falls from 22.305 % to 22.300 % of
+    the maximum and the step ends 1.7e-5 later.  Physical under a cap, and bounded."""
+    model = ModelSpec(name="rand", num_layers=2, hidden=128, num_heads=2, num_kv_heads=1, ffn_hidden=256, vocab=200,
+                      mlp="swiglu", norm="rmsnorm", position="rope", max_seq_len=1024, tied_embeddings=False,
+                      bias=False, dropout=False)
+    plan = Plan(tp=2, micro_batch=1, global_batch=1, seq_len=256, recompute="selective", sequence_parallel=False,
+                precision="bf16-mixed", overlap_grad_reduce=False, grad_accumulation_fusion=True, attention="flash",
+                tp_backward_overlap=True)
+    cluster = build_cluster("h100-sxm", nodes=2, gpus_per_node=1)
+    cluster = with_power_limit(cluster.model_copy(update={"device": apply_calibration(cluster.device)[0]}), 150.0)
+    workload = TrainingWorkload(model, plan)
+    _, slow = _run(workload, cluster, trace=False)
+    _, fast = _run(workload, _scaled(cluster, 1.5), trace=False)
+    assert fast.sm_clock <= slow.sm_clock < 1.0
+    assert fast.step_time_s <= slow.step_time_s * (1 + POWER_CAPPED_TOLERANCE)
