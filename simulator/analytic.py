@@ -500,12 +500,13 @@ class AnalyticModel:
 def _all_observations(schedule: str, p: int, m: int, v: int) -> tuple[np.ndarray, ...]:
     """``_observations`` of every rank stacked: (observations × virtual stages matrix, kind and
     virtual stage per observation, the first row of each rank)."""
-    blocks, kinds, stages, starts = [], [], [], []
+    blocks, kinds, stages, starts, rows = [], [], [], [], 0
     for rank in range(p):
         local, matrix, kind, stage = _observations(schedule, p, m, v, rank)
         block = np.zeros((len(matrix), p * v))
         block[:, local] = matrix
-        starts.append(sum(len(b) for b in blocks))
+        starts.append(rows)
+        rows += len(matrix)
         blocks.append(block)
         kinds.append(kind)
         stages.append(stage)

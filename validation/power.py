@@ -102,6 +102,10 @@ def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) ->
     gemm = frame[frame["phase"] == "gemm"]
     t_short = float(compute.gemm_time(GEMM_N, GEMM_N, GEMM_N, "bf16", device))
     u_gemm = min(1.0, 2.0 * GEMM_N ** 3 / (device.flops("bf16") * device.achievable_gemm_fraction) / t_short)
+
+    def gemm_share(static: float) -> float:
+        """The power suite's GEMM's draw as a share of ``tensor_w`` (costs/power.py, PowerModel.draw_w)."""
+        return static + (1 - static) * u_gemm
     stats: dict[str, dict] = {}
     if fits_own_draws(data_dir):
         gamma, stats["gemm draw against clock"] = _fit_clock_exponent(gemm, load_power(data_dir, "power_duty.csv"),
@@ -115,12 +119,12 @@ def fit_power(data_dir: Path, device, shared: dict[str, float] | None = None) ->
     elif shared:
         gamma, static = shared["power_clock_exponent"], shared["tensor_static_fraction"]
         draw = float(((gemm["power_w"] - idle) / (gemm["sm_clock_mhz"] / f_max) ** gamma).median())
-        tensor_w = draw / (static + (1 - static) * u_gemm)
+        tensor_w = draw / gemm_share(static)
     else:
         return {"idle_power_w": idle}, stats
     per_mhz = float((gemm["tflops"] / gemm["sm_clock_mhz"]).median())
     short_clock = min(1.0, 2.0 * GEMM_N ** 3 / t_short / 1e12 / per_mhz / f_max)
-    burst = idle + tensor_w * (static + (1 - static) * u_gemm) * short_clock ** gamma
+    burst = idle + tensor_w * gemm_share(static) * short_clock ** gamma
     memory = float(((hbm["power_w"] - idle) / (hbm["sm_clock_mhz"] / f_max) ** gamma).median())
     params = {"idle_power_w": idle, "burst_power_w": burst, "tensor_power_w": tensor_w,
               "tensor_static_fraction": static, "memory_power_w": memory, "power_clock_exponent": gamma}

@@ -141,15 +141,18 @@ def _cluster(gpu: str, profiles_dir: Path | None, calibrated: bool):
 
 
 def _gemm_rows(vidur_dir: Path, gpu: str):
-    """(case id, m, n, k, measured seconds, table row) of every usable GEMM of Vidur's ``gpu`` tables."""
+    """Each row of Vidur's ``gpu`` tables with its usable GEMMs: (row, [(case id, m, n, k,
+    measured seconds), ...]); the GEMMs of a row ran in one stream."""
     for table in sorted((Path(vidur_dir) / "compute" / gpu).glob("*/*/mlp.csv")):
         model = f"{table.parent.parent.name}/{table.parent.name}"
         for row in pd.read_csv(table).to_dict("records"):
+            gemms = []
             for op, (m, n, k) in gemm_shapes(row).items():
                 measured = float(row[f"time_stats.{op}.median"]) * 1e-3
                 if measured > 0 and float(n).is_integer() and float(k).is_integer():
-                    yield (f"{model}:{op}:T{int(m)}:tp{int(row['num_tensor_parallel_workers'])}", m, n, k,
-                           measured, row)
+                    gemms.append((f"{model}:{op}:T{int(m)}:tp{int(row['num_tensor_parallel_workers'])}", m, n, k,
+                                  measured))
+            yield row, gemms
 
 
 def _layer_memory_bytes(row) -> float:
@@ -183,9 +186,11 @@ def stream_slowdown(row, device) -> float:
     return power.state(activity).slowdowns[0]
 
 
-def _predicted(m, n, k, row, device) -> float:
-    """A GEMM of ``row`` as Vidur timed it: short-sample time at the stream's sustained clock."""
-    return float(compute.gemm_time(m, n, k, "fp16", device)) * stream_slowdown(row, device)
+def _predicted(row, gemms, device) -> list[float]:
+    """``gemms`` of ``row`` as Vidur timed them: short-sample times at the stream's sustained clock
+    (one clock for the row's stream)."""
+    slowdown = stream_slowdown(row, device)
+    return [float(compute.gemm_time(m, n, k, "fp16", device)) * slowdown for _, m, n, k, _ in gemms]
 
 
 def _fitted_vidur_ids(profiles_dir: Path | None, device: str) -> set[str]:
@@ -208,11 +213,13 @@ def score_vidur(vidur_dir: Path, profiles_dir: Path | None, calibrated: bool = T
         cluster = _cluster(gpu, profiles_dir, calibrated)
         device = cluster.device
         fitted = _fitted_vidur_ids(profiles_dir, device.name) if calibrated else set()
-        for case_id, m, n, k, measured, row in _gemm_rows(vidur_dir, gpu):
-            if case_id in fitted:
+        for row, gemms in _gemm_rows(vidur_dir, gpu):
+            gemms = [g for g in gemms if g[0] not in fitted]
+            if not gemms:
                 continue
-            records.append(_rec(f"vidur-{gpu}", device.name, case_id, f"gemm-{case_id.split(':')[1]}",
-                                measured, _predicted(m, n, k, row, device), np.nan))
+            for (case_id, *_, measured), predicted in zip(gemms, _predicted(row, gemms, device)):
+                records.append(_rec(f"vidur-{gpu}", device.name, case_id, f"gemm-{case_id.split(':')[1]}",
+                                    measured, predicted, np.nan))
         net = next((n for n, g in NETWORKS.items() if g == gpu), None)
         for name in ("all_reduce", "send_recv"):
             table = vidur_dir / "network" / str(net) / f"{name}.csv"
@@ -242,15 +249,17 @@ def calibrate_from_vidur(vidur_dir: Path, profiles_dir: Path, out_dir: Path | No
 
     out_dir = Path(out_dir or profiles_dir)
     target = build_cluster(*DEVICES[FIT_TARGET]).device
-    cases = [(c, m, n, k, t, row) for c, m, n, k, t, row in _gemm_rows(vidur_dir, FIT_TARGET)
-             if m >= FIT_MIN_TOKENS and split_for("vidur", c) == "calibration"]
+    rows = [(row, [g for g in gemms if g[1] >= FIT_MIN_TOKENS and split_for("vidur", g[0]) == "calibration"])
+            for row, gemms in _gemm_rows(vidur_dir, FIT_TARGET)]
+    rows = [(row, gemms) for row, gemms in rows if gemms]
+    cases = [g for _, gemms in rows for g in gemms]
     if not cases:
         raise ValueError(f"vidur: no {FIT_TARGET} GEMM of >= {FIT_MIN_TOKENS} tokens under {vidur_dir}")
     wanted = np.array([c[4] for c in cases])
 
     def residual(params: dict) -> np.ndarray:
         device = target.model_copy(update=params)
-        return _log_ratio((_predicted(m, n, k, row, device) for _, m, n, k, _, row in cases), wanted)
+        return _log_ratio((t for row, gemms in rows for t in _predicted(row, gemms, device)), wanted)
 
     name = "achievable_gemm_fraction"
     params = _fit_log(residual, [name], {name: target.achievable_gemm_fraction}, {name: 0.2}, {name: 1.0})
