@@ -64,7 +64,8 @@ class Op:
     sm_rate_Bps: float = 0.0  # memory ops whose kernels are bound by the SMs, not HBM: bytes/s per SM (0: HBM-bound)
     bwd_extra_bytes: float = 0.0  # backward: HBM traffic of the elementwise kernels autograd adds around
     #   this op: sums of the gradients of tensors that several ops use (a residual stream, a norm
-    #   output feeding q, k and v), the clones and copy-back of an in-place op on a view (CopySlices)
+    #   output feeding q, k and v), the clones and copy-back of an in-place op on a view (CopySlices),
+    #   the grad·output product eager softmax's backward forms before its reduction
     recompute_selective: bool = False  # recomputed under selective recomputation
     kernels: int = 1  # kernels (or NCCL calls) the host issues for it; its backward issues as many
 

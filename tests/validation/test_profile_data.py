@@ -107,6 +107,37 @@ def test_eager_masked_fill_rate_is_the_profiled_kernel():
     assert EAGER_MASKED_FILL_SM_RATE * 132 == pytest.approx(rates["h100-x1/profile2"], rel=0.08)  # the same rate per SM
 
 
+def test_eager_softmax_backward_multiply_is_in_the_op_graph():
+    """The profiles' bf16 tensor-times-tensor multiply over the scores is eager softmax's
+    ``tmp = grad * output`` (PyTorch's softmax_backward_cuda_out): it moves the same bytes as the
+    softmax backward's reduction kernel after it, so it takes as long (within 10 %), and HBM-bound
+    as that one is, it is faster on the H200.  Eager plans charge it in backward
+    (SOFTMAX_GRAD_PRODUCT_BYTES per score); Megatron's fused softmax does not."""
+    from plansim.workloads.model_io import load_model
+    from plansim.workloads.training import SOFTMAX_GRAD_PRODUCT_BYTES
+
+    times = {}
+    for gpu in ("h100-x1/profile2", "h200-x2/profile"):
+        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
+        case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+        multiply = case[case.kernel.str.contains("BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, "
+                                                 "at::native::binary_internal::MulFunctor", regex=False)].seconds.sum()
+        reduction = case[case.kernel.str.contains("SoftMaxBackward")].seconds.sum()
+        assert multiply == pytest.approx(reduction, rel=0.1), gpu
+        times[gpu] = multiply
+    assert times["h200-x2/profile"] < times["h100-x1/profile2"] / 1.25
+
+    spec = load_model(C.CONFIGS_DIR / "gpt-1.7b.json")
+    scores = 2 * spec.num_heads * 2048 ** 2
+    extra = {}
+    for framework in ("pytorch", "megatron"):
+        plan = Plan(micro_batch=2, global_batch=2, seq_len=2048, attention="unfused", framework=framework)
+        workload = TrainingWorkload(spec, plan)
+        backward = workload.phases(workload.dense_layer)["B"]
+        extra[framework] = sum(op.bytes for op in backward if op.name == "softmax.autograd")
+    assert extra == {"pytorch": SOFTMAX_GRAD_PRODUCT_BYTES * scores, "megatron": 0}
+
+
 def test_host_issue_rates_are_physical():
     """host.csv: the shrunk models keep the GPU mostly idle (so the wall time is the host's), and
     an eager kernel costs the host microseconds, not nanoseconds or milliseconds."""
