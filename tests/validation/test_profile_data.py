@@ -138,6 +138,28 @@ def test_eager_softmax_backward_multiply_is_in_the_op_graph():
     assert extra == {"pytorch": SOFTMAX_GRAD_PRODUCT_BYTES * scores, "megatron": 0}
 
 
+def test_copyslices_zero_fill_is_one_write_of_the_scores_per_layer():
+    """The profiles' bf16 fill in gpt-1.7b's backward (3 ms per step) is one write of the
+    [b, heads, s, s] gradient per layer (CopySlices' zero-filled buffer): at that size it runs at
+    50-100 % of each GPU's datasheet HBM bandwidth, and the eager op graph charges it beside the
+    four copies (``attn.mask.autograd``: 18 bytes per score, 2 read + 2 written per copy, 2 for
+    the fill)."""
+    from plansim.workloads.model_io import load_model
+    from plansim.workloads.training import MASKED_FILL_VIEW_COPIES
+
+    spec = load_model(C.CONFIGS_DIR / "gpt-1.7b.json")
+    scores = 2 * spec.num_heads * 2048 ** 2
+    for gpu, hbm in (("h100-x1/profile2", 3.35e12), ("h200-x2/profile", 4.8e12)):
+        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
+        case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+        fill = case[case.kernel.str.contains("FillFunctor<c10::BFloat16>", regex=False)].seconds.sum()
+        assert 0.5 * hbm < 2 * scores * spec.num_layers / fill < hbm, gpu
+    plan = Plan(micro_batch=2, global_batch=2, seq_len=2048, attention="unfused", framework="pytorch")
+    workload = TrainingWorkload(spec, plan)
+    extra = sum(op.bytes for op in workload.phases(workload.dense_layer)["B"] if op.name == "attn.mask.autograd")
+    assert extra == (MASKED_FILL_VIEW_COPIES * 4 + 2) * scores
+
+
 def test_host_issue_rates_are_physical():
     """host.csv: the shrunk models keep the GPU mostly idle (so the wall time is the host's), and
     an eager kernel costs the host microseconds, not nanoseconds or milliseconds."""
