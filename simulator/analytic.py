@@ -353,15 +353,14 @@ class AnalyticModel:
             f[:-1] += hop(np.minimum(ranks, idx + 1))[:-1]
             b[1:] += hop(np.minimum(ranks, idx - 1))[1:]
         z3 = np.zeros(n_chunks)
-        if plan.zero >= 3 and n_dp > 1:  # FSDP: first layer's gather exposed, the rest overlapped
+        if plan.zero >= 3 and n_dp > 1:  # FSDP: a call per layer, the first exposed, the rest prefetched
             for i, chunk in enumerate(layout.chunks):
-                g = self._collective_cost("all_gather", params[i] * 2.0, grad_group)
-                share = 1.0 / max(1, chunk.num_layers)
-                vol = g.volume_bytes / g.rate_Bps if g.volume_bytes else 0.0
-                first, rest = max(g.floor_s, g.latency_s + vol * share), vol * (1 - share)
+                layers = max(1, chunk.num_layers)
+                g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
+                first, rest = g.time_s, (layers - 1) * g.time_s
                 beside_b = costs[i, BI] if split_w else costs[i, B]
                 # exposed remainder, plus the engine's contention for the part hidden by compute
-                rest_rate = g.payload_bytes * (1 - share) / rest if rest > 0 else 0.0
+                rest_rate = g.payload_bytes / g.time_s if g.time_s > 0 else 0.0
                 hid_f, hid_b = min(rest, costs[i, F]), min(rest, beside_b)
                 exposed_f = (first + max(0.0, rest - costs[i, F])
                              + contention_s(cluster.device, hid_f, hid_f * rest_rate))
@@ -417,13 +416,20 @@ class AnalyticModel:
                         exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)
                         if costs[i, EXPERT] and expert_group.size > 1:
                             exposed += self._collective(op, costs[i, EXPERT] * grad_b, expert_group)
-            elif n_dp > 1:  # ZeRO-3 reduce-scatter after each backward, queued on the DP stream
-                rs = self._collective("reduce_scatter", params[r] * grad_b, grad_group)
-                span = max(0.0, t_pipe - float(f[:p].sum()))
-                rs_cost = self._collective_cost("reduce_scatter", params[r] * grad_b, grad_group)
-                hid = min(m * v * rs, span)
-                exposed = max(rs, m * v * rs - span) + contention_s(
-                    cluster.device, hid, hid * (rs_cost.payload_bytes / rs if rs > 0 else 0.0))
+            elif n_dp > 1:  # ZeRO-3: each layer's reduce-scatter queued as its backward ends
+                layers = max(1, layout.chunks[r].num_layers)
+                unit = self._collective_cost("reduce_scatter", params[r] * grad_b / layers, grad_group)
+                rs = layers * unit.time_s
+                # the rank's last backward: as the buckets above, one per layer
+                compute = costs[r, WC] if split_w else costs[r, BC]
+                after = (costs[r, W] if split_w else costs[r, B]) - compute
+                seg = compute / layers
+                tail = max(0.0, max(seg + rs, layers * seg + unit.time_s) - (compute + after))
+                # earlier micro-batches' reductions still queued when the pipeline drains
+                wait = max(tail, m * v * rs - max(0.0, t_pipe - float(f[:p].sum())))
+                hid = max(0.0, m * v * rs - wait)
+                rate = unit.payload_bytes / unit.time_s if unit.time_s > 0 else 0.0
+                exposed = wait + contention_s(cluster.device, hid, hid * rate)
             if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
                 exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
                                for i in np.flatnonzero(ranks == r))

@@ -346,10 +346,12 @@ class TrainingSimulation:
                 return None
             return collective_cost("all_gather", chunk.params * 2.0, self.grad_group, cluster)
 
-        def zero3_gather_cost(chunk: ChunkCost) -> CollectiveCost | None:
-            if plan.zero < 3 or plan.dp * plan.cp == 1:
-                return None
-            return collective_cost("all_gather", chunk.params * 2.0, self.grad_group, cluster)
+        def fsdp_unit(chunk: ChunkCost, op: str, bytes_per_param: float) -> tuple[int, CollectiveCost]:
+            """FSDP and ZeRO-3 gather and reduce a chunk layer by layer, one NCCL call per layer
+            (FSDP2's per-block units; ZeRO-3's per-module fetch): the layer count and one call's cost,
+            its protocol and latency chosen for a layer's bytes."""
+            layers = max(1, chunk.chunk.num_layers)
+            return layers, collective_cost(op, chunk.params * bytes_per_param / layers, self.grad_group, cluster)
 
         chunk_gathered = {}
         for rank in ranks:
@@ -366,30 +368,38 @@ class TrainingSimulation:
         transient_b = {c.chunk.index: self._transient(c, "B") for c in self.costs}
 
         def zero3_phase(rank: _Rank, c: ChunkCost, phase_cost: PhaseCost, label: str, with_reduce: bool):
-            """FSDP: prefetched all-gather of the chunk's parameters alongside its compute; the
-            first layer's share is exposed.  Backward reduce-scatters gradients afterwards."""
-            gather = zero3_gather_cost(c)
-            first_share = 1.0 / max(1, c.chunk.num_layers)
+            """FSDP: each layer's parameters all-gathered, the first layer's call exposed and the
+            others prefetched beside the chunk's compute.  Backward reduce-scatters each layer's
+            gradients as its backward finishes, beside the layers still to run."""
+            layers, gather = fsdp_unit(c, "all_gather", 2.0)
             wait_start = env.now
-            first = gather.scaled(first_share, latency_s=gather.latency_s, floor_s=gather.floor_s)
-            yield from self._flow(env, rank, first)
+            yield from self._flow(env, rank, gather)
             rest_done = env.event()
-            rest = gather.scaled(1 - first_share, latency_s=0.0, floor_s=0.0)
-            self._collective_async(env, rank, rank.gather_stream, rest, f"fsdp gather {label}", rest_done)
+            if layers > 1:
+                self._collective_async(env, rank, rank.gather_stream, gather.scaled(layers - 1),
+                                       f"fsdp gather {label}", rest_done)
+            else:
+                rest_done.succeed()
             rank.stats.comm_exposed_s += env.now - wait_start
             if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters
                 yield from self._memory_pass(env, rank, FSDP2_COPY_OUT_BYTES_PER_PARAM * c.params,
                                              f"fsdp copy-out {label}")
-            yield from self._run_phase(env, rank, phase_cost, label)
+            segments, launch = fsdp_reduction(rank, c, label) if with_reduce else (1, None)
+            yield from self._run_phase(env, rank, phase_cost, label, segments, launch)
             wait_start = env.now
             yield rest_done
             rank.stats.comm_exposed_s += env.now - wait_start
-            if with_reduce:
-                grad_b = 4.0 if plan.fp32_grads else 2.0
-                cost = collective_cost("reduce_scatter", c.params * grad_b, self.grad_group, cluster)
+
+        def fsdp_reduction(rank: _Rank, c: ChunkCost, label: str):
+            """(layers, launcher) for the phase that finishes the chunk's weight gradients: each
+            layer's reduce-scatter is queued on the data-parallel stream as its part ends."""
+            layers, reduce = fsdp_unit(c, "reduce_scatter", 4.0 if plan.fp32_grads else 2.0)
+
+            def launch(_layer: int):
                 done = env.event()
-                self._collective_async(env, rank, rank.dp_stream, cost, f"fsdp reduce {label}", done)
+                self._collective_async(env, rank, rank.dp_stream, reduce, f"fsdp reduce {label}", done)
                 rank.pending.append(done)
+            return layers, launch
 
         grads_allocated: set[int] = set()
         offload_acts = plan.offload.get("activations", "gpu") == "cpu"
@@ -511,7 +521,9 @@ class TrainingSimulation:
                             yield from blocking(rank, send)
                 else:  # W
                     segments, launch = (1, None)
-                    if final_backward[vs] == mb and plan.overlap_grad_reduce:
+                    if plan.zero >= 3 and plan.dp * plan.cp > 1:  # FSDP reduces every micro-batch's
+                        segments, launch = fsdp_reduction(rank, c, label)
+                    elif final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
                     yield from self._run_phase(env, rank, c.phases["W"], label, segments, launch)
                     if launch is not None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 
 from plansim.api import simulate
+from plansim.simulator.calibration import apply_calibration
 from plansim.simulator.costs.compute import overlap_contention
 from plansim.simulator.engine import TrainingSimulation
 from plansim.simulator.hardware import build_cluster
 from plansim.simulator.memory import WORKSPACE_BYTES
 from plansim.simulator.result import build_result
 from plansim.workloads.model_io import load_model
+from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan
 from plansim.workloads.training import TrainingWorkload
 
@@ -303,3 +305,44 @@ def test_pytorch_ddp_and_fsdp2_copy_every_gradient_and_gathered_parameter(micro_
         output, _ = _run("llama3-8b", plan, gpn=2, trace=True)
         moved = sum(e.args["bytes"] for e in output.events if e.rank == 0 and e.name.startswith(name))
         assert moved == pytest.approx(expected, rel=1e-9), (ddp, zero)
+
+
+def test_fsdp_reduces_each_layer_beside_the_backward_still_to_run():
+    """ZeRO-3 / FSDP reduce-scatters a layer's gradients as soon as its backward ends, one call
+    per layer beside the layers still to run: after the last backward only about one layer's
+    reduction is left to wait for, not the chunk's (the whole model's, without pipelining)."""
+    from plansim.simulator.costs.collectives import collective_cost
+
+    plan = Plan(dp=16, zero=3, global_batch=16, seq_len=4096)
+    output, _ = _run("llama3-8b", plan, nodes=16, gpn=1, trace=True)
+    chunk = output.chunk_costs[0]
+    layers = chunk.chunk.num_layers
+    sim = TrainingSimulation(TrainingWorkload(load_model("llama3-8b"), plan), build_cluster("h100-sxm", nodes=16,
+                                                                                            gpus_per_node=1))
+    per_layer = collective_cost("reduce_scatter", chunk.params * 2.0 / layers, sim.grad_group, sim.cluster)
+    reductions = [e for e in output.events if e.rank == 0 and e.name.startswith("fsdp reduce")]
+    assert len(reductions) == layers
+    wait = next(e for e in output.events if e.rank == 0 and e.name == "wait grad reduction")
+    assert wait.duration_s <= 2 * per_layer.time_s
+    assert layers * per_layer.time_s > 10 * wait.duration_s
+
+
+def test_fsdp_gather_protocol_is_chosen_per_layer():
+    """A counterexample hypothesis found (test_invariants): 1.5x the bandwidth made a ZeRO-3 step
+    slower because the chunk's gather was costed as one call, whose protocol (LL at the higher
+    rate: half the wire efficiency, less latency) then moved the prefetched layers' bytes with no
+    latency left to save.  Each layer is its own call now, so more bandwidth never slows it."""
+    spec = ModelSpec(name="rand", num_layers=3, hidden=256, num_heads=4, num_kv_heads=1, ffn_hidden=768, vocab=756,
+                     mlp="swiglu", norm="rmsnorm", position="rope", max_seq_len=1024, tied_embeddings=False,
+                     bias=False, head_dim=64, dropout=False)
+    plan = Plan(pp=2, dp=2, zero=3, global_batch=2, seq_len=128, overlap_grad_reduce=False)
+    cluster = build_cluster("h200", nodes=2, gpus_per_node=2)
+    cluster = cluster.model_copy(update={"device": apply_calibration(cluster.device)[0]})
+    faster = cluster.model_copy(update={"intra_node_link": cluster.intra_node_link.model_copy(
+        update={"bw_Bps": cluster.intra_node_link.bw_Bps * 1.5,
+                "achievable_bw_Bps": cluster.intra_node_link.achievable_bw_Bps * 1.5})})
+    times = []
+    for c in (cluster, faster):
+        out = TrainingSimulation(TrainingWorkload(spec, plan), c).run()
+        times.append(build_result(out, model=spec, plan=plan, cluster=c, calibrated=None).step_time_s)
+    assert times[1] <= times[0] * (1 + 1e-9)
