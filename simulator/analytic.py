@@ -398,10 +398,10 @@ class AnalyticModel:
                     bucket = dense.time_s
                     if costs[r, EXPERT] and expert_group.size > 1:
                         bucket += self._collective(op, costs[r, EXPERT] * grad_b / n_b, expert_group)
-                    compute = costs[r, WC] if split_w else costs[r, BC]
-                    after = (costs[r, W] if split_w else costs[r, B]) - compute
-                    seg = compute / n_b
-                    end = n_b * seg + after
+                    # the engine runs the backward in n_b parts, each its compute then its inline
+                    # collectives, and queues a bucket after each
+                    end = costs[r, W] if split_w else costs[r, B]
+                    seg = end / n_b
                     # bucket k is ready at k·seg and the DP stream sends one at a time, so the last
                     # ends at max over j of j·seg + (n − j + 1)·bucket: j = 1 or j = n (linear in j);
                     # after ``end`` the stream is busy without a gap, so that tail is what shows
@@ -421,10 +421,9 @@ class AnalyticModel:
                 unit = self._collective_cost("reduce_scatter", params[r] * grad_b / layers, grad_group)
                 rs = layers * unit.time_s
                 # the rank's last backward: as the buckets above, one per layer
-                compute = costs[r, WC] if split_w else costs[r, BC]
-                after = (costs[r, W] if split_w else costs[r, B]) - compute
-                seg = compute / layers
-                tail = max(0.0, max(seg + rs, layers * seg + unit.time_s) - (compute + after))
+                end = costs[r, W] if split_w else costs[r, B]
+                seg = end / layers
+                tail = max(0.0, max(seg + rs, end + unit.time_s) - end)
                 # earlier micro-batches' reductions still queued when the pipeline drains
                 wait = max(tail, m * v * rs - max(0.0, t_pipe - float(f[:p].sum())))
                 hid = max(0.0, m * v * rs - wait)

@@ -200,8 +200,11 @@ class TrainingSimulation:
         self._trace(rank, label, "compute", start, env.now, bytes=nbytes)
 
     def _run_phase(self, env, rank: _Rank, cost: PhaseCost, label: str, segments: int = 1, on_segment=None):
-        """Compute, with the communication it hides running beside it on the links, then the
-        phase's exposed inline (tensor/context/expert-parallel) communication."""
+        """Compute, with the communication it hides running beside it on the links, and the
+        phase's exposed inline (tensor/context/expert-parallel) communication.  In ``segments``
+        equal parts (a backward's gradient buckets, FSDP's layers), each its share of the compute
+        then of the inline communication, after which ``on_segment`` gets the part's index: a
+        layer's gradients are ready once its backward, collectives included, is done."""
         start = env.now
         # hidden collectives move their bytes while the compute runs (no process: their latency
         # is hidden too), so that links see them and contend
@@ -210,37 +213,60 @@ class TrainingSimulation:
         # never more than the contention this phase's own compute could have suffered
         owed = min(rank.contention_debt, self.contention * cost.compute_s)
         rank.contention_debt -= owed
-        rank.computing_since = start
+        comm = cost.by_link("comm")
+        if segments > 1:
+            comm = [c.scaled(1.0 / segments) for c in comm]
+        parts = []  # (start, compute end, end) of each part
         for s in range(segments):
+            a = rank.computing_since = env.now
             yield env.timeout((cost.compute_s + owed) / segments)
+            rank.computing_since = None
+            b = env.now
+            rank.compute_intervals.append((a, b))
+            yield from self._flows(env, rank, comm)
+            parts.append((a, b, env.now))
             if on_segment is not None:
                 on_segment(s)
-        rank.computing_since = None
-        rank.compute_intervals.append((start, env.now))
-        rank.stats.compute_s += env.now - start
-        rank.stats.flops += cost.flops
-        compute_end = env.now
-        yield from self._flows(env, rank, cost.by_link("comm"))
         late = [e for e in beside if not e.processed]
         if late:  # slowed by contention past the compute it hid behind
             yield env.all_of(late)
-        rank.stats.comm_exposed_s += env.now - compute_end
+        parts[-1] = (*parts[-1][:2], env.now)
+        computed = sum(b - a for a, b, _ in parts)
+        rank.stats.compute_s += computed
+        rank.stats.flops += cost.flops
+        rank.stats.comm_exposed_s += env.now - start - computed
         if self.record_trace:
-            self._trace_ops(rank, cost, label, start, compute_end, env.now)
+            self._trace_ops(rank, cost, label, parts)
 
-    def _trace_ops(self, rank: _Rank, cost: PhaseCost, label: str, start: float, compute_end: float, end: float):
-        """One slice per phase, or with ``trace_detail='op'`` one per kernel laid end to end."""
-        self._trace(rank, label, "compute", start, compute_end, flops=cost.flops)
-        if self.trace_detail == "op" and cost.compute_s > 0:
-            scale = (compute_end - start) / cost.compute_s
-            t = start
-            for name, seconds, stream in cost.ops:
-                if stream == "compute":
-                    self._trace(rank, name, "kernels", t, t + seconds * scale)
-                    t += seconds * scale
-        if end > compute_end:
-            self._trace(rank, f"{label} tp/cp/ep comm", "comm:tp", compute_end, end,
-                        ops=sorted({n for n, _, s in cost.ops if s != "compute"}))
+    def _trace_ops(self, rank: _Rank, cost: PhaseCost, label: str, parts: list[tuple[float, float, float]]):
+        """A compute slice and an inline-communication slice per part (start, compute end, end);
+        with ``trace_detail='op'`` also one slice per kernel, laid end to end over the parts'
+        compute (a kernel that spans two parts is cut where the first ends)."""
+        computed = sum(b - a for a, b, _ in parts)
+        for a, b, end in parts:
+            self._trace(rank, label, "compute", a, b, flops=cost.flops * (b - a) / computed if computed else 0.0)
+            if end > b:
+                self._trace(rank, f"{label} tp/cp/ep comm", "comm:tp", b, end,
+                            ops=sorted({n for n, _, s in cost.ops if s != "compute"}))
+        if self.trace_detail != "op" or cost.compute_s <= 0:
+            return
+        scale = computed / cost.compute_s
+        i, t = 0, parts[0][0]  # the part being filled and the wall time laid up to
+        for name, seconds, stream in cost.ops:
+            if stream != "compute":
+                continue
+            left = seconds * scale
+            while left > 0 and i < len(parts):
+                step = min(left, parts[i][1] - t)
+                if step > 0:
+                    self._trace(rank, name, "kernels", t, t + step)
+                    left -= step
+                    t += step
+                if t >= parts[i][1] and i + 1 < len(parts):
+                    i += 1
+                    t = parts[i][0]
+                elif t >= parts[i][1]:
+                    break
 
     def _collective_async(self, env, rank: _Rank, stream: simpy.Resource, cost: CollectiveCost, name: str,
                           done: simpy.Event | None = None):
