@@ -370,3 +370,20 @@ def test_gradient_buckets_wait_for_their_layers_inline_collectives():
         out = TrainingSimulation(TrainingWorkload(spec, plan), c).run()
         times.append(build_result(out, model=spec, plan=plan, cluster=c, calibrated=None).step_time_s)
     assert times[1] <= times[0] * (1 + 1e-9)
+
+
+def test_kernel_trace_fills_each_part_of_a_split_backward():
+    """With ``trace_detail='op'`` the kernels of a backward run in parts (gradient buckets, with
+    TP collectives between the parts) lie inside the parts' compute slices and add up to them."""
+    plan = Plan(tp=2, dp=4, global_batch=8, seq_len=1024, sequence_parallel=False)
+    spec = load_model("llama3-8b")
+    cluster = build_cluster("h100-sxm", nodes=1, gpus_per_node=8)
+    output = TrainingSimulation(TrainingWorkload(spec, plan), cluster, record_trace=True, trace_detail="op").run()
+    slices = [e for e in output.events if e.rank == 0 and e.stream == "compute" and e.name.startswith("B mb1")]
+    assert len(slices) > 1  # the last backward, one slice per bucket
+    first, last = slices[0].start_s, slices[-1].start_s + slices[-1].duration_s
+    kernels = [e for e in output.events if e.rank == 0 and e.stream == "kernels" and first <= e.start_s < last]
+    for k in kernels:
+        assert any(s.start_s - 1e-12 <= k.start_s and k.start_s + k.duration_s <= s.start_s + s.duration_s + 1e-12
+                   for s in slices), k
+    assert sum(k.duration_s for k in kernels) == pytest.approx(sum(s.duration_s for s in slices), rel=1e-9)
