@@ -11,8 +11,9 @@ in order, waiting for activations and gradients from neighbouring stages.
 * Interleaved 1F1B (SC'21 §2.2.2; Megatron-LM ``schedules.py``): each rank holds v chunks;
   warm-up of (p − i − 1)·2 + (v − 1)·p virtual micro-batches; groups of p micro-batches move
   through the chunks in turn.
-* Zero-bubble ZB-H1 (Qi et al. 2023): 1F1B whose backward is split into B and W; rank i
-  defers up to p − i − 1 weight-gradient passes and runs them where 1F1B would idle.
+* Zero-bubble ZB-H1 (Qi et al., ICLR 2024, §2.1): 1F1B whose backward is split into B and W;
+  rank i starts its W passes i backwards late, so that every rank holds as many micro-batches
+  as rank 0 (1F1B's peak) and the late W passes fill the drain.
 """
 from __future__ import annotations
 
@@ -61,18 +62,29 @@ def interleaved(p: int, m: int, v: int) -> list[list[Item]]:
 
 
 def zero_bubble_h1(p: int, m: int) -> list[list[Item]]:
+    """1F1B with the backward split into B and W, rank i starting its W passes i backwards late.
+
+    Every rank then holds min(p, m) micro-batches, as rank 0 does in 1F1B (so the peak is 1F1B's),
+    the B passes on the critical path upstream are not held up by W passes, and the late W passes
+    fill the drain: with equal F, B and W the bubble is (p − 1)·(F + B − W), a third of 1F1B's."""
     ranks = []
-    for i, base in enumerate(one_f_one_b(p, m)):
-        deferrable = p - i - 1
-        order: list[Item] = []
-        pending: list[Item] = []
-        for phase, mb, vs in base:
-            order.append((phase, mb, vs))
-            if phase == "B":
-                pending.append(("W", mb, vs))
-                if len(pending) > deferrable:
-                    order.append(pending.pop(0))
-        order += pending
+    for i in range(p):
+        warmup = min(p - i - 1, m)
+        order: list[Item] = [("F", j, i) for j in range(warmup)]
+        weights = 0  # W passes placed so far
+
+        def backward(j: int) -> None:
+            nonlocal weights
+            order.append(("B", j, i))
+            if j + 1 - weights > i:
+                order.append(("W", weights, i))
+                weights += 1
+        for j in range(m - warmup):
+            order.append(("F", warmup + j, i))
+            backward(j)
+        for j in range(m - warmup, m):
+            backward(j)
+        order += [("W", j, i) for j in range(weights, m)]
         ranks.append(order)
     return ranks
 

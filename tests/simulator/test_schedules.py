@@ -102,6 +102,9 @@ def test_in_flight_micro_batches(p, m):
         assert _max_in_flight(order) == m
     for i, order in enumerate(zero_bubble_h1(p, m)):
         assert _max_in_flight(order) <= min(p - i, m)
+        # a micro-batch is let go at its W: every rank holds what rank 0 of 1F1B holds, no more
+        assert _max_in_flight([(ph.replace("B", "-").replace("W", "B"), mb, vs) for ph, mb, vs in order]) \
+            == min(p, m)
 
 
 def test_interleaved_in_flight_follows_megatron_warmup():
@@ -167,6 +170,16 @@ def test_interleaved_bubble_is_smaller(p, m, v):
 @pytest.mark.parametrize("p, m", [(4, 8), (4, 16), (8, 16)])
 def test_zero_bubble_is_not_slower_than_1f1b(p, m):
     assert _equal_stage_step(p, m, "zero-bubble") <= _equal_stage_step(p, m) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("p, m", [(2, 2), (4, 4), (4, 8), (4, 16), (8, 8), (8, 32)])
+def test_zero_bubble_h1_bubble_is_a_third_of_1f1b(p, m):
+    """Qi et al. (ICLR 2024) §2.1: with F, B and W equal (here 10 ms each) ZB-H1's bubble is
+    (p − 1)·(F + B − W), a third of 1F1B's (p − 1)·(F + B + W), from m = p micro-batches on."""
+    f = w = TF
+    ideal = m * (TF + TB)
+    assert _equal_stage_step(p, m, "zero-bubble") - ideal == pytest.approx((p - 1) * f, rel=0.01, abs=1e-3)
+    assert _equal_stage_step(p, m) - ideal == pytest.approx((p - 1) * (f + TB / 2 + w), rel=0.01, abs=1e-3)
 
 
 @pytest.mark.parametrize("model", ["llama3-8b", "gpt3-175b"])
