@@ -178,6 +178,24 @@ def test_more_bandwidth_never_makes_a_step_slower(case, factor):
     assert fast.step_time_s <= slow.step_time_s * (1 + tolerance)
 
 
+def _faster_device(cluster, factor: float):
+    """The cluster with GPUs ``factor`` times as fast: every peak rate and both HBM bandwidths."""
+    d = cluster.device
+    return cluster.model_copy(update={"device": d.model_copy(update={
+        "peak_flops": {k: v * factor for k, v in d.peak_flops.items()},
+        "hbm_bw_Bps": d.hbm_bw_Bps * factor, "achievable_hbm_bw_Bps": d.achievable_hbm_bw_Bps * factor})})
+
+
+@settings(**SETTINGS)
+@given(case=cases(), factor=st.sampled_from([1.5, 2.0, 10.0]))
+def test_a_faster_gpu_never_makes_a_step_slower(case, factor):
+    workload, cluster = case
+    _, slow = _run(workload, cluster, trace=False)
+    _, fast = _run(workload, _faster_device(cluster, factor), trace=False)
+    tolerance = 1e-9 if slow.sm_clock in (None, 1.0) else POWER_CAPPED_TOLERANCE
+    assert fast.step_time_s <= slow.step_time_s * (1 + tolerance)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_deterministic(case):
