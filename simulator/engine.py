@@ -547,7 +547,7 @@ class TrainingSimulation:
                             yield from blocking(rank, send)
                 else:  # W
                     segments, launch = (1, None)
-                    if plan.zero >= 3 and plan.dp * plan.cp > 1:  # FSDP reduces every micro-batch's
+                    if plan.zero >= 3 and plan.dp * plan.cp > 1:  # FSDP reduces every micro-batch's gradients
                         segments, launch = fsdp_reduction(rank, c, label)
                     elif final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
