@@ -52,10 +52,10 @@ def test_memory_is_exact_and_time_close(plan):
     assert est.fits == res.fits
     for k in ("params", "grads", "optimizer"):
         assert est.memory_breakdown[k] == pytest.approx(res.memory_breakdown[k], rel=1e-9)
-    # no contention to speak of except ZeRO-3 (gathers and reduce-scatters share the link)
-    tol = 0.10 if plan.zero == 3 or plan.schedule == "zero-bubble" else 0.02
-    assert est.step_time_s == pytest.approx(res.step_time_s, rel=tol)
-    assert est.mfu == pytest.approx(res.mfu, rel=tol)
+    # no contention to speak of here: ZeRO-3 gathers and reduce-scatters share the link, but one
+    # layer at a time; the zero-bubble estimate assumes ZB-H1's bubble, which the engine runs
+    assert est.step_time_s == pytest.approx(res.step_time_s, rel=0.02)
+    assert est.mfu == pytest.approx(res.mfu, rel=0.02)
 
 
 def test_pieces_sum_to_cost_workload():
