@@ -7,8 +7,8 @@ the optimizer, copies, and the rest.  The GPU-idle time between kernels is the s
 the busy time.  It exists to find which work the op graph misses around the GEMMs.
 
 The single-GPU cases are Llama steps (flash attention) and the eager 2021 GPT (``gpt_model``,
-unfused attention); with two GPUs visible the expert-parallel steps of suite ``parallel2`` are
-profiled too (rank 0's kernels, under torchrun).  Not part of ``--suite all``::
+unfused attention); with two GPUs visible the expert-parallel steps of suite ``parallel2`` and
+the steps suite's DDP and FSDP2 steps are profiled too (rank 0's kernels, under torchrun).  Not part of ``--suite all``::
 
     python -m plansim.validation.runner --suite profile --out DIR
 
@@ -122,13 +122,15 @@ def profile_rows(case_id: str, model_name: str, mb: int, recompute: str, wall: f
 
 
 def run_dist_profile(case: dict, rank: int, world: int, device: torch.device) -> dict | None:
-    """Profile one ``parallel2`` case on every rank (inside ``_worker``); rank 0's rows, as
-    ``{"case_id", "rows", "kernels"}``, or None on the other ranks."""
+    """Profile one 2-rank case (suite ``parallel2``'s, or the steps suite's DDP and FSDP2) on every
+    rank (inside ``_worker``); rank 0's rows, as ``{"case_id", "rows", "kernels"}``, or None on
+    the other ranks."""
     import torch.distributed as dist
 
     from plansim.validation.runner import parallel2
 
-    step, _ = parallel2.build_dist_step(case, rank, world, device)
+    build = parallel2.build_dist_step if case["strategy"] in ("ep", "cp") else _steps.build_dist_step
+    step, _ = build(case, rank, world, device)
     dist.barrier()
     wall, by_class, by_name = profile_step(step, device)
     del step
@@ -315,8 +317,11 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
         from plansim.validation.runner.launch import run_workers
 
         _steps._free(device)
-        ep_cases = [c for c in parallel2.cases(quick, 2) if c["strategy"] == "ep"]
-        for result in run_workers("profile", ep_cases, 2, device.type, quick, WORKER_TIMEOUT_S, log):
+        # expert parallelism, and data parallelism by DDP and FSDP2 (their steps measured the
+        # furthest from the model: FSDP2 on TinyLlama 23 % slower than predicted)
+        cases = ([c for c in parallel2.cases(quick, 2) if c["strategy"] == "ep"]
+                 + [c for c in _steps.dist_cases(quick, 2) if c["strategy"] in ("ddp", "fsdp")])
+        for result in run_workers("profile", cases, 2, device.type, quick, WORKER_TIMEOUT_S, log):
             if "rows" not in result:
                 log(f"profile {result['case_id']}: {result.get('status')}")
                 continue
@@ -324,7 +329,7 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
             kernel_rows += result["kernels"]
             _log_case(log, result["rows"])
     else:
-        log("profile: expert-parallel cases skipped, one GPU visible (needs 2)")
+        log("profile: expert-parallel, DDP and FSDP2 cases skipped, one GPU visible (needs 2)")
     host = host_rows(device)
     for r in host:
         log(f"host {r['model']} {r['phase']}: {r['kernels']:.0f} kernels, {r['s_per_kernel'] * 1e6:.1f} us/kernel "

@@ -210,6 +210,17 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
         from plansim.validation.runner import parallel2
 
         return parallel2.run_dist_case(case, rank, world, device, quick)
+    step, extra = build_dist_step(case, rank, world, device)
+    row = time_dist(case, step, device, quick, extra)
+    step = None  # noqa: F841 (the step holds the model, optimizer and data: let them go)
+    _free(device)
+    dist.barrier()
+    return row
+
+
+def build_dist_step(case: dict, rank: int, world: int, device: torch.device):
+    """``(step, extra)`` of one DDP, FSDP2, TP or PP case on this rank: ``step(i)`` runs training
+    step ``i``; ``extra`` holds the row's descriptive columns (parameters, attention, optimizer)."""
     cfg = LlamaConfig.named(case["model"])
     n = case["tp"] * case["pp"] * case["dp"]
     if n != world:
@@ -245,7 +256,6 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
         fully_shard(model, mesh=mesh)
         model.to_empty(device=device)
         init_weights(model, rank)
-        inner = model
         extra["attn_impl"] = pick_attention(model, device)
         opt, extra["optimizer"] = _optimizer(model.parameters(), device)
         data = _batches(cfg, mb, seq, max(2, nmb), device, 10 + rank)
@@ -283,12 +293,7 @@ def run_dist_case(case: dict, rank: int, world: int, device: torch.device, quick
             opt.zero_grad(set_to_none=True)
     else:
         raise ValueError(f"unknown strategy {strategy}")
-
-    row = time_dist(case, step, device, quick, extra)
-    model = inner = opt = data = step = runner = None  # noqa: F841
-    _free(device)
-    dist.barrier()
-    return row
+    return step, extra
 
 
 def time_dist(case: dict, step, device: torch.device, quick: bool, extra: dict):
