@@ -12,8 +12,12 @@ that slowdown from the power model, for a fully settled clock; this suite measur
 GPU for six configurations, each run in isolation: each GEMM's median time inside the timed
 forward (CUDA events around it) against its time alone (``timing.bench`` after an idle second,
 as the ``kernels`` suite times it), with the board sampled every 100 ms and ``GAP_S`` of idle
-between configurations.  (Vidur itself runs its configurations back to back, token counts
-descending from 4,096 — vidur/profiling/utils — which this suite does not reproduce.)
+between configurations.  Then Vidur's own order: Llama-2 7B at every token count Vidur profiles
+from 4,096 down to 1,024 (steps of 32, then 16: vidur/profiling/utils
+``get_num_tokens_to_profile``), back to back with ``SWEEP_GAP_S`` between them, phases
+``sweep-...``; every ``SWEEP_SHORT_EVERY``-th count's GEMMs are then timed alone, after the sweep,
+and only those counts are written.  This tests whether the clock Vidur's H100 GEMMs ran at (the
+reading of ``validation.vidur.stream_slowdown``) is what a long back-to-back sweep settles to.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ COLUMNS = ("phase", "model", "num_tokens", "num_tensor_parallel_workers", "n_emb
 MODELS = {"llama2-7b": (4096, 32, 32, 11008, 32000), "llama2-70b": (8192, 64, 8, 28672, 32000)}
 CONFIGS = [("llama2-7b", t, 1) for t in (1024, 2048, 4096)] + [("llama2-70b", t, tp) for t, tp in
                                                                  ((2048, 4), (4096, 4), (4096, 8))]
+#: Vidur's token counts from 4,096 down to 1,024, in its order (descending)
+SWEEP = [("llama2-7b", t, 1) for t in sorted(set(range(1024, 2048, 16)) | set(range(2048, 4097, 32)), reverse=True)]
+#: seconds between configurations of the sweep: an estimate of Vidur's per-configuration host
+#: work (building the layer, its inputs and the profiler), not measured
+SWEEP_GAP_S = 0.15
+SWEEP_SHORT_EVERY = 8
 
 
 def _shapes(model: str, tokens: int, tp: int) -> dict[str, tuple[int, int, int]]:
@@ -134,15 +144,26 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]
     gen = torch.Generator(device=device).manual_seed(0)
     configs = [("llama2-7b", 256, 8)] if quick else CONFIGS
 
+    sweep = [("llama2-7b", t, 8) for t in (512, 384, 256)] if quick else SWEEP
+
+    def logged(got: list[dict]) -> list[dict]:
+        log(f"powerstream {got[0]['phase']}: " + ", ".join(
+            f"{r['op']} x{r['stream_s'] / r['short_s']:.3f}" for r in got))
+        return got
+
     def measure(t_origin: float) -> list[dict]:
         rows: list[dict] = []
         for cfg in configs:
             stream, start, duration = _stream_times(*cfg, device, gen)
-            got = _rows(cfg, stream, start, duration, _short_times(*cfg, device, gen), t_origin)
-            rows += got
-            log(f"powerstream {got[0]['phase']}: " + ", ".join(
-                f"{r['op']} x{r['stream_s'] / r['short_s']:.3f}" for r in got))
+            rows += logged(_rows(cfg, stream, start, duration, _short_times(*cfg, device, gen), t_origin))
             time.sleep(GAP_S)
+        streamed = []
+        for cfg in sweep:  # back to back, as Vidur profiles
+            streamed.append((cfg, *_stream_times(*cfg, device, gen)))
+            time.sleep(SWEEP_GAP_S)
+        for cfg, stream, start, duration in streamed[::SWEEP_SHORT_EVERY]:
+            got = _rows(cfg, stream, start, duration, _short_times(*cfg, device, gen), t_origin)
+            rows += logged([dict(r, phase=f"sweep-{r['phase']}") for r in got])
         return rows
 
     return _sampled(out_dir, "power_stream", quick, COLUMNS, measure)
