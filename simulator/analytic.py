@@ -22,9 +22,9 @@ What is approximated is only the timeline.  With per-rank work per micro-batch
 
 which is ``(m + p − 1)(F + B)`` for equal stages under 1F1B/GPipe (Narayanan et al. SC'21,
 §2.2.1), the bubble shrunk by ``v`` for the interleaved schedule (§2.2.2), and for zero-bubble
-ZB-H1 ``β = (F + Bi − W)/(F + Bi + W)`` (Qi et al. 2023, §3: bubble (p−1)(T_F + T_B − T_W)) when
-``m ≥ p − 1`` (fewer micro-batches leave fewer W passes to defer: the saving scales by m/(p−1)),
-otherwise ``β = 1``.  Each rank then waits for its last data-parallel gradient buckets (launched
+ZB-H1 ``β = 1 − 2W/(F + Bi + W)``, i.e. a bubble of (p−1)(T_F + T_B − T_W) (Qi et al., ICLR 2024,
+§2.1; the engine's ZB-H1 order gives it exactly for m ≥ p), its saving scaled by m/(p−1) for
+fewer micro-batches.  Each rank then waits for its last data-parallel gradient buckets (launched
 as the last backward computes, as the engine does), pays the engine's overlap contention for the
 part of them its compute hid (or waits longer, whichever is more), and runs the optimizer; the
 step ends when the last rank does.
@@ -372,7 +372,7 @@ class AnalyticModel:
         per_rank = np.bincount(ranks, weights=f + b, minlength=p)
         r_max = float(per_rank.max())
         beta = 1.0
-        if split_w and p > 1:  # rank 0 fills its bubble with up to p − 1 deferred W passes
+        if split_w and p > 1:  # ZB-H1: late W passes fill the drain, a third of 1F1B's bubble left
             fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
             if fw + bi + w > 0:
                 beta = 1.0 - (2.0 * w / (fw + bi + w)) * min(1.0, m / (p - 1))
