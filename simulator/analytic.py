@@ -48,7 +48,7 @@ from plansim.simulator.memory import optimizer_transient_bytes, rank_model_state
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
-from plansim.workloads.plan import Plan
+from plansim.workloads.plan import Plan, PlanError
 from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, split_layers
 
 
@@ -461,7 +461,12 @@ class AnalyticModel:
         return self._step(plan).power
 
     def estimate(self, plan: Plan, memory: Memory | None = None) -> Estimate:
-        """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known."""
+        """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known.
+        Activation offload (copies beside every layer) is the engine's alone; the search does not
+        enumerate it, and an estimate of it would be silently wrong, so it is refused."""
+        if plan.offload.get("activations", "gpu") != "gpu":
+            raise PlanError("offload.activations: the analytic estimate does not model activation offload; "
+                            "simulate the plan (plansim simulate) instead")
         cluster, model = self.cluster, self.model
         t = self._step(plan)
         workload, layout, costs, m, step, last = t.workload, t.layout, t.costs, t.m, t.step_s, t.last

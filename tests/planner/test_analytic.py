@@ -97,3 +97,13 @@ def test_analytic_and_event_agree_on_the_order_of_the_top_plans():
                 assert est[i] < est[j]
     for i in top:
         assert est[i] == pytest.approx(sim[i], rel=0.02)
+
+
+def test_activation_offload_is_refused_not_estimated():
+    """The estimate does not model activation offload (the search never enumerates it): asking
+    for one is a clear error, not a silently wrong number."""
+    from plansim.workloads.plan import PlanError
+
+    plan = Plan(dp=8, global_batch=8, seq_len=4096, offload={"activations": "cpu"})
+    with pytest.raises(PlanError, match="offload.activations"):
+        AnalyticModel(MODEL, build_cluster("h100-sxm", None, 1, 8)).estimate(plan)
