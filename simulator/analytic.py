@@ -42,7 +42,7 @@ import simpy
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel, PowerState
-from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params
+from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_offload
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
@@ -464,6 +464,7 @@ class AnalyticModel:
         """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known.
         Activation offload (copies beside every layer) is the engine's alone; the search does not
         enumerate it, and an estimate of it would be silently wrong, so it is refused."""
+        check_offload(plan.offload, self.cluster)
         if plan.offload.get("activations", "gpu") != "gpu":
             raise PlanError("offload.activations: the analytic estimate does not model activation offload; "
                             "simulate the plan (plansim simulate) instead")

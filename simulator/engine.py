@@ -127,22 +127,29 @@ class _Rank:
         return total
 
 
+#: offload placements the engine models (transfers and their time); others are refused
+#: rather than simulated as free memory
+SUPPORTED_OFFLOAD = {("optimizer", "cpu"), ("optimizer", "nvme"), ("optimizer", "cxl"), ("activations", "cpu")}
+
+
+def check_offload(offload: dict[str, str], cluster: Cluster) -> None:
+    """PlanError unless every placement in ``offload`` is one the engine models, on a tier the
+    cluster has."""
+    for what, tier in offload.items():
+        if tier != "gpu" and (what, tier) not in SUPPORTED_OFFLOAD:
+            raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
+                            + ", ".join(f"{w}={t}" for w, t in sorted(SUPPORTED_OFFLOAD)))
+        if tier in ("nvme", "cxl") and not any(t.kind == tier for t in cluster.storage):
+            have = ", ".join(sorted({t.kind for t in cluster.storage})) or "none"
+            raise PlanError(f"offload.{what}: cluster {cluster.name} has no {tier} tier (it has: {have})")
+
+
 class TrainingSimulation:
     """Simulate one iteration of ``workload`` on ``cluster``."""
 
-    #: offload placements the engine models (transfers and their time); others are refused
-    #: rather than simulated as free memory
-    SUPPORTED_OFFLOAD = {("optimizer", "cpu"), ("optimizer", "nvme"), ("optimizer", "cxl"), ("activations", "cpu")}
-
     def __init__(self, workload: TrainingWorkload, cluster: Cluster, record_trace: bool = False,
                  trace_detail: str = "phase") -> None:
-        for what, tier in workload.plan.offload.items():
-            if tier != "gpu" and (what, tier) not in self.SUPPORTED_OFFLOAD:
-                raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
-                                + ", ".join(f"{w}={t}" for w, t in sorted(self.SUPPORTED_OFFLOAD)))
-            if tier in ("nvme", "cxl") and not any(t.kind == tier for t in cluster.storage):
-                have = ", ".join(sorted({t.kind for t in cluster.storage})) or "none"
-                raise PlanError(f"offload.{what}: cluster {cluster.name} has no {tier} tier (it has: {have})")
+        check_offload(workload.plan.offload, cluster)
         self.trace_detail = trace_detail
         self.workload = workload
         self.plan = workload.plan

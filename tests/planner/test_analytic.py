@@ -107,3 +107,12 @@ def test_activation_offload_is_refused_not_estimated():
     plan = Plan(dp=8, global_batch=8, seq_len=4096, offload={"activations": "cpu"})
     with pytest.raises(PlanError, match="offload.activations"):
         AnalyticModel(MODEL, build_cluster("h100-sxm", None, 1, 8)).estimate(plan)
+
+
+def test_an_offload_tier_the_cluster_lacks_is_refused():
+    """As the engine does: a CXL placement on a cluster without CXL memory is one clear error."""
+    from plansim.workloads.plan import PlanError
+
+    plan = Plan(dp=8, global_batch=8, seq_len=4096, offload={"optimizer": "cxl"})
+    with pytest.raises(PlanError, match="no cxl tier"):
+        AnalyticModel(MODEL, build_cluster("h100-sxm", None, 1, 8)).estimate(plan)
