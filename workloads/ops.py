@@ -135,7 +135,7 @@ def recompute_ops(forward: list[Op], policy: str, early_stop: bool = False) -> l
     whole layer."""
     if policy == "full":
         chosen = forward
-        if early_stop:
+        if early_stop and forward:
             last = max((i for i, op in enumerate(forward) if op.saved_bytes > 0), default=len(forward) - 1)
             chosen = forward[:last] if forward[last].kind == "gemm" else forward[:last + 1]
     elif policy == "selective":

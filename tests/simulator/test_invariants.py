@@ -63,7 +63,7 @@ def cases(draw):
     m = draw(st.integers(1, 6))
     if schedule == "interleaved":
         m = pp * draw(st.integers(1, 2))
-    offload = {"optimizer": "cpu"} if draw(st.integers(0, 4)) == 0 else {}
+    offload = draw(st.sampled_from([{}, {}, {}, {"optimizer": "cpu"}, {"optimizer": "nvme"}, {"activations": "cpu"}]))
     try:
         plan = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, zero=draw(st.integers(0, 3)), micro_batch=mb,
                     global_batch=dp * mb * m, seq_len=draw(st.sampled_from([128, 256, 512])),
@@ -71,7 +71,10 @@ def cases(draw):
                     sequence_parallel=draw(st.booleans()), schedule=schedule, vpp=vpp,
                     precision=draw(st.sampled_from(["bf16-mixed", "bf16-pure", "fp8"])),
                     offload=offload, overlap_grad_reduce=draw(st.booleans()), fp32_grads=draw(st.booleans()),
-                    attention=draw(st.sampled_from(["flash", "unfused"])))
+                    attention=draw(st.sampled_from(["flash", "unfused"])),
+                    framework=draw(st.sampled_from(["megatron", "pytorch"])), ddp=draw(st.sampled_from(["megatron", "torch"])),
+                    overlap_p2p=draw(st.booleans()), tp_backward_overlap=draw(st.booleans()),
+                    grad_accumulation_fusion=draw(st.booleans()))
         workload = TrainingWorkload(model, plan)
     except PlanError:
         assume(False)
