@@ -58,7 +58,7 @@ def cases(draw):
     cp = draw(st.sampled_from([1, 1, 2]))
     ep = draw(st.sampled_from([1, 2])) if model.is_moe else 1
     schedule = draw(st.sampled_from(["1f1b", "gpipe", "zero-bubble", "interleaved"]))
-    vpp = 2 if schedule == "interleaved" else 1
+    vpp = draw(st.sampled_from([2, 3])) if schedule == "interleaved" else 1
     mb = draw(st.integers(1, 2))
     m = draw(st.integers(1, 6))
     if schedule == "interleaved":
@@ -74,7 +74,7 @@ def cases(draw):
                     attention=draw(st.sampled_from(["flash", "unfused"])),
                     framework=draw(st.sampled_from(["megatron", "pytorch"])), ddp=draw(st.sampled_from(["megatron", "torch"])),
                     overlap_p2p=draw(st.booleans()), tp_backward_overlap=draw(st.booleans()),
-                    grad_accumulation_fusion=draw(st.booleans()))
+                    grad_accumulation_fusion=draw(st.booleans()), cp_comm=draw(st.sampled_from(["ring", "allgather"])))
         workload = TrainingWorkload(model, plan)
     except PlanError:
         assume(False)
