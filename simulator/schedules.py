@@ -64,9 +64,10 @@ def interleaved(p: int, m: int, v: int) -> list[list[Item]]:
 def zero_bubble_h1(p: int, m: int) -> list[list[Item]]:
     """1F1B with the backward split into B and W, rank i starting its W passes i backwards late.
 
-    Every rank then holds min(p, m) micro-batches, as rank 0 does in 1F1B (so the peak is 1F1B's),
-    the B passes on the critical path upstream are not held up by W passes, and the late W passes
-    fill the drain: with equal F, B and W the bubble is (p − 1)·(F + B − W), a third of 1F1B's."""
+    Every rank then holds min(p, m) micro-batches, as rank 0 does in 1F1B (so with equal stages
+    the peak is 1F1B's; a last stage made heavier by the LM head holds more than it did), the B
+    passes on the critical path upstream are not held up by W passes, and the late W passes fill
+    the drain: with equal F, B and W the bubble is (p − 1)·(F + B − W), a third of 1F1B's."""
     ranks = []
     for i in range(p):
         warmup = min(p - i - 1, m)
