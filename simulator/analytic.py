@@ -23,8 +23,9 @@ What is approximated is only the timeline.  With per-rank work per micro-batch
 which is ``(m + p − 1)(F + B)`` for equal stages under 1F1B/GPipe (Narayanan et al. SC'21,
 §2.2.1), the bubble shrunk by ``v`` for the interleaved schedule (§2.2.2), and for zero-bubble
 ZB-H1 ``β = 1 − 2W/(F + Bi + W)``, i.e. a bubble of (p−1)(T_F + T_B − T_W) (Qi et al., ICLR 2024,
-§2.1; the engine's ZB-H1 order gives it exactly for m ≥ p), its saving scaled by m/(p−1) for
-fewer micro-batches.  Each rank then waits for its last data-parallel gradient buckets (launched
+§2.1; the engine's ZB-H1 order gives it exactly for m ≥ p); with fewer micro-batches than stages
+the step is at least (m + p − 1)(F + Bi) + W, the forwards and input gradients pipelined and the
+last W after them (the engine's order gives that exactly for m ≤ p).  Each rank then waits for its last data-parallel gradient buckets (launched
 as the last backward computes, as the engine does), pays the engine's overlap contention for the
 part of them its compute hid (or waits longer, whichever is more), and runs the optimizer; the
 step ends when the last rank does.
@@ -375,8 +376,14 @@ class AnalyticModel:
         if split_w and p > 1:  # ZB-H1: late W passes fill the drain, a third of 1F1B's bubble left
             fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
             if fw + bi + w > 0:
-                beta = 1.0 - (2.0 * w / (fw + bi + w)) * min(1.0, m / (p - 1))
+                beta = 1.0 - 2.0 * w / (fw + bi + w)
         t_pipe = m * r_max + (float(per_rank.sum()) - r_max) / v * beta
+        if split_w and p > 1:
+            # with fewer micro-batches than stages the drain is longer than the W passes can fill:
+            # the forwards and input-gradient passes run as a pipeline of their own, the last W after
+            w_r = np.bincount(ranks, weights=costs[:, W], minlength=p)
+            fb_r = per_rank - w_r
+            t_pipe = max(t_pipe, m * float(fb_r.max()) + float(fb_r.sum() - fb_r.max()) + float(w_r.max()))
 
         # ZeRO-1/2 parameter all-gather, launched at t = 0 and overlapped with the first forwards
         start_delay = 0.0
