@@ -35,7 +35,7 @@ PLANS = [
          schedule="zero-bubble"),
     Plan(tp=1, pp=4, dp=4, micro_batch=1, global_batch=64, seq_len=4096, recompute="full", zero=1,
          schedule="zero-bubble"),
-    Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=4, seq_len=4096, schedule="zero-bubble"),  # m = 2 < p
+    Plan(tp=2, pp=8, dp=1, micro_batch=1, global_batch=2, seq_len=4096, schedule="zero-bubble"),  # m = 2 < p
     Plan(tp=4, pp=2, dp=1, cp=2, micro_batch=1, global_batch=64, seq_len=4096, zero=2),
     Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full"),  # uneven: 11+10+11
     # Megatron 2021 DDP flavours: unfused accumulation into 16-bit grads (cost depends on m), or
