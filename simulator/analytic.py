@@ -372,18 +372,19 @@ class AnalyticModel:
                 b[i] += exposed_b
         per_rank = np.bincount(ranks, weights=f + b, minlength=p)
         r_max = float(per_rank.max())
-        beta = 1.0
-        if split_w and p > 1:  # ZB-H1: late W passes fill the drain, a third of 1F1B's bubble left
+        bubble = (float(per_rank.sum()) - r_max) / v
+        if split_w and p > 1:
+            # ZB-H1: late W passes fill the drain, a third of 1F1B's bubble left (β above) ...
             fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
             if fw + bi + w > 0:
-                beta = 1.0 - 2.0 * w / (fw + bi + w)
-        t_pipe = m * r_max + (float(per_rank.sum()) - r_max) / v * beta
-        if split_w and p > 1:
-            # with fewer micro-batches than stages the drain is longer than the W passes can fill:
+                bubble *= 1.0 - 2.0 * w / (fw + bi + w)
+            # ... but with fewer micro-batches than stages the drain is longer than they can fill:
             # the forwards and input-gradient passes run as a pipeline of their own, the last W after
             w_r = np.bincount(ranks, weights=costs[:, W], minlength=p)
             fb_r = per_rank - w_r
-            t_pipe = max(t_pipe, m * float(fb_r.max()) + float(fb_r.sum() - fb_r.max()) + float(w_r.max()))
+            bubble = max(bubble, m * float(fb_r.max()) + float(fb_r.sum() - fb_r.max()) + float(w_r.max())
+                         - m * r_max)
+        t_pipe = m * r_max + bubble
 
         # ZeRO-1/2 parameter all-gather, launched at t = 0 and overlapped with the first forwards
         start_delay = 0.0

@@ -327,6 +327,18 @@ def test_fsdp_reduces_each_layer_beside_the_backward_still_to_run():
     assert layers * per_layer.time_s > 10 * wait.duration_s
 
 
+def _faster_links(cluster, factor: float, links: tuple[str, ...]):
+    """``cluster`` with the named links ``factor`` times as fast (peak and achievable)."""
+    return cluster.model_copy(update={k: getattr(cluster, k).model_copy(update={
+        "bw_Bps": getattr(cluster, k).bw_Bps * factor,
+        "achievable_bw_Bps": getattr(cluster, k).achievable_bw_Bps * factor}) for k in links})
+
+
+def _step_time(spec, plan: Plan, cluster) -> float:
+    out = TrainingSimulation(TrainingWorkload(spec, plan), cluster).run()
+    return build_result(out, model=spec, plan=plan, cluster=cluster, calibrated=None).step_time_s
+
+
 def test_fsdp_gather_protocol_is_chosen_per_layer():
     """A counterexample hypothesis found (test_invariants): 1.5x the bandwidth made a ZeRO-3 step
     slower because the chunk's gather was costed as one call, whose protocol (LL at the higher
@@ -338,13 +350,7 @@ def test_fsdp_gather_protocol_is_chosen_per_layer():
     plan = Plan(pp=2, dp=2, zero=3, global_batch=2, seq_len=128, overlap_grad_reduce=False)
     cluster = build_cluster("h200", nodes=2, gpus_per_node=2)
     cluster = cluster.model_copy(update={"device": apply_calibration(cluster.device)[0]})
-    faster = cluster.model_copy(update={"intra_node_link": cluster.intra_node_link.model_copy(
-        update={"bw_Bps": cluster.intra_node_link.bw_Bps * 1.5,
-                "achievable_bw_Bps": cluster.intra_node_link.achievable_bw_Bps * 1.5})})
-    times = []
-    for c in (cluster, faster):
-        out = TrainingSimulation(TrainingWorkload(spec, plan), c).run()
-        times.append(build_result(out, model=spec, plan=plan, cluster=c, calibrated=None).step_time_s)
+    times = [_step_time(spec, plan, _faster_links(cluster, f, ("intra_node_link",))) for f in (1.0, 1.5)]
     assert times[1] <= times[0] * (1 + 1e-9)
 
 
@@ -360,15 +366,8 @@ def test_gradient_buckets_wait_for_their_layers_inline_collectives():
                      bias=False, dropout=False)
     plan = Plan(tp=2, dp=2, micro_batch=2, global_batch=4, seq_len=512, sequence_parallel=False)
     cluster = build_cluster("h100-sxm", nodes=2, gpus_per_node=2)
-    times = []
-    for factor in (1.0, 1.5):
-        links = {k: getattr(cluster, k).model_copy(update={"bw_Bps": getattr(cluster, k).bw_Bps * factor,
-                                                             "achievable_bw_Bps": getattr(cluster, k).achievable_bw_Bps
-                                                             * factor})
-                 for k in ("intra_node_link", "inter_node_link")}
-        c = cluster.model_copy(update=links)
-        out = TrainingSimulation(TrainingWorkload(spec, plan), c).run()
-        times.append(build_result(out, model=spec, plan=plan, cluster=c, calibrated=None).step_time_s)
+    times = [_step_time(spec, plan, _faster_links(cluster, f, ("intra_node_link", "inter_node_link")))
+             for f in (1.0, 1.5)]
     assert times[1] <= times[0] * (1 + 1e-9)
 
 

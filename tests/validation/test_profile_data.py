@@ -86,6 +86,19 @@ def test_fused_adamw_rate_is_the_measured_mean_per_sm():
     assert FUSED_ADAMW_SM_RATE * 132 == pytest.approx(sum(rates.values()) / 2, rel=0.02)
 
 
+def _gpt_kernels(gpu: str) -> pd.DataFrame:
+    """The profiled kernels of the eager gpt-1.7b step at micro-batch 2 on one GPU's profile."""
+    kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
+    return kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+
+
+def _layer_backward_bytes(spec, framework: str, name: str) -> float:
+    """HBM bytes of one backward op of a layer of that step (micro-batch 2, unfused attention)."""
+    plan = Plan(micro_batch=2, global_batch=2, seq_len=2048, attention="unfused", framework=framework)
+    workload = TrainingWorkload(spec, plan)
+    return sum(op.bytes for op in workload.phases(workload.dense_layer)["B"] if op.name == name)
+
+
 def test_eager_masked_fill_rate_is_the_profiled_kernel():
     """EAGER_MASKED_FILL_SM_RATE (workloads/training.py) from the profiles of the eager 2021 GPT:
     its forward and backward ``masked_fill_`` on the [b, heads, s, s] scores, 4 bytes per element
@@ -98,8 +111,7 @@ def test_eager_masked_fill_rate_is_the_profiled_kernel():
     elements = 2 * spec.num_heads * 2048 ** 2 * spec.num_layers * 2  # forward and backward fills
     rates = {}
     for gpu in ("h100-x1/profile2", "h200-x2/profile"):
-        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
-        case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+        case = _gpt_kernels(gpu)
         rates[gpu] = elements * 4 / case[case.kernel.str.contains("masked_fill_kernel")].seconds.sum()
     assert rates["h100-x1/profile2"] < 3.35e12 / 2 and rates["h200-x2/profile"] < 4.8e12 / 3
     assert rates["h200-x2/profile"] / rates["h100-x1/profile2"] - 1 <= (4.8 / 3.35 - 1) / 3  # HBM +43 %, the fill far less
@@ -118,8 +130,7 @@ def test_eager_softmax_backward_multiply_is_in_the_op_graph():
 
     times = {}
     for gpu in ("h100-x1/profile2", "h200-x2/profile"):
-        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
-        case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+        case = _gpt_kernels(gpu)
         multiply = case[case.kernel.str.contains("BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, "
                                                  "at::native::binary_internal::MulFunctor", regex=False)].seconds.sum()
         reduction = case[case.kernel.str.contains("SoftMaxBackward")].seconds.sum()
@@ -129,12 +140,8 @@ def test_eager_softmax_backward_multiply_is_in_the_op_graph():
 
     spec = load_model(C.CONFIGS_DIR / "gpt-1.7b.json")
     scores = 2 * spec.num_heads * 2048 ** 2
-    extra = {}
-    for framework in ("pytorch", "megatron"):
-        plan = Plan(micro_batch=2, global_batch=2, seq_len=2048, attention="unfused", framework=framework)
-        workload = TrainingWorkload(spec, plan)
-        backward = workload.phases(workload.dense_layer)["B"]
-        extra[framework] = sum(op.bytes for op in backward if op.name == "softmax.autograd")
+    extra = {framework: _layer_backward_bytes(spec, framework, "softmax.autograd")
+             for framework in ("pytorch", "megatron")}
     assert extra == {"pytorch": SOFTMAX_GRAD_PRODUCT_BYTES * scores, "megatron": 0}
 
 
@@ -150,14 +157,10 @@ def test_copyslices_zero_fill_is_one_write_of_the_scores_per_layer():
     spec = load_model(C.CONFIGS_DIR / "gpt-1.7b.json")
     scores = 2 * spec.num_heads * 2048 ** 2
     for gpu, hbm in (("h100-x1/profile2", 3.35e12), ("h200-x2/profile", 4.8e12)):
-        kernels = pd.read_csv(DATA.parents[2] / gpu / "profile_kernels.csv")
-        case = kernels[kernels.case_id == "gpt-1.7b-mb2-s2048-rcnone"]
+        case = _gpt_kernels(gpu)
         fill = case[case.kernel.str.contains("FillFunctor<c10::BFloat16>", regex=False)].seconds.sum()
         assert 0.5 * hbm < 2 * scores * spec.num_layers / fill < hbm, gpu
-    plan = Plan(micro_batch=2, global_batch=2, seq_len=2048, attention="unfused", framework="pytorch")
-    workload = TrainingWorkload(spec, plan)
-    extra = sum(op.bytes for op in workload.phases(workload.dense_layer)["B"] if op.name == "attn.mask.autograd")
-    assert extra == (MASKED_FILL_VIEW_COPIES * 4 + 2) * scores
+    assert _layer_backward_bytes(spec, "pytorch", "attn.mask.autograd") == (MASKED_FILL_VIEW_COPIES * 4 + 2) * scores
 
 
 def test_host_issue_rates_are_physical():
