@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any, Mapping
 
 import pandas as pd
+import yaml
 
 from plansim.workloads.models import ModelSpec
 
@@ -92,3 +93,28 @@ def megatron_params(row: Mapping[str, Any]) -> float:
 def megatron_step_time_s(row: Mapping[str, Any]) -> float:
     """The step time the published TFLOP/s per GPU implies: F / (TFLOP/s · 10¹² · GPUs)."""
     return megatron_flops_per_iteration(row) / (float(row["tflops_per_gpu"]) * 1e12 * float(row["gpus"]))
+
+
+def load_published_runs() -> pd.DataFrame:
+    """Published training throughput of other software stacks (``published_runs.csv``): NeMo and
+    Megatron-Bridge (Megatron-Core), torchtitan, llm-foundry and Megatron-DeepSpeed runs, each with
+    its source, its plan as plansim's fields (empty: plansim's default) and the tokens/s per GPU it
+    reached."""
+    path = resources.files(_PACKAGE).joinpath("reference", "published_runs.csv")
+    with path.open("r", encoding="utf-8") as fh:
+        return pd.read_csv(fh)
+
+
+def published_model(name: str, seq_len: int) -> str | ModelSpec:
+    """The model of a ``published_runs.csv`` row: a built-in name, or a spec from
+    ``published_models.yaml`` for the models plansim has no built-in for; learned position
+    embeddings without a stated size get the run's sequence length."""
+    path = resources.files(_PACKAGE).joinpath("reference", "published_models.yaml")
+    with path.open("r", encoding="utf-8") as fh:
+        specs = yaml.safe_load(fh)
+    if name not in specs:
+        return name
+    fields = dict(specs[name])
+    if fields.get("position") == "learned":
+        fields.setdefault("max_seq_len", seq_len)
+    return ModelSpec(name=name, **fields)

@@ -1,0 +1,42 @@
+"""Published runs of other software stacks (validation/reference/published_runs.csv) through
+plansim simulate.  Nothing is fitted to them.  plansim models a tuned stack, so the runs of
+current Megatron-Core on the H100 (whose kernels and power are measured here) must come out
+close, and no published run may beat plansim's prediction by much: a run far faster than the
+prediction would show a cost the model charges that the hardware does not."""
+import pytest
+
+from plansim.validation.published import compare_published_runs, summarize
+from plansim.validation.reference_data import load_published_runs
+
+CURRENT_MEGATRON_CORE = ("NeMo 25.02", "Megatron-Bridge 25.11", "Megatron-Bridge 26.04")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return compare_published_runs()
+
+
+def test_every_run_has_a_source_and_simulates(runs):
+    table = load_published_runs()
+    assert table["source"].str.len().gt(10).all()
+    assert len(runs) == len(table)
+    assert (runs["predicted"] > 0).all() and (runs["published"] > 0).all()
+
+
+def test_current_megatron_core_on_h100_within_5_percent(runs):
+    current = runs[runs["stack"].isin(CURRENT_MEGATRON_CORE) & (runs["hardware"] == "h100-sxm")]
+    assert len(current) >= 4
+    assert current["error"].abs().median() <= 0.05, current[["model", "published", "predicted", "error"]]
+    assert current["error"].abs().max() <= 0.10, current[["model", "published", "predicted", "error"]]
+
+
+def test_no_published_run_beats_the_prediction_by_more_than_15_percent(runs):
+    fastest = runs.nsmallest(3, "error")
+    assert runs["error"].min() >= -0.15, fastest[["stack", "model", "hardware", "published", "predicted", "error"]]
+
+
+def test_summary_counts_every_run(runs):
+    summary = summarize(runs)
+    assert summary["runs"].sum() == len(runs)
+    assert (summary["min_error"] <= summary["median_error"]).all()
+    assert (summary["median_error"] <= summary["max_error"]).all()
