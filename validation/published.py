@@ -1,12 +1,13 @@
 """Published training throughput of other software stacks, predicted by ``plansim simulate``.
 
-``validation/reference/published_runs.csv`` holds 253 runs that neither the cost models nor
-their calibration ever saw: NVIDIA's NeMo 24.07 / 25.02 and Megatron-Bridge 25.11 / 26.04
-performance tables (Megatron-Core, H100 and B200, fp8), torchtitan's Llama 3 benchmarks (FSDP2,
-H100 and A100), MosaicML llm-foundry's MPT tables (Composer FSDP, A100 and H100, 2023) and three
-Megatron-DeepSpeed runs (BLOOM-176B, MT-NLG 530B).  Each row is simulated with its plan on
-8-GPU nodes of its hardware, and the prediction is compared in tokens per second per GPU, which
-no FLOP-counting convention can change (positive error: plansim predicts faster).
+``validation/reference/published_runs.csv`` holds 267 runs that neither the cost models nor
+their calibration ever saw: NVIDIA's NeMo 24.07 / 25.02 and Megatron-Bridge 25.09 – 26.06
+performance tables (Megatron-Core, H100 and B200, fp8; Llama 3 and Qwen3 MoE), torchtitan's
+Llama 3 benchmarks (FSDP2, H100 and A100), MosaicML llm-foundry's MPT tables (Composer FSDP, A100
+and H100, 2023) and four Megatron-DeepSpeed runs (BLOOM-176B, MT-NLG 530B).  Each row is
+simulated with its plan on 8-GPU nodes of its hardware, and the prediction is compared in tokens
+per second per GPU, which no FLOP-counting convention can change (positive error: plansim
+predicts faster).
 
 What it shows (``python -m plansim.validation.published``): plansim predicts what a tuned,
 current Megatron-Core stack reaches on the GPUs it has measured; older or less tuned stacks run
@@ -22,9 +23,9 @@ from plansim.api import simulate
 from plansim.validation.reference_data import load_published_runs, published_model
 
 #: the plan columns of ``published_runs.csv`` (empty: plansim's default)
-PLAN_COLUMNS = ("tp", "pp", "cp", "zero", "micro_batch", "global_batch", "seq_len", "recompute", "schedule", "vpp",
+PLAN_COLUMNS = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq_len", "recompute", "schedule", "vpp",
                 "precision", "framework", "attention", "sequence_parallel")
-_INTEGER_FIELDS = {"tp", "pp", "cp", "zero", "micro_batch", "global_batch", "seq_len", "vpp"}
+_INTEGER_FIELDS = {"tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq_len", "vpp"}
 
 
 def run_plan(row: pd.Series) -> dict:

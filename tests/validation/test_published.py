@@ -8,7 +8,6 @@ import pytest
 from plansim.validation.published import compare_published_runs, summarize
 from plansim.validation.reference_data import load_published_runs
 
-CURRENT_MEGATRON_CORE = ("NeMo 25.02", "Megatron-Bridge 25.11", "Megatron-Bridge 26.04")
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +23,12 @@ def test_every_run_has_a_source_and_simulates(runs):
 
 
 def test_current_megatron_core_on_h100_within_5_percent(runs):
-    current = runs[runs["stack"].isin(CURRENT_MEGATRON_CORE) & (runs["hardware"] == "h100-sxm")]
-    assert len(current) >= 4
+    """NeMo 25.02 and every Megatron-Bridge release (2025-26), dense and mixture-of-experts."""
+    current = runs[(runs["stack"].str.startswith("Megatron-Bridge") | (runs["stack"] == "NeMo 25.02"))
+                   & (runs["hardware"] == "h100-sxm")]
+    assert len(current) >= 10 and current["model"].str.startswith("qwen3").any()
     assert current["error"].abs().median() <= 0.05, current[["model", "published", "predicted", "error"]]
-    assert current["error"].abs().max() <= 0.10, current[["model", "published", "predicted", "error"]]
+    assert current["error"].abs().max() <= 0.15, current[["model", "published", "predicted", "error"]]
 
 
 def test_no_published_run_beats_the_prediction_by_more_than_15_percent(runs):
