@@ -61,8 +61,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
         description="Enumerate training plans, prune the infeasible, rank the rest by an analytic estimate and "
                     "confirm the best with the event simulation.")
     p.add_argument("--model", required=True, help="built-in name (plansim models list) or config.json/YAML path")
-    p.add_argument("--hardware", default="h100-sxm",
-                   help="device name(s), comma-separated to choose among them (h100-sxm,h200,b200,mi300x)")
+    p.add_argument("--hardware",
+                   help="device name(s), comma-separated to choose among them (h100-sxm,h200,b200,mi300x); "
+                        "default: the --cluster's device, else h100-sxm")
     p.add_argument("--cluster", help="cluster name or YAML path (default: each device's default cluster)")
     p.add_argument("--gpus", help="GPU count(s): 512, 256,512, 256..2048 (doubling) or 256..2048:256 (step)")
     p.add_argument("--nodes", type=positive_int)
@@ -114,6 +115,15 @@ def cmd_search(args: argparse.Namespace) -> int:
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision)
     summary = frame.attrs["summary"]
+    if frame.empty:  # nothing to show: leave --out and --plot files as they were
+        if args.format == "json":
+            print(json.dumps({"plans": [], "summary": summary, "why_empty": frame.attrs.get("why_empty"),
+                              **({"infeasible": frame.attrs.get("infeasible", [])} if args.list_infeasible else {})},
+                             indent=2, default=str))
+        elif args.list_infeasible:
+            _print_infeasible(frame.attrs.get("infeasible", []))
+        print(f"plansim search: {frame.attrs.get('why_empty')}", file=sys.stderr)
+        return 1
     if args.out:
         write_frame(frame, args.out)
     if args.plot:
@@ -122,8 +132,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         out = {"plans": json.loads(frame.to_json(orient="records")), "summary": summary}
         if args.list_infeasible:
             out["infeasible"] = frame.attrs.get("infeasible", [])
-        if frame.empty:
-            out["why_empty"] = frame.attrs.get("why_empty")
         print(json.dumps(out, indent=2, default=str))
     elif args.format == "csv":
         print(csv_frame(frame).to_csv(index=False), end="")
@@ -136,9 +144,6 @@ def cmd_search(args: argparse.Namespace) -> int:
             _print_infeasible(frame.attrs.get("infeasible", []))
         if args.explain and len(frame) >= 2:
             print(explain(frame))
-    if frame.empty:
-        print(f"plansim search: {frame.attrs.get('why_empty')}", file=sys.stderr)
-        return 1
     return 0
 
 

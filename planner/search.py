@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from plansim.planner.space import (MEMORY_KEYS, Enumeration, Pruned, SearchSpace
                                    check_constraints_satisfiable, enumerate_plans, parse_constraints)
 from plansim.simulator.calibration import apply_calibration
 from plansim.simulator.costs.power import with_power_limit
-from plansim.simulator.hardware import Cluster, build_cluster
+from plansim.simulator.hardware import Cluster, build_cluster, profile_names
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
@@ -138,6 +139,15 @@ def resolve_prices(prices: str | Path | dict[str, float] | Sequence[str] | None)
     return out
 
 
+def _check_price_names(prices: dict[str, float], targets: list["Target"]) -> None:
+    """A price for a device that is neither built in nor searched is a typo (``h100=2.5`` for
+    ``h100-sxm``) that would silently leave the list price in place."""
+    known = set(profile_names("devices")) | {t.cluster.device.name for t in targets} | {t.hardware for t in targets}
+    unknown = sorted(set(prices) - known)
+    if unknown:
+        raise PlanError(f"price: unknown device {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+
+
 @dataclass
 class Target:
     hardware: str
@@ -148,7 +158,7 @@ class Target:
 def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
              prices, power_limit_w=None) -> list[Target]:
     names = [h.strip() for h in hardware.split(",")] if isinstance(hardware, str) else list(hardware or [None])
-    names = [n for n in names if n] or [None]
+    names = list(dict.fromkeys(n for n in names if n)) or [None]  # repeated names once
     counts = parse_gpus(gpus)
     out = []
     for name in names:
@@ -178,7 +188,7 @@ def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_g
 
 
 # --- the search -----------------------------------------------------------------------------------
-def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = "h100-sxm", cluster: str | None = None, *,
+def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, cluster: str | None = None, *,
            gpus: int | str | Sequence[int] | None = None, nodes: int | None = None,
            gpus_per_node: int | None = None, nics_per_node: int | None = None, nic_gbps: float | None = None,
            power_limit_w: float | None = None, global_batch: int | None = None, max_global_batch: int | None = None,
@@ -230,6 +240,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = "h100-
     price_table = resolve_prices(prices)
     targets = _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
                        price_table, power_limit_w)
+    _check_price_names(price_table, targets)
     if objective == "cost" or "cost" in pareto_metrics:
         if all(t.price is None for t in targets):
             names = sorted({t.cluster.device.name for t in targets})
@@ -460,14 +471,19 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(records, columns=list(FRAME_COLUMNS))
 
 
+_PEAK = re.compile(r"peak (?:memory )?([0-9.]+) GiB (>.*)$")
+
+
 def _why_empty(summary: dict[str, Any], pruned: list[Pruned]) -> str:
     parts = ", ".join(f"{n:,} {reason}" for reason, n in sorted(summary["pruned_by_reason"].items(),
                                                                 key=lambda kv: -kv[1]))
-    oom = [p for p in pruned if p.category == "out of memory"]
+    # out of memory ("peak 76.4 GiB > 76.3 GiB usable ...") or over max-memory ("peak memory 18.7 GiB >
+    # max-memory 1.0 GiB"): the smallest peak says how far the nearest plan is
+    peaks = [m for m in (_PEAK.search(p.reason) for p in pruned) if m]
     hint = ""
-    if oom:
-        smallest = min(oom, key=lambda p: float(p.reason.split("peak ")[1].split(" GiB")[0]))
-        hint = f"; the smallest peak is {smallest.reason.split('peak ')[1]}"
+    if peaks:
+        smallest = min(peaks, key=lambda m: float(m.group(1)))
+        hint = f"; the smallest peak is {smallest.group(1)} GiB {smallest.group(2)}"
     return f"no plan fits: {summary['explored']:,} plans explored, all pruned ({parts}){hint}"
 
 

@@ -67,6 +67,8 @@ class Constraint:
                 value: Any = parse_quantity(raw, "bytes")
             except UnitError as exc:
                 raise PlanError(f"constraint: {text!r}: {exc}") from None
+            if not value > 0:
+                raise PlanError(f"constraint: {text!r}: max-memory must be positive (e.g. max-memory=70GiB)")
         elif key in INT_KEYS:
             try:
                 value = int(raw)

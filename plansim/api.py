@@ -15,7 +15,7 @@ from plansim.simulator.hardware import Cluster, ProfileError, build_cluster, loa
 from plansim.simulator.result import Result, build_result
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
-from plansim.workloads.plan import Plan, PlanError
+from plansim.workloads.plan import Plan, PlanError, check_positive_int
 from plansim.workloads.training import TrainingWorkload
 
 
@@ -74,13 +74,15 @@ def complete_plan(plan: Plan | dict[str, Any] | None, cluster: Cluster) -> Plan:
     """A Plan from a Plan or a dict of fields; dp defaults to what the GPU count leaves."""
     if isinstance(plan, Plan):
         return plan
-    fields = dict(plan or {})
+    fields = {k: v for k, v in dict(plan or {}).items() if v is not None}
+    for name in ("tp", "pp", "cp"):
+        if name in fields:
+            check_positive_int(name, fields[name])
     if fields.get("dp") is None:
         inner = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
         if cluster.num_gpus % inner:
             raise PlanError(f"dp: the cluster's {cluster.num_gpus} GPUs are not a multiple of tp·pp·cp = {inner}")
         fields["dp"] = cluster.num_gpus // inner
-    fields = {k: v for k, v in fields.items() if v is not None}
     if "global_batch" not in fields:
         fields["global_batch"] = fields["dp"] * fields.get("micro_batch", 1)
     return Plan.from_dict(fields)
@@ -127,6 +129,8 @@ def predict_collective(op: str, nbytes: float, hardware: str | None = None, clus
     machine, source = resolve_cluster(hardware, cluster, nodes=nodes, gpus_per_node=gpus_per_node,
                                       calibrated=calibrated)
     n = ranks or machine.num_gpus
+    if n < 2:
+        raise PlanError(f"ranks: a collective needs at least 2 GPUs, the cluster {machine.name} has {n}")
     group = Group(n, min(n, machine.gpus_per_node))
     if op == "send_recv":
         group = Group(2, 2 if machine.nodes == 1 else 1)

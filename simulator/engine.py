@@ -324,9 +324,10 @@ class TrainingSimulation:
                 if phase == ("W" if split_w else "B"):
                     final_backward[vs] = mb  # the last micro-batch whose weight grads finish this chunk
 
-        # one activation message inside a node or across nodes: two costs for the whole run
+        # one activation message inside a node or across nodes: at most two costs for the whole run,
+        # only those some pair of adjacent stages needs (a one-node cluster may have no network)
         p2p_costs = {same: collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
-                     for same in (True, False)}
+                     for same in {self.groups.pp_same_node(s, cluster) for s in range(plan.pp if plan.pp > 1 else 0)}}
 
         def p2p(src: _Rank, dst_stage: int, event: simpy.Event, name: str, forward: bool):
             stage = src.index

@@ -62,6 +62,8 @@ def _fmt_value(metric: str, value: float) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from plansim.validation.compare import CALIBRATED_DIR, DATA_DIR, SplitError, summarize, validate
 
+    if args.profiles and not Path(args.profiles).is_dir():
+        return _fail(f"profiles: {args.profiles}: no such directory")
     try:
         frame = validate(args.suite, Path(args.data) if args.data else DATA_DIR,
                          profiles_dir=Path(args.profiles) if args.profiles else CALIBRATED_DIR,

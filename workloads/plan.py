@@ -25,6 +25,19 @@ class PlanError(ValueError):
     """A plan that is malformed (not merely infeasible on some hardware)."""
 
 
+INTEGER_FIELDS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp")
+BOOLEAN_FIELDS = ("sequence_parallel", "overlap_grad_reduce", "overlap_p2p", "grad_accumulation_fusion",
+                  "fp32_grads", "tp_backward_overlap")
+#: the switches whose None means "the default for the other fields" (set in ``__post_init__``)
+DEFAULTED_SWITCHES = ("sequence_parallel", "grad_accumulation_fusion", "tp_backward_overlap")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Degrees and sizes are positive integers (a YAML ``2.0``, ``true`` or ``"two"`` is not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PlanError(f"{name}: must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Parallel layout, batch and memory policy for one training iteration."""
@@ -63,10 +76,17 @@ class Plan:
     #   backward and freed by zero_grad(set_to_none=True), DDP bucket buffers
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp"):
+        for name in INTEGER_FIELDS:
+            check_positive_int(name, getattr(self, name))
+        for name in ("first_stage_layers", "last_stage_layers"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        for name in BOOLEAN_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PlanError(f"{name}: must be a positive integer, got {value!r}")
+            if not isinstance(value, bool) and not (value is None and name in DEFAULTED_SWITCHES):
+                raise PlanError(f"{name}: must be true or false, got {value!r}")
+        if not isinstance(self.offload, dict):
+            raise PlanError(f"offload: must map what to a tier (e.g. {{optimizer: cpu}}), got {self.offload!r}")
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
@@ -82,6 +102,8 @@ class Plan:
             object.__setattr__(self, "tp_backward_overlap", self.framework == "megatron")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
+        if self.schedule in ("interleaved", "zero-bubble") and self.pp == 1:
+            raise PlanError(f"schedule: {self.schedule!r} needs pipeline stages (pp > 1); with pp 1 use '1f1b'")
         if (self.dp * self.cp) % self.ep:
             raise PlanError(f"ep: {self.ep} must divide dp·cp = {self.dp * self.cp}")
         if self.global_batch % (self.dp * self.micro_batch):

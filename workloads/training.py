@@ -475,7 +475,10 @@ class TrainingWorkload:
         if chunk.has_embedding:
             dense += m.embedding_params / t
         if chunk.has_head:
-            dense += (m.lm_head_params if not m.tied_embeddings else m.vocab * m.hidden) / t + m.final_norm_params
+            # a tied output layer is the embedding's own tensor where both sit in one chunk; on another
+            # pipeline stage it is a copy (Megatron keeps one there and all-reduces its gradient)
+            head = m.lm_head_params if not m.tied_embeddings else 0 if chunk.has_embedding else m.vocab * m.hidden
+            dense += head / t + m.final_norm_params
         return dense, expert
 
 

@@ -141,11 +141,38 @@ def test_unreadable_hardware_file(capsys, files):
     (["simulate", "--first-stage-layers", "100", "--pp", "2"], ["first_stage_layers", "100", "between 1 and"]),
     (["op", "--kind", "attention", "--batch", "1", "--heads", "32", "--kv-heads", "5", "--head-dim", "128",
       "--seq-len", "128"], ["kv-heads", "5", "divide heads 32"]),
+    (["simulate", "--power-limit", "5000"], ["power_limit", "5000 W", "board limit (700 W)"]),
+    (["simulate", "--vpp", "3", "--schedule", "interleaved"], ["schedule", "'interleaved'", "pp > 1"]),
+    (["collective", "--op", "all_reduce", "--bytes", "1MiB", "--nodes", "1", "--gpus-per-node", "1"],
+     ["ranks", "at least 2 GPUs"]),
+    (["validate", "--profiles", "/no/such/folder"], ["profiles", "/no/such/folder", "no such directory"]),
 ])
 def test_other_bad_input(capsys, argv, words):
     line = _bad(capsys, argv)
     for w in words:
         assert w in line, (w, line)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("tp: two\n", ["tp", "positive integer", "'two'"]),
+    ("tp: [2]\n", ["tp", "positive integer"]),
+    ("tp: 2.5\n", ["tp", "positive integer", "2.5"]),
+    ("offload: cpu\n", ["offload", "optimizer: cpu"]),
+    ('fp32_grads: "no"\n', ["fp32_grads", "true or false", "'no'"]),  # a string is not a YAML boolean
+    ("overlap_p2p: 7\n", ["overlap_p2p", "true or false"]),
+])
+def test_plan_file_fields_of_the_wrong_type(capsys, tmp_path, text, words):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    line = _bad(capsys, ["simulate", "--plan", str(plan)])
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_a_one_device_cluster_without_a_network_simulates(capsys):
+    """The built-in laptop (one NPU, no inter-node link) needs no pipeline send."""
+    assert main(["simulate", "--cluster", "laptop", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time_s"] > 0
 
 
 def test_an_output_that_cannot_be_written_is_a_clean_error(capsys, tmp_path):

@@ -100,6 +100,8 @@ def test_pareto_front_is_non_dominated():
     (dict(objective="time-to-train"), "tokens"),
     (dict(pareto="throughput"), "pareto"),
     (dict(gpus="8..2"), "gpus"),
+    (dict(prices=["h100=2.5"]), "price"),  # a typo for h100-sxm must not leave the list price silently
+    (dict(constraints=["max-memory=0"]), "constraint"),
 ])
 def test_bad_input_is_one_line(kw, field):
     with pytest.raises((PlanError, ProfileError)) as exc:
@@ -164,6 +166,25 @@ def test_cli_bad_input_exit_2(extra, capsys):
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_search_takes_the_clusters_device_unless_told_otherwise():
+    """--cluster dgx-a100 alone searches A100s (it searched H100s on A100 nodes before); repeated
+    --hardware names count once."""
+    frame = search("tinyllama-1.1b", cluster="dgx-a100", global_batch=64, top=2, executor="inline", calibrated=False)
+    assert set(frame["hardware"]) == {"a100-80gb"}
+    frame = search("tinyllama-1.1b", "h100-sxm,h100-sxm", nodes=1, gpus_per_node=8, global_batch=64, top=None,
+                   executor="inline", calibrated=False)
+    assert not frame.duplicated(subset=["tp", "pp", "dp", "zero", "micro_batch", "recompute", "schedule", "vpp"]).any()
+
+
+def test_cli_a_search_that_finds_nothing_leaves_out_alone(tmp_path, capsys):
+    out = tmp_path / "plans.csv"
+    out.write_text("earlier results\n")
+    assert run(BASE + ["--constraint", "max-memory=1MiB", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no plan fits" in err and "max-memory" in err
+    assert out.read_text() == "earlier results\n"
 
 
 def test_cli_global_batch_nothing_divides(capsys):

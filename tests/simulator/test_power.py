@@ -105,7 +105,7 @@ def test_the_analytic_estimate_applies_the_limit_as_the_engine_does():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.floats(min_value=150.0, max_value=1200.0), st.floats(min_value=1.0, max_value=300.0))
+@given(st.floats(min_value=150.0, max_value=600.0), st.floats(min_value=1.0, max_value=100.0))
 def test_a_higher_power_limit_never_makes_a_step_slower(limit, more):
     cluster, _ = resolve_cluster("h200", None, nodes=1, gpus_per_node=1)
     low = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=limit)
@@ -121,6 +121,12 @@ def test_a_power_limit_at_or_below_idle_is_refused():
         simulate("llama3-8b", "h200", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=-5)
 
 
+def test_a_power_limit_above_the_board_limit_is_refused():
+    """nvidia-smi -pl cannot raise a board past its maximum: neither can --power-limit."""
+    with pytest.raises(ProfileError, match=r"power_limit: 5000 W exceeds h100-sxm's board limit \(700 W\)"):
+        simulate("llama3-8b", "h100-sxm", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=5000)
+
+
 def test_a_step_held_at_the_limit_draws_the_limit_and_its_energy_adds_up():
     cluster, _ = resolve_cluster("h200", None, nodes=1, gpus_per_node=1)
     for limit in (400.0, 700.0):
@@ -129,7 +135,8 @@ def test_a_step_held_at_the_limit_draws_the_limit_and_its_energy_adds_up():
         assert r.power_w == pytest.approx(limit, rel=1e-6)
         tokens = PLAN["global_batch"] * PLAN["seq_len"]
         assert r.energy_per_token_j == pytest.approx(r.power_w * r.num_gpus * r.step_time_s / tokens)
-    # a step under the limit draws less than it, more than idle
-    free = simulate("llama3-8b", cluster=cluster, plan=PLAN, power_limit_w=2000.0)
+    # on a what-if board of 2,000 W a step runs under the limit: it draws less than it, more than idle
+    board = cluster.model_copy(update={"device": cluster.device.model_copy(update={"power_limit_w": 2000.0})})
+    free = simulate("llama3-8b", cluster=board, plan=PLAN)
     assert free.sm_clock == 1.0
     assert cluster.device.idle_power_w < free.power_w < 2000.0

@@ -327,3 +327,16 @@ def test_pytorch_checkpoint_stops_recomputing_after_the_last_kept_tensor(tp):
     assert len(megatron.phases(megatron.dense_layer)["R"]) == len(megatron.dense_layer)
     gpt = TrainingWorkload(_gpt(), Plan(seq_len=512, recompute="full", framework="pytorch"))
     assert len(gpt.phases(gpt.dense_layer)["R"]) == len(gpt.dense_layer)  # its dropout keeps a mask
+
+
+def test_a_tied_embedding_is_held_once_where_the_output_layer_shares_its_stage():
+    """GPT-style tied embeddings: at pp 1 the output layer is the embedding's own tensor; with
+    pipelining the last stage holds a copy (Megatron all-reduces its gradient with the first)."""
+    model = ModelSpec(name="tied", num_layers=4, hidden=1024, num_heads=16, num_kv_heads=16, ffn_hidden=4096,
+                      vocab=32000, mlp="gelu", norm="layernorm", position="learned", max_seq_len=2048,
+                      tied_embeddings=True, bias=True)
+    one = TrainingWorkload(model, Plan(global_batch=1))
+    assert sum(sum(one.chunk_params(c)) for c in one.chunks) == pytest.approx(model.num_params)
+    two = TrainingWorkload(model, Plan(pp=2, global_batch=2))
+    held = sum(sum(two.chunk_params(c)) for c in two.chunks)
+    assert held == pytest.approx(model.num_params + model.vocab * model.hidden)
