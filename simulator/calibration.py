@@ -77,28 +77,52 @@ def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
     return _with_fields(link, fields, path, data, f"links.{link.name}")
 
 
+#: what a die's own kernels set (GEMM and attention rates and shapes): a device with the same die and
+#: clocks but other memory (``same_die_as``, e.g. the A100 40GB) borrows these from the other's
+#: calibrated profile, and nothing that depends on its memory, board power or host
+DIE_PARAMETERS = ("achievable_gemm_fraction", "gemm_k_overhead", "unaligned_gemm_fraction", "attention_fraction",
+                  "attention_bwd_ratio", "attention_fwd_cta_overhead", "attention_bwd_cta_overhead",
+                  "attention_head_dim_half")
+
+
+def _built_in_profile(device: Device) -> tuple[Path, dict, str] | None:
+    """The built-in calibrated profile that applies to ``device`` (its own, or its die's), as
+    (path, contents, name to report)."""
+    path = calibrated_path(device.name)
+    if path is not None:
+        return path, read_calibration(path), f"hardware_profiles/{CALIBRATED_DIR}/{path.name}"
+    path = calibrated_path(device.same_die_as) if device.same_die_as else None
+    if path is None:
+        return None
+    data = read_calibration(path)
+    die = {k: v for k, v in (data.get("parameters") or {}).items() if k in DIE_PARAMETERS}
+    return (path, {**data, "parameters": die, "links": {}},
+            f"hardware_profiles/{CALIBRATED_DIR}/{path.name} (die parameters: same die as {device.same_die_as})")
+
+
 @lru_cache(maxsize=64)
 def apply_calibration(device: Device) -> tuple[Device, str | None]:
     """``device`` with its calibrated parameters applied, and the file they came from."""
-    path = calibrated_path(device.name)
-    if path is None:
+    found = _built_in_profile(device)
+    if found is None:
         return device, None
-    calibrated = calibrate_device(device, read_calibration(path), path)
-    return calibrated, f"hardware_profiles/{CALIBRATED_DIR}/{path.name}"
+    path, data, name = found
+    return calibrate_device(device, data, path), name
 
 
 def calibrate_cluster(cluster: Cluster, path: Path | None = None) -> tuple[Cluster, str | None]:
     """``cluster`` with its device's calibrated profile applied: the device's ``parameters`` and
     the ``links`` fitted on that device's hosts (NVLink, PCIe).  ``path`` overrides the built-in
     ``hardware_profiles/calibrated/<device>.yaml``; returns the cluster and the profile's name."""
-    path = path or calibrated_path(cluster.device.name)
     if path is None:
-        return cluster, None
-    data = read_calibration(Path(path))
+        found = _built_in_profile(cluster.device)
+        if found is None:
+            return cluster, None
+        path, data, name = found
+    else:
+        data, name = read_calibration(Path(path)), str(path)
     update = {"device": calibrate_device(cluster.device, data, path),
               "intra_node_link": calibrate_link(cluster.intra_node_link, data, path),
               "inter_node_link": calibrate_link(cluster.inter_node_link, data, path),
               "host_link": calibrate_link(cluster.host_link, data, path)}
-    name = f"hardware_profiles/{CALIBRATED_DIR}/{Path(path).name}" if calibrated_path(cluster.device.name) == path \
-        else str(path)
     return cluster.model_copy(update=update), name

@@ -162,6 +162,7 @@ class Device(_Profile):
     tensor_static_fraction: float | None = Field(default=None, ge=0, le=1)  # tensor draw whatever the FLOP rate
     price_per_hour_usd: PositiveFloat | None = None
     default_cluster: str | None = None  # cluster profile used when only the device is named
+    same_die_as: str | None = None  # a device with this die and clocks, whose calibrated kernel rates apply
 
     @model_validator(mode="after")
     def _check_dtypes(self):

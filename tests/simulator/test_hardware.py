@@ -215,3 +215,20 @@ def test_power_draws_below_idle_are_refused(tmp_path):
     with pytest.raises(ProfileError) as e:
         load_device(path)
     assert _one_line(e) == f"{path}: power_limit_w: 700.0 W must exceed idle_power_w (800.0 W)"
+
+
+def test_a_device_of_the_same_die_borrows_its_kernel_rates_not_its_memory():
+    """The A100 40GB is the 80GB part's GA100 with slower HBM: the 80GB part's calibrated GEMM rate
+    applies to it (its datasheet guess made it ~10 % faster than the calibrated 80GB), its own HBM
+    stays, and a step on it is never faster than on the 80GB part."""
+    from plansim.api import simulate
+    from plansim.simulator.calibration import apply_calibration
+    big, source_big = apply_calibration(hw.load_device("a100-80gb"))
+    small, source_small = apply_calibration(hw.load_device("a100-40gb"))
+    assert small.achievable_gemm_fraction == big.achievable_gemm_fraction
+    assert small.achievable_hbm_bw_Bps < big.achievable_hbm_bw_Bps
+    assert "same die as a100-80gb" in source_small and "same die" not in source_big
+    plan = dict(tp=2, zero=1, global_batch=16, seq_len=2048, recompute="full")
+    steps = {name: simulate("llama3-8b", name, plan=plan, nodes=1, gpus_per_node=8).step_time_s
+             for name in ("a100-40gb", "a100-80gb")}
+    assert steps["a100-40gb"] >= steps["a100-80gb"]
