@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import multiprocessing
 
 from plansim.simulator.analytic import AnalyticModel
-from plansim.simulator.engine import TrainingSimulation
+from plansim.simulator.engine import TrainingSimulation, check_plan_on_cluster
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.result import build_result
 from plansim.workloads.models import ModelSpec
@@ -71,6 +71,7 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
             out[i] = {"pruned": f"dominated: recompute={fitting[sibling]} fits with less recomputation"}
             continue
         try:
+            check_plan_on_cluster(plan, cluster)  # e.g. fp8 on a GPU without fp8 tensor cores
             mem, reason = am.memory_of(plan)
             peak = mem.peak
         except PlanError as exc:

@@ -43,14 +43,14 @@ import simpy
 from plansim.simulator.costs.collectives import Group, collective_cost
 from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel, PowerState
-from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_offload
+from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_plan_on_cluster
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, split_layers
+from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, gemm_dtype, split_layers
 
 
 # columns of the per-piece / per-chunk cost vectors (per micro-batch)
@@ -472,7 +472,7 @@ class AnalyticModel:
         """The estimate of ``plan``; ``memory`` is the result of :meth:`memory_of` if already known.
         Activation offload (copies beside every layer) is the engine's alone; the search does not
         enumerate it, and an estimate of it would be silently wrong, so it is refused."""
-        check_offload(plan.offload, self.cluster)
+        check_plan_on_cluster(plan, self.cluster)
         if plan.offload.get("activations", "gpu") != "gpu":
             raise PlanError("offload.activations: the analytic estimate does not model activation offload; "
                             "simulate the plan (plansim simulate) instead")
@@ -482,12 +482,12 @@ class AnalyticModel:
         ranks = layout.ranks
         # metrics, with build_result's definitions
         tokens = plan.tokens_per_step
-        peak_bf16 = cluster.device.flops("bf16")
+        peak = cluster.device.flops(gemm_dtype(plan))
         fkey = ("flops", plan.seq_len)
         per_token = self._memo.get(fkey)
         if per_token is None:
             per_token = self._memo[fkey] = model.model_flops_per_token(plan.seq_len)
-        mfu = per_token * tokens / (step * plan.world_size * peak_bf16) if step > 0 else 0.0
+        mfu = per_token * tokens / (step * plan.world_size * peak) if step > 0 else 0.0
         executed = float(costs[:, FLOPS].sum())
         useful = executed - float(costs[:, RFLOPS].sum())
         hfu = mfu * executed / useful if useful else mfu

@@ -28,8 +28,8 @@ from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer
                                       optimizer_transient_bytes, rank_model_states, static_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
-from plansim.workloads.plan import PlanError
-from plansim.workloads.training import ACT_BYTES, TrainingWorkload
+from plansim.workloads.plan import Plan, PlanError
+from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
 TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
@@ -132,10 +132,15 @@ class _Rank:
 SUPPORTED_OFFLOAD = {("optimizer", "cpu"), ("optimizer", "nvme"), ("optimizer", "cxl"), ("activations", "cpu")}
 
 
-def check_offload(offload: dict[str, str], cluster: Cluster) -> None:
-    """PlanError unless every placement in ``offload`` is one the engine models, on a tier the
-    cluster has."""
-    for what, tier in offload.items():
+def check_plan_on_cluster(plan: Plan, cluster: Cluster) -> None:
+    """PlanError unless the cluster can run the plan as asked: fp8 GEMMs need fp8 tensor cores
+    (Transformer Engine has none to use on an A100), and every placement in ``plan.offload`` must
+    be one the engine models, on a tier the cluster has."""
+    device = cluster.device
+    if gemm_dtype(plan) not in device.peak_flops:
+        raise PlanError(f"precision: {plan.precision} needs {gemm_dtype(plan)} tensor cores, which {device.name} lacks "
+                        f"(it has {', '.join(device.peak_flops)})")
+    for what, tier in plan.offload.items():
         if tier != "gpu" and (what, tier) not in SUPPORTED_OFFLOAD:
             raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
                             + ", ".join(f"{w}={t}" for w, t in sorted(SUPPORTED_OFFLOAD)))
@@ -149,7 +154,7 @@ class TrainingSimulation:
 
     def __init__(self, workload: TrainingWorkload, cluster: Cluster, record_trace: bool = False,
                  trace_detail: str = "phase") -> None:
-        check_offload(workload.plan.offload, cluster)
+        check_plan_on_cluster(workload.plan, cluster)
         self.trace_detail = trace_detail
         self.workload = workload
         self.plan = workload.plan

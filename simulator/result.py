@@ -11,6 +11,7 @@ from typing import Any
 from plansim.simulator.engine import EngineOutput, TraceEvent
 from plansim.simulator.files import write_atomically
 from plansim.simulator.memory import usable_memory_bytes
+from plansim.workloads.training import gemm_dtype
 
 
 @dataclass
@@ -88,9 +89,9 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     step = output.step_time_s
     tokens = plan.tokens_per_step
     model_flops = model.model_flops_per_token(plan.seq_len) * tokens
-    peak_bf16 = cluster.device.flops("bf16")
+    peak = cluster.device.flops(gemm_dtype(plan))  # the GEMMs' precision: fp8 plans against the fp8 peak
     n = plan.world_size
-    mfu = model_flops / (step * n * peak_bf16) if step > 0 else 0.0
+    mfu = model_flops / (step * n * peak) if step > 0 else 0.0
     # hardware FLOPs: what the ranks executed (GEMMs incl. recomputation) scaled to the cluster
     replicas = plan.tp * plan.dp * plan.cp
     executed = sum(r.flops for r in output.ranks) * replicas
