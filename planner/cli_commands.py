@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from plansim.simulator.files import write_atomically
@@ -103,8 +104,20 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     return p
 
 
+#: file kinds a search can write: --out tables, --plot figures (matplotlib's format from the suffix)
+OUT_SUFFIXES, PLOT_SUFFIXES = (".parquet", ".csv"), (".png", ".pdf", ".svg")
+
+
+def _check_file_names(args: argparse.Namespace) -> None:
+    """Refuse an --out or --plot name of an unknown kind before the search runs."""
+    for flag, path, suffixes in (("out", args.out, OUT_SUFFIXES), ("plot", args.plot, PLOT_SUFFIXES)):
+        if path and Path(path).suffix.lower() not in suffixes:
+            raise PlanError(f"{flag}: {path!r} must end in {', '.join(suffixes)}")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from plansim.planner.search import explain, search
+    _check_file_names(args)
     frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
                    power_limit_w=args.power_limit, global_batch=args.global_batch,
@@ -164,7 +177,7 @@ def write_frame(frame, path: str) -> None:
     elif path.endswith(".csv"):
         write_atomically(path, lambda tmp: csv_frame(frame).to_csv(tmp, index=False))
     else:
-        raise PlanError(f"out: {path!r} must end in .parquet or .csv")
+        raise PlanError(f"out: {path!r} must end in {', '.join(OUT_SUFFIXES)}")
 
 
 #: how a metric column is drawn: (axis label, scale applied to the column)
@@ -194,7 +207,7 @@ def plot_frame(frame, path: str, pareto: str | None) -> None:
     ax.legend()
     ax.set_title("plansim search")
     fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:].lower()))
     plt.close(fig)
 
 

@@ -91,8 +91,8 @@ def parse_gpus(spec: int | str | Sequence[int] | None) -> list[int] | None:
                         while v <= hi:
                             counts.append(v)
                             v *= 2
-                elif part:
-                    counts.append(int(part))
+                else:
+                    counts.append(int(part))  # an empty entry ("8,,16") is malformed too
             except ValueError:
                 raise PlanError(f"gpus: {spec!r} must be N, N,M,..., A..B (doubling) or A..B:STEP") from None
     else:
@@ -158,8 +158,12 @@ class Target:
 def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
              prices, power_limit_w=None) -> list[Target]:
     names = [h.strip() for h in hardware.split(",")] if isinstance(hardware, str) else list(hardware or [None])
+    if isinstance(hardware, str) and not all(names):
+        raise PlanError(f"hardware: {hardware!r} has an empty device name; give names such as h100-sxm,h200")
     names = list(dict.fromkeys(n for n in names if n)) or [None]  # repeated names once
     counts = parse_gpus(gpus)
+    if counts is not None and nodes is not None:
+        raise PlanError("gpus: give --gpus or --nodes (with --gpus-per-node), not both")
     out = []
     for name in names:
         base = build_cluster(name, cluster, nodes, gpus_per_node, nics_per_node, nic_gbps)

@@ -48,6 +48,7 @@ from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import cost_workload
+from plansim.simulator.units import remainder_s
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
 from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, gemm_dtype, split_layers
@@ -495,7 +496,7 @@ class AnalyticModel:
         compute = m * float((costs[mine, FC] + costs[mine, BC]).sum()) + t.opt_times[last] + t.throttle
         comm = m * float(((costs[mine, F] - costs[mine, FC]) + (costs[mine, B] - costs[mine, BC]) + t.z3[mine]).sum())
         comm += t.dp_exposed[last] + t.start_delay
-        bubble = max(0.0, step - compute - comm)
+        bubble = remainder_s(step, compute, comm)
 
         mem = memory if memory is not None else self.memory(plan, workload, layout, costs)
         states = mem.states

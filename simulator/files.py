@@ -5,6 +5,7 @@ so that a full disk, a crash or Ctrl-C never leaves a half-written file in place
 already had (the move is atomic within a filesystem)."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     with the permissions a plain ``open(path, "w")`` would give.  A missing directory or a
     refused write raises ``OSError`` naming ``path`` before anything there changes."""
     target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     except OSError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 from plansim.simulator.engine import EngineOutput, TraceEvent
 from plansim.simulator.files import write_atomically
 from plansim.simulator.memory import usable_memory_bytes
+from plansim.simulator.units import remainder_s
 from plansim.workloads.training import gemm_dtype
 
 
@@ -108,7 +109,7 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     grads = made + states.ddp_buckets
     other = mem.peak_bytes - states.params - states.optimizer - grads - mem.peak_activations
     last = max(output.ranks, key=lambda r: r.end_s)
-    bubble = max(0.0, step - last.compute_s - last.comm_exposed_s - last.transfer_exposed_s)
+    bubble = remainder_s(step, last.compute_s, last.comm_exposed_s, last.transfer_exposed_s)
     per_stage = [{"stage": r.rank, "compute_s": r.compute_s, "comm_exposed_s": r.comm_exposed_s,
                   "peak_memory_bytes": r.memory.peak_bytes, "end_s": r.end_s} for r in output.ranks]
     capacity = usable_memory_bytes(cluster.device.hbm_bytes)

@@ -68,3 +68,10 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def remainder_s(total: float, *parts: float) -> float:
+    """What is left of ``total`` seconds after ``parts`` (a bubble: the step less its busy time),
+    never negative, and 0 where only floating-point rounding is left (below 1e-9 of the total)."""
+    left = total - sum(parts)
+    return left if left > 1e-9 * abs(total) else 0.0

@@ -231,6 +231,9 @@ def _attention(f: _Fields, hidden: int) -> dict[str, Any]:
 
 def _read_llama(f: _Fields, max_seq_default: int = 4096, qkv_bias: bool = False) -> dict[str, Any]:
     """Llama 1/2/3, Mistral, Qwen2 and the dense part of the MoE families."""
+    act = f.cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # the gated MLP is modelled as SwiGLU; another gate is another model
+        raise ModelError(f"{f.where}: hidden_act {act!r} not supported for this family; allowed: silu (SwiGLU)")
     hidden = f.int("hidden_size")
     return dict(
         num_layers=f.int("num_hidden_layers"),

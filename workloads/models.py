@@ -64,8 +64,14 @@ class ModelSpec:
             if self.hidden % self.num_heads:
                 raise ModelError(f"num_heads: {self.num_heads} must divide hidden {self.hidden}")
             object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
+        for f in ("tied_embeddings", "bias", "qkv_bias", "dropout"):
+            if not isinstance(getattr(self, f), bool):
+                raise ModelError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ModelError(f"top_k: must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+        if self.num_experts and self.first_dense_layers >= self.num_layers:
+            raise ModelError(f"first_dense_layers: {self.first_dense_layers} leaves no MoE layer among "
+                             f"num_layers {self.num_layers}")
         if self.moe_ffn_hidden is None:
             object.__setattr__(self, "moe_ffn_hidden", self.ffn_hidden)
 

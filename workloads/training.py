@@ -488,8 +488,12 @@ def check_plan_fits_model(model: ModelSpec, plan: Plan) -> None:
         raise PlanError(f"tp: {plan.tp} must divide the number of attention heads {model.num_heads}")
     if model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
         raise PlanError(f"tp: {plan.tp} and the key/value heads {model.num_kv_heads} must divide one another")
-    if plan.ep > 1 and (not model.is_moe or model.num_experts % plan.ep):
+    if plan.ep > 1 and not model.is_moe:
+        raise PlanError(f"ep: {plan.ep} needs a mixture-of-experts model; {model.name} is dense (ep must be 1)")
+    if plan.ep > 1 and model.num_experts % plan.ep:
         raise PlanError(f"ep: {plan.ep} must divide the number of experts {model.num_experts}")
+    if model.position == "learned" and plan.seq_len > model.max_seq_len:
+        raise PlanError(f"seq_len: {plan.seq_len} exceeds the {model.max_seq_len} learned positions of {model.name}")
     if plan.pp * plan.vpp > model.num_layers:
         raise PlanError(f"pp: pp·vpp = {plan.pp * plan.vpp} exceeds the {model.num_layers} layers")
     if plan.sequence_parallel and plan.tp > 1 and (plan.micro_batch * plan.seq_len // plan.cp) % plan.tp:

@@ -146,6 +146,10 @@ def test_unreadable_hardware_file(capsys, files):
     (["collective", "--op", "all_reduce", "--bytes", "1MiB", "--nodes", "1", "--gpus-per-node", "1"],
      ["ranks", "at least 2 GPUs"]),
     (["validate", "--profiles", "/no/such/folder"], ["profiles", "/no/such/folder", "no such directory"]),
+    (["simulate", "--ep", "2"], ["ep", "mixture-of-experts", "dense"]),
+    (["simulate", "--model", "gpt3-175b", "--tp", "8", "--seq-len", "4096"], ["seq_len", "4096", "2048 learned"]),
+    (["simulate", "--precision", "fp8", "--hardware", "a100-80gb"], ["precision", "fp8", "a100-80gb"]),
+    (["search", "--model", "tinyllama-1.1b", "--global-batch", "8", "--plot", "plans.txt"], ["plot", ".png"]),
 ])
 def test_other_bad_input(capsys, argv, words):
     line = _bad(capsys, argv)
@@ -167,6 +171,11 @@ def test_plan_file_fields_of_the_wrong_type(capsys, tmp_path, text, words):
     line = _bad(capsys, ["simulate", "--plan", str(plan)])
     for w in words:
         assert w in line, (w, line)
+
+
+def test_a_trace_path_that_is_a_directory_is_named(capsys, tmp_path):
+    line = _bad(capsys, ["simulate", *SMALL, "--trace", str(tmp_path)])
+    assert str(tmp_path) in line and "Is a directory" in line and ".tmp" not in line
 
 
 def test_a_one_device_cluster_without_a_network_simulates(capsys):

@@ -78,7 +78,7 @@ def test_price_override_and_hardware_choice():
 
 
 def test_gpu_range_and_max_global_batch():
-    frame = small_search(gpus="2..8", global_batch=None, max_global_batch=60, top=None)
+    frame = small_search(gpus="2..8", nodes=None, global_batch=None, max_global_batch=60, top=None)
     assert set(frame.num_gpus) == {2, 4, 8}
     assert all(gb <= 60 for gb in frame.global_batch)
 
@@ -100,7 +100,10 @@ def test_pareto_front_is_non_dominated():
     (dict(objective="time-to-train"), "tokens"),
     (dict(pareto="throughput"), "pareto"),
     (dict(gpus="8..2"), "gpus"),
-    (dict(prices=["h100=2.5"]), "price"),  # a typo for h100-sxm must not leave the list price silently
+    (dict(prices=["h100=2.5"]), "price"),
+    (dict(gpus="8,16"), "gpus"),  # with nodes=1: the layout is given twice
+    (dict(gpus="8,,16", nodes=None), "gpus"),
+    (dict(hardware="h100-sxm,"), "hardware"),  # a typo for h100-sxm must not leave the list price silently
     (dict(constraints=["max-memory=0"]), "constraint"),
 ])
 def test_bad_input_is_one_line(kw, field):

@@ -137,6 +137,22 @@ def test_hf_qwen2_moe_rejects_mlp_only_layers(tmp_path):
         load_model(str(write_json(tmp_path, cfg)))
 
 
+def test_hf_llama_with_another_gate_is_refused(tmp_path):
+    """A gated MLP other than SiLU's is not the SwiGLU the cost model charges."""
+    with pytest.raises(ModelError, match="hidden_act 'relu' not supported"):
+        load_model(str(write_json(tmp_path, dict(LLAMA3_8B, hidden_act="relu"))))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(tied_embeddings="maybe"), "tied_embeddings: must be true or false"),
+    (dict(num_experts=4, top_k=2, first_dense_layers=4), "first_dense_layers: 4 leaves no MoE layer"),
+])
+def test_spec_fields_checked(fields, message):
+    base = dict(name="m", num_layers=4, hidden=256, num_heads=4, num_kv_heads=4, ffn_hidden=512, vocab=1000)
+    with pytest.raises(ModelError, match=message):
+        model_from_dict({**base, **fields})
+
+
 def test_hf_deepseek_moe(tmp_path):
     cfg = {"model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944,
            "moe_intermediate_size": 1408, "num_hidden_layers": 28, "num_attention_heads": 16,

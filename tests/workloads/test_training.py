@@ -69,7 +69,7 @@ def _forward_gemm_flops(w: TrainingWorkload) -> float:
     return layers + sum(op.flops for op in w.head) + sum(op.flops for op in w.embedding)
 
 
-@pytest.mark.parametrize("model", [_gpt(), _gpt(layers=3, hidden=768, heads=12, vocab=50257),
+@pytest.mark.parametrize("model", [_gpt(seq=2048), _gpt(layers=3, hidden=768, heads=12, vocab=50257, seq=2048),
                                    load_model("gpt3-175b")], ids=["gpt-small", "gpt-768", "gpt3-175b"])
 @pytest.mark.parametrize("b, s", [(1, 1024), (2, 512), (4, 2048)])
 def test_op_graph_gemm_flops_equal_model_flops(model, b, s):
