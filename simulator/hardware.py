@@ -181,10 +181,11 @@ class Device(_Profile):
         return self
 
     def flops(self, dtype: str) -> float:
-        """Dense peak FLOP/s for ``dtype``; tf32 falls back to fp32 where a device has none."""
+        """Dense peak FLOP/s for ``dtype``; tf32 falls back to fp32 and fp16 to bf16 where a device
+        lists only the one (no fp8 fallback: a GPU without fp8 tensor cores cannot run fp8 GEMMs)."""
         if dtype in self.peak_flops:
             return self.peak_flops[dtype]
-        fallback = {"fp8": "bf16", "tf32": "fp32", "fp16": "bf16"}.get(dtype)
+        fallback = {"tf32": "fp32", "fp16": "bf16"}.get(dtype)
         if fallback and fallback in self.peak_flops:
             return self.peak_flops[fallback]
         # a ProfileError (not KeyError) so that `plansim op --dtype` reports it as bad input, exit 2

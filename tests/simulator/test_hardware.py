@@ -206,7 +206,9 @@ def test_per_dtype_sources_accepted():
         "sources": {"peak_flops.bf16": "a", "hbm": "a", "hbm_bw": "a", "achievable_hbm_bw": "a",
                     "achievable_gemm_fraction": "a", "compute_units": "a", "l2": "a", "kernel_launch": "a",
                     "attention_fraction": "a"}})
-    assert d.hbm_bytes == 2**30 and d.flops("fp8") == 1e12
+    assert d.hbm_bytes == 2**30 and d.flops("fp16") == 1e12  # fp16 falls back to bf16 ...
+    with pytest.raises(ProfileError, match="'fp8' not supported"):  # ... fp8 never does
+        d.flops("fp8")
 
 
 def test_power_draws_below_idle_are_refused(tmp_path):
