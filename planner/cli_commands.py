@@ -18,7 +18,7 @@ from plansim.simulator.files import write_atomically
 from plansim.workloads.plan import PRECISIONS, PlanError
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
-                 ("cp", "cp"), ("ep", "ep"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
+                 ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
                  ("recompute", "recompute"), ("schedule", "schedule"), ("step_time_s", "step s"),
                  ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("sm_clock", "clock"), ("peak_memory_bytes", "peak mem"),
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))

@@ -65,7 +65,7 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     order = sorted(range(len(plans)), key=lambda i: _RECOMPUTE_ORDER[plans[i].recompute])
     for i in order:
         plan = plans[i]
-        sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.zero, plan.micro_batch, plan.global_batch,
+        sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.etp, plan.zero, plan.micro_batch, plan.global_batch,
                    plan.schedule, plan.vpp)
         if prune_dominated and sibling in fitting:
             out[i] = {"pruned": f"dominated: recompute={fitting[sibling]} fits with less recomputation"}

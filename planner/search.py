@@ -48,7 +48,7 @@ OBJECTIVES = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
 PARETO_METRICS = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
                   "cost": ("cost_per_million_tokens_usd", False), "memory": ("peak_memory_bytes", False),
                   "time-to-train": ("time_to_train_s", False), "step-time": ("step_time_s", False)}
-PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
+PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
                 "schedule", "vpp", "sequence_parallel", "precision")
 ESTIMATE_TOLERANCE = 0.02  # how much better than its estimate a plan may simulate (measured: within 1.5%)
 
@@ -389,7 +389,7 @@ def _apply_sim(row: dict[str, Any], res: dict[str, Any], tokens) -> None:
 
 
 def _plan_fields(plan: Plan) -> dict[str, Any]:
-    return {k: getattr(plan, k) for k in PLAN_COLUMNS}
+    return {k: plan.expert_tp if k == "etp" else getattr(plan, k) for k in PLAN_COLUMNS}
 
 
 def _row(t: Target, plan: Plan, metrics: dict[str, Any], evaluated: str, tokens) -> dict[str, Any]:

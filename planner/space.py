@@ -104,6 +104,8 @@ class SearchSpace:
     pp: tuple[int, ...] | None = None
     cp: tuple[int, ...] | None = None  # default: 1, and powers of two up to 8 for seq ≥ 8192
     ep: tuple[int, ...] | None = None
+    #: MoE with tp > 1: also try whole experts with ep over tp·cp·dp (Megatron-Core's parallel folding)
+    expert_folding: bool = True
     micro_batch: tuple[int, ...] = (1, 2, 4, 8, 16)
     recompute: tuple[str, ...] = RECOMPUTE
     schedules: tuple[str, ...] = ("1f1b", "interleaved", "zero-bubble")
@@ -211,12 +213,12 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                 except PlanError as exc:
                     prune(f_pp, str(exc))
                     continue
-                eps = space.ep or ([d for d in _divisors(model.num_experts) if (dp * cp) % d == 0]
-                                   if model.is_moe else [1])
-                for ep in eps:
-                    f_ep = dict(f_pp, ep=ep)
-                    if (dp * cp) % ep or (ep > 1 and (not model.is_moe or model.num_experts % ep)):
-                        prune(f_ep, f"ep: {ep} must divide dp·cp = {dp * cp} and the {model.num_experts} experts")
+                for ep, folded in _expert_layouts(model, space, tp, cp, dp):
+                    f_ep = dict(f_pp, ep=ep, **({"etp": 1} if folded else {}))
+                    ranks = tp * cp * dp if folded else dp * cp
+                    if ranks % ep or (ep > 1 and (not model.is_moe or model.num_experts % ep)):
+                        prune(f_ep, f"ep: {ep} must divide {'tp·cp·dp' if folded else 'dp·cp'} = {ranks} and the "
+                                    f"{model.num_experts} experts")
                         continue
                     for mb in space.micro_batch:
                         f_mb = dict(f_ep, micro_batch=mb)
@@ -273,6 +275,18 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                         continue
                                     plans.append(plan)
     return Enumeration(plans, pruned, len(plans) + sum(p.count for p in pruned))
+
+
+def _expert_layouts(model: ModelSpec, space: SearchSpace, tp: int, cp: int, dp: int) -> list[tuple[int, bool]]:
+    """(ep, folded) pairs: ep inside dp·cp with experts split over tp, and, for MoE with tp > 1,
+    whole experts with ep over tp·cp·dp (folded; ep 1 is the same plan either way)."""
+    if not model.is_moe:
+        return [(ep, False) for ep in (space.ep or (1,))]
+    eps = space.ep or tuple(_divisors(model.num_experts))
+    pairs = [(ep, False) for ep in eps if space.ep or (dp * cp) % ep == 0]
+    if space.expert_folding and tp > 1:
+        pairs += [(ep, True) for ep in eps if ep > 1 and (space.ep or (tp * cp * dp) % ep == 0)]
+    return pairs
 
 
 def _zeros(space: SearchSpace, dp: int, cp: int) -> tuple[int, ...]:

@@ -51,6 +51,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
         p.add_argument(f"--{name}", type=positive_int)
+    p.add_argument("--etp", type=positive_int,
+                   help="expert tensor parallelism: tp (default) or 1, Megatron-Core's MoE parallel folding "
+                        "(whole experts; ep may then span tp·cp·dp)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--recompute", choices=RECOMPUTE)
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
@@ -74,7 +77,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     from plansim.api import load_plan
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
-    for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
+    for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
                  "recompute", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "first_stage_layers", "last_stage_layers"):

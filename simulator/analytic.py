@@ -47,7 +47,7 @@ from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, c
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
-from plansim.simulator.stagecost import cost_workload
+from plansim.simulator.stagecost import Groups, cost_workload
 from plansim.simulator.units import remainder_s
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
@@ -293,7 +293,7 @@ class AnalyticModel:
         offload = tuple(sorted(plan.offload.items()))
         states, static = [], np.empty(p)
         for r in range(p):
-            skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.ep,
+            skey = ("states", float(dense_r[r]), float(expert_r[r]), plan.zero, plan.dp, plan.cp, plan.expert_dp,
                     plan.precision, plan.fp32_grads, plan.ddp, offload)
             rank_states = self._memo.get(skey)
             if rank_states is None:
@@ -335,7 +335,7 @@ class AnalyticModel:
         ranks = layout.ranks
         gpn = cluster.gpus_per_node
         grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
-        expert_group = Group.contiguous(max(1, plan.dp * plan.cp // plan.ep), plan.tp * plan.ep, gpn)
+        expert_group = Groups.of(plan, cluster).expert_dp
         n_dp = plan.dp * plan.cp
         split_w = plan.schedule == "zero-bubble"
         grad_b = 4.0 if plan.fp32_grads else 2.0

@@ -177,7 +177,7 @@ class TrainingSimulation:
         gpn = cluster.gpus_per_node
         plan = self.plan
         self.grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
-        self.expert_grad_group = Group.contiguous(max(1, plan.dp * plan.cp // plan.ep), plan.tp * plan.ep, gpn)
+        self.expert_grad_group = self.groups.expert_dp
         self.events: list[TraceEvent] = []
 
     # --- helpers ------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def rank_model_states(dense_params: float, expert_params: float, plan: Plan) -> 
     ZeRO) keeps a bucket copy of the gradients it all-reduces: the dense ones whenever dp·cp > 1,
     the experts' only when they have data-parallel replicas."""
     dense = model_state_bytes(dense_params, plan)
-    expert_dp = max(1, plan.dp * plan.cp // plan.ep)
+    expert_dp = plan.expert_dp
     experts = model_state_bytes(expert_params, plan, shard_over=expert_dp)
     buckets = 0.0
     if plan.ddp == "torch" and plan.zero == 0:

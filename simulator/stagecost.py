@@ -28,22 +28,27 @@ TENSOR_KINDS = ("gemm", "attention")
 
 @dataclass(frozen=True)
 class Groups:
-    """Placement of each communicator of a rank (Megatron order: tp, cp, dp, pp; ep in dp·cp)."""
+    """Placement of each communicator of a rank (Megatron order: tp, cp, dp, pp; ep inside dp·cp, or
+    with MoE parallel folding (etp 1) over consecutive ranks of tp·cp·dp, Megatron-Core's expert
+    grid etp, ep, expert-dp)."""
 
     tp: Group
     cp: Group
     dp: Group
     ep: Group
+    expert_dp: Group  # the replicas of one expert, whose gradients are reduced together
     pp_stride: int  # global-rank distance between adjacent pipeline stages
 
     @classmethod
     def of(cls, plan: Plan, cluster: Cluster) -> "Groups":
         gpn = cluster.gpus_per_node
+        folded = plan.expert_tp < plan.tp  # etp 1: the expert grid is etp (1), ep, expert-dp
         return cls(
             tp=Group.contiguous(plan.tp, 1, gpn),
             cp=Group.contiguous(plan.cp, plan.tp, gpn),
             dp=Group.contiguous(plan.dp, plan.tp * plan.cp, gpn),
-            ep=Group.contiguous(plan.ep, plan.tp * plan.cp, gpn),
+            ep=Group.contiguous(plan.ep, 1 if folded else plan.tp * plan.cp, gpn),
+            expert_dp=Group.contiguous(plan.expert_dp, plan.ep if folded else plan.tp * plan.ep, gpn),
             pp_stride=plan.tp * plan.cp * plan.dp,
         )
 

@@ -1,6 +1,6 @@
 """Published training throughput of other software stacks, predicted by ``plansim simulate``.
 
-``validation/reference/published_runs.csv`` holds 267 runs that neither the cost models nor
+``validation/reference/published_runs.csv`` holds 269 runs that neither the cost models nor
 their calibration ever saw: NVIDIA's NeMo 24.07 / 25.02 and Megatron-Bridge 25.09 – 26.06
 performance tables (Megatron-Core, H100 and B200, fp8; Llama 3 and Qwen3 MoE), torchtitan's
 Llama 3 benchmarks (FSDP2, H100 and A100), MosaicML llm-foundry's MPT tables (Composer FSDP, A100
@@ -23,9 +23,9 @@ from plansim.api import simulate
 from plansim.validation.reference_data import load_published_runs, published_model
 
 #: the plan columns of ``published_runs.csv`` (empty: plansim's default)
-PLAN_COLUMNS = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq_len", "recompute", "schedule", "vpp",
+PLAN_COLUMNS = ("tp", "pp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute", "schedule", "vpp",
                 "precision", "framework", "attention", "sequence_parallel")
-_INTEGER_FIELDS = {"tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq_len", "vpp"}
+_INTEGER_FIELDS = {"tp", "pp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "vpp"}
 
 
 def run_plan(row: pd.Series) -> dict:

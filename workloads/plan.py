@@ -47,6 +47,8 @@ class Plan:
     dp: int = 1
     cp: int = 1
     ep: int = 1
+    etp: int | None = None  # expert tensor parallelism: None = tp (experts sharded like the dense MLP, ep
+    #   inside dp·cp); 1 = Megatron-Core's MoE parallel folding (whole experts, ep over tp·cp·dp)
     zero: int = 0  # 0 none; 1 optimizer (Megatron distributed optimizer); 2 +grads; 3 +params (FSDP)
     micro_batch: int = 1
     global_batch: int = 1
@@ -78,7 +80,7 @@ class Plan:
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:
             check_positive_int(name, getattr(self, name))
-        for name in ("first_stage_layers", "last_stage_layers"):
+        for name in ("first_stage_layers", "last_stage_layers", "etp"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         for name in BOOLEAN_FIELDS:
@@ -104,8 +106,15 @@ class Plan:
             raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
         if self.schedule in ("interleaved", "zero-bubble") and self.pp == 1:
             raise PlanError(f"schedule: {self.schedule!r} needs pipeline stages (pp > 1); with pp 1 use '1f1b'")
-        if (self.dp * self.cp) % self.ep:
-            raise PlanError(f"ep: {self.ep} must divide dp·cp = {self.dp * self.cp}")
+        if self.etp not in (None, 1, self.tp):
+            raise PlanError(f"etp: must be 1 (MoE parallel folding) or tp = {self.tp}, got {self.etp!r}")
+        if self.expert_tp == self.tp and (self.dp * self.cp) % self.ep:
+            raise PlanError(f"ep: {self.ep} must divide dp·cp = {self.dp * self.cp} (or give etp 1 to fold "
+                            f"expert parallelism over tp·cp·dp)")
+        if (self.tp * self.cp * self.dp) % (self.ep * self.expert_tp):
+            raise PlanError(f"ep: {self.ep} must divide tp·cp·dp = {self.tp * self.cp * self.dp}")
+        if self.expert_tp < self.tp and not self.sequence_parallel:
+            raise PlanError("etp: 1 with tp > 1 needs sequence_parallel (each TP rank routes its own tokens)")
         if self.global_batch % (self.dp * self.micro_batch):
             raise PlanError(
                 f"global_batch: {self.global_batch} is not a multiple of dp·micro_batch = "
@@ -125,6 +134,16 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_tp(self) -> int:
+        """The ranks each expert's weights are split over: ``etp``, or tp where it is not given."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel replicas of each expert: the tp·cp·dp ranks over etp·ep."""
+        return self.tp * self.cp * self.dp // (self.ep * self.expert_tp)
 
     @property
     def num_microbatches(self) -> int:

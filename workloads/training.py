@@ -215,9 +215,10 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
 
 
 def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,
-             tp_comms: bool = True, saved_input: float | None = None) -> list[Op]:
-    t, e, h = plan.tp, ACT_BYTES, model.hidden
-    f = width / t
+             tp_comms: bool = True, saved_input: float | None = None, shards: int | None = None) -> list[Op]:
+    """An MLP of ``width`` on ``tokens``, its weights split over ``shards`` ranks (tp by default)."""
+    e, h = ACT_BYTES, model.hidden
+    f = width / (plan.tp if shards is None else shards)
     dtype = gemm_dtype(plan)
     up_cols = f * (2 if model.mlp == "swiglu" else 1)
     ops = []
@@ -256,28 +257,38 @@ def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[O
     """Router, all-to-all dispatch over the EP group, local experts, all-to-all combine.
 
     Tokens are assumed balanced over experts: each rank processes tokens·top_k expert-tokens.
+    With experts split like the dense MLP (etp = tp) the TP group first gathers the sequence-
+    parallel tokens and reduce-scatters after; with Megatron-Core's parallel folding (etp 1, tp > 1)
+    each TP rank routes its own 1/tp of them to whole experts, and a shared expert keeps the
+    dense MLP's TP collectives.
     """
     e, h, k = ACT_BYTES, model.hidden, model.top_k
     dtype = gemm_dtype(plan)
+    folded = plan.expert_tp < plan.tp
+    if folded:
+        tokens = tokens / plan.tp
     routed = tokens * k
-    ops = [
-        _tp_comm("moe.allgather", full, plan, "all_gather"),
+    ops = [] if folded else [_tp_comm("moe.allgather", full, plan, "all_gather")]
+    ops += [
         Op("router", "gemm", gemm=(int(tokens), model.num_experts, h), dtype=dtype,
            has_weight=True, saved_bytes=0.0),
         Op("router.topk", "memory", bytes=tokens * model.num_experts * 4 * 2),
         Op("moe.dispatch", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
            comm_bytes=routed * h * e),
     ]
-    ops += _mlp_ops(model, plan, routed, model.moe_ffn_hidden, full, "experts", tp_comms=False)
+    ops += _mlp_ops(model, plan, routed, model.moe_ffn_hidden, full, "experts", tp_comms=False,
+                    shards=plan.expert_tp)
     if model.shared_experts:
-        ops += _mlp_ops(model, plan, tokens, model.moe_ffn_hidden * model.shared_experts, full, "shared",
-                        tp_comms=False)
+        # folded: the shared expert is a dense TP MLP on the gathered sequence
+        ops += _mlp_ops(model, plan, tokens * plan.tp if folded else tokens,
+                        model.moe_ffn_hidden * model.shared_experts, full, "shared", tp_comms=folded)
     ops += [
         Op("moe.combine", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
            comm_bytes=routed * h * e),
         Op("moe.unpermute", "memory", bytes=3 * routed * h * e),
-        _tp_comm("moe.reduce", full, plan, "reduce_scatter"),
     ]
+    if not folded:
+        ops.append(_tp_comm("moe.reduce", full, plan, "reduce_scatter"))
     return ops
 
 
@@ -468,7 +479,7 @@ class TrainingWorkload:
         for layer in range(chunk.first_layer, chunk.first_layer + chunk.num_layers):
             if m.is_moe_layer(layer):
                 routed = m.num_experts * m.expert_params
-                expert += routed / (t * self.plan.ep)
+                expert += routed / (self.plan.expert_tp * self.plan.ep)
                 dense += (m.attention_params + m.moe_mlp_params - routed) / t + m.norm_params * (1 - 1 / t)
             else:
                 dense += (m.attention_params + m.dense_mlp_params) / t + m.norm_params

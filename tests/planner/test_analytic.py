@@ -117,3 +117,17 @@ def test_an_offload_tier_the_cluster_lacks_is_refused():
     plan = Plan(dp=8, global_batch=8, seq_len=4096, offload={"optimizer": "cxl"})
     with pytest.raises(PlanError, match="no cxl tier"):
         AnalyticModel(MODEL, build_cluster("h100-sxm", None, 1, 8)).estimate(plan)
+
+
+@pytest.mark.parametrize("etp", [None, 1])
+def test_moe_with_and_without_parallel_folding(etp):
+    """Mixtral on 16 H100s, tp 2 and dp 8: ep 4 inside dp (experts split over tp), or whole experts
+    with ep 8 over tp·dp (Megatron-Core's folding); the estimate follows the engine either way."""
+    model = load_model("mixtral-8x7b")
+    plan = Plan(tp=2, dp=8, ep=4 if etp is None else 8, etp=etp, micro_batch=1, global_batch=16, seq_len=4096,
+                recompute="full", zero=1)
+    est = AnalyticModel(model, CLUSTER).estimate(plan)
+    out = TrainingSimulation(TrainingWorkload(model, plan), CLUSTER).run()
+    res = build_result(out, model=model, plan=plan, cluster=CLUSTER, calibrated=None)
+    assert est.peak_memory_bytes == pytest.approx(res.peak_memory_bytes, rel=1e-9)
+    assert est.step_time_s == pytest.approx(res.step_time_s, rel=0.02)

@@ -340,3 +340,35 @@ def test_a_tied_embedding_is_held_once_where_the_output_layer_shares_its_stage()
     two = TrainingWorkload(model, Plan(pp=2, global_batch=2))
     held = sum(sum(two.chunk_params(c)) for c in two.chunks)
     assert held == pytest.approx(model.num_params + model.vocab * model.hidden)
+
+
+def test_moe_parallel_folding_routes_each_tp_ranks_own_tokens_to_whole_experts():
+    """etp 1 (Megatron-Core's MoE parallel folding): no TP gather or reduce-scatter around the
+    experts, each TP rank routes its 1/tp of the tokens, experts are whole (not split over tp) and
+    spread over ep ranks of tp·dp; the all-to-all moves 1/tp of the legacy layout's bytes."""
+    from plansim.simulator.stagecost import Groups
+    from plansim.simulator.hardware import build_cluster
+    model = load_model("mixtral-8x7b")
+    legacy = TrainingWorkload(model, Plan(tp=2, dp=4, ep=4, global_batch=4, seq_len=4096))
+    folded = TrainingWorkload(model, Plan(tp=2, dp=4, ep=8, etp=1, global_batch=4, seq_len=4096))
+
+    def moe_ops(w):
+        return {op.name: op for op in w.layer_ops(0)}
+
+    old, new = moe_ops(legacy), moe_ops(folded)
+    assert "moe.allgather" in old and "moe.reduce" in old
+    assert "moe.allgather" not in new and "moe.reduce" not in new
+    assert new["moe.dispatch"].comm_bytes == pytest.approx(old["moe.dispatch"].comm_bytes / 2)
+    # legacy: 2·tokens·k rows at width f/2; folded: tokens·k rows at width f: the same expert FLOPs
+    assert new["experts.up"].flops == pytest.approx(old["experts.up"].flops)
+    assert new["experts.up"].gemm[1] == 2 * old["experts.up"].gemm[1]
+    routed = model.num_experts * model.expert_params
+    chunk = folded.chunks[0]
+    assert folded.chunk_params(chunk)[1] == pytest.approx(routed * model.num_layers / 8)
+    assert legacy.chunk_params(legacy.chunks[0])[1] == pytest.approx(routed * model.num_layers / 8)
+    groups = Groups.of(folded.plan, build_cluster("h100-sxm", None, 1, 8))
+    assert (groups.ep.size, groups.expert_dp.size) == (8, 1)
+    with pytest.raises(PlanError, match="ep: 8 must divide dp·cp = 4"):
+        Plan(tp=2, dp=4, ep=8, global_batch=4)
+    with pytest.raises(PlanError, match="etp: 1 with tp > 1 needs sequence_parallel"):
+        Plan(tp=2, dp=4, ep=8, etp=1, sequence_parallel=False, global_batch=4)
