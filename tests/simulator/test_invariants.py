@@ -56,7 +56,7 @@ def cases(draw):
     pp = draw(st.sampled_from([1, 2, 4]))
     dp = draw(st.sampled_from([1, 2, 4]))
     cp = draw(st.sampled_from([1, 1, 2]))
-    ep = draw(st.sampled_from([1, 2])) if model.is_moe else 1
+    ep = draw(st.sampled_from([1, 2, 4])) if model.is_moe else 1
     schedule = draw(st.sampled_from(["1f1b", "gpipe", "zero-bubble", "interleaved"]))
     vpp = draw(st.sampled_from([2, 3])) if schedule == "interleaved" else 1
     mb = draw(st.integers(1, 2))
@@ -65,7 +65,8 @@ def cases(draw):
         m = pp * draw(st.integers(1, 2))
     offload = draw(st.sampled_from([{}, {}, {}, {"optimizer": "cpu"}, {"optimizer": "nvme"}, {"activations": "cpu"}]))
     try:
-        plan = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, zero=draw(st.integers(0, 3)), micro_batch=mb,
+        plan = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=draw(st.sampled_from([None, 1])),
+                    zero=draw(st.integers(0, 3)), micro_batch=mb,
                     global_batch=dp * mb * m, seq_len=draw(st.sampled_from([128, 256, 512])),
                     recompute=draw(st.sampled_from(["none", "selective", "full"])),
                     sequence_parallel=draw(st.booleans()), schedule=schedule, vpp=vpp,
