@@ -97,7 +97,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
                    help="price per GPU-hour override, repeatable (built-in: the devices' list prices)")
     p.add_argument("--list-infeasible", action="store_true", help="also list the pruned plans with their reason")
     p.add_argument("--confirm", type=int, default=None,
-                   help="event-simulate at least this many of the best estimates (default: max(top, 5))")
+                   help="event-simulate at least this many of the best estimates (default: max(top, 5)); "
+                        "simulated rows come first, so with fewer than --top an estimated row may follow a slower "
+                        "simulated one")
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)

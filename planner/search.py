@@ -35,7 +35,7 @@ import yaml
 from plansim.planner.executors import InlineExecutor, evaluate_task, make_executor, simulate_task
 from plansim.planner.space import (MEMORY_KEYS, Enumeration, Pruned, SearchSpace,
                                    check_constraints_satisfiable, enumerate_plans, parse_constraints)
-from plansim.simulator.calibration import apply_calibration
+from plansim.simulator.calibration import calibrate_cluster
 from plansim.simulator.costs.power import with_power_limit
 from plansim.simulator.hardware import Cluster, build_cluster, profile_names
 from plansim.workloads.model_io import load_model
@@ -180,10 +180,8 @@ def _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_g
                     raise PlanError(f"gpus: {c} is not a multiple of the {gpn} GPUs per node of {base.device.name}")
         for n_nodes, gpn in layouts:
             machine = build_cluster(name, cluster, n_nodes, gpn, nics_per_node, nic_gbps)
-            if calibrated:
-                device, source = apply_calibration(machine.device)
-                if source is not None:
-                    machine = machine.model_copy(update={"device": device})
+            if calibrated:  # the device and the links fitted on its hosts, as plansim.simulate does
+                machine, _ = calibrate_cluster(machine)
             machine = with_power_limit(machine, power_limit_w)
             dev = machine.device.name
             price = prices.get(dev, prices.get(name or dev, machine.device.price_per_hour_usd))

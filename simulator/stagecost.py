@@ -182,10 +182,11 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
             cost.ops.append((op.name, comm.time_s, f"comm:{op.group}"))
         elif seconds:
             cost.compute_s += seconds
+            flops = _tensor_flops(op)  # GEMMs and flash attention alike (HFU counts what runs)
             if op.kind in TENSOR_KINDS:
                 i = 2 * TENSOR_KINDS.index(op.kind)
-                cost.tensor[i:i + 2] += (seconds, _tensor_flops(op))
-            cost.flops += op.flops
+                cost.tensor[i:i + 2] += (seconds, flops)
+            cost.flops += flops
             cost.ops.append((op.name, seconds, "compute"))
         if comm is not None or seconds:
             issued += op.kernels

@@ -20,3 +20,5 @@ def test_plan_search_notebook_executes(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("plans explored" in o.get("text", "") for o in outputs)
+    # the Pareto front, the timeline and the memory bars are drawn inline
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3

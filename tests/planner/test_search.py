@@ -207,3 +207,15 @@ def test_rows_carry_the_clock_power_and_energy_of_the_power_model():
     assert (abs(h100.energy_per_token_j - h100.power_w * h100.num_gpus * h100.step_time_s / tokens)
             <= 1e-9 * h100.energy_per_token_j).all()
     assert a100.sm_clock.isna().all() and a100.power_w.isna().all()  # no power data for the A100
+
+
+def test_confirmed_rows_are_what_simulate_gives():
+    """A row the search event-simulated is plansim.simulate's answer for that plan: the search
+    calibrates the cluster as simulate does (the H200's fitted NVLink included; it used to take
+    the device's parameters only, and ran H200 plans 1-2 % fast)."""
+    import plansim
+    frame = search("tinyllama-1.1b", "h200", nodes=1, gpus_per_node=8, global_batch=32, seq_len=2048, top=3,
+                   executor="inline")
+    for _, row in frame[frame["evaluated"] == "event"].iterrows():
+        result = plansim.simulate("tinyllama-1.1b", "h200", nodes=1, gpus_per_node=8, plan=row["plan"])
+        assert row["step_time_s"] == pytest.approx(result.step_time_s, rel=1e-9)

@@ -386,3 +386,14 @@ def test_kernel_trace_fills_each_part_of_a_split_backward():
         assert any(s.start_s - 1e-12 <= k.start_s and k.start_s + k.duration_s <= s.start_s + s.duration_s + 1e-12
                    for s in slices), k
     assert sum(k.duration_s for k in kernels) == pytest.approx(sum(s.duration_s for s in slices), rel=1e-9)
+
+
+def test_hfu_counts_recomputed_flash_attention():
+    """Selective recomputation with flash attention re-runs the attention forward: HFU counts it
+    (it counted GEMMs only, so HFU stayed at MFU while the step grew)."""
+    from plansim.api import simulate
+    plan = dict(tp=8, micro_batch=1, global_batch=1, seq_len=4096, attention="flash")
+    none = simulate("llama3-8b", "h100-sxm", nodes=1, gpus_per_node=8, plan=dict(plan, recompute="none"))
+    selective = simulate("llama3-8b", "h100-sxm", nodes=1, gpus_per_node=8, plan=dict(plan, recompute="selective"))
+    assert none.hfu == pytest.approx(none.mfu)
+    assert selective.hfu > selective.mfu * 1.01
