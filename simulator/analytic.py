@@ -16,7 +16,9 @@ engine, so the two agree wherever nothing contends:
   (:func:`~plansim.simulator.schedules.build_schedule`), so peak memory is exact, not estimated.
 
 What is approximated is only the timeline.  With per-rank work per micro-batch
-``R_r = Σ_chunks (F + B + 2·p2p)``, ``m`` micro-batches and ``v`` virtual stages per rank,
+``R_r = Σ_chunks (F + B)`` (plus ``2·p2p`` per chunk where the sender waits for its sends; overlapped
+sends only lengthen the chain that fills and drains the pipeline, one hop each way between adjacent
+ranks, added to the bubble), ``m`` micro-batches and ``v`` virtual stages per rank,
 
     T_pipeline = m · max_r R_r + (Σ_r R_r − max_r R_r) / v · β
 
@@ -343,6 +345,7 @@ class AnalyticModel:
 
         f = costs[:, F].copy()
         b = costs[:, B].copy()
+        p2p_chain = 0.0
         if p > 1:  # pipeline point-to-point (the engine: source rank index vs destination virtual stage)
             p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * model.hidden * ACT_BYTES / plan.tp
             same = self._collective("send_recv", p2p_bytes, Group(2, 2))
@@ -352,8 +355,16 @@ class AnalyticModel:
 
             def hop(stage: np.ndarray) -> np.ndarray:
                 return np.where((stage * stride) // gpn == ((stage + 1) * stride) // gpn, same, cross)
-            f[:-1] += hop(np.minimum(ranks, idx + 1))[:-1]
-            b[1:] += hop(np.minimum(ranks, idx - 1))[1:]
+            hop_f, hop_b = hop(np.minimum(ranks, idx + 1))[:-1], hop(np.minimum(ranks, idx - 1))[1:]
+            if plan.overlap_p2p:
+                # asynchronous sends cost their sender nothing: they lie only on the chain that fills
+                # the pipeline (the first micro-batch's forward to the last rank) and drains it (its
+                # gradient back), one hop between each pair of adjacent ranks each way
+                between = hop(np.arange(p - 1))
+                p2p_chain = 2.0 * float(between.sum())
+            else:  # the sender waits for each of its sends (Megatron-LM 2021)
+                f[:-1] += hop_f
+                b[1:] += hop_b
         z3 = np.zeros(n_chunks)
         if plan.zero >= 3 and n_dp > 1:  # FSDP: a call per layer, the first exposed, the rest prefetched
             for i, chunk in enumerate(layout.chunks):
@@ -373,7 +384,7 @@ class AnalyticModel:
                 b[i] += exposed_b
         per_rank = np.bincount(ranks, weights=f + b, minlength=p)
         r_max = float(per_rank.max())
-        bubble = (float(per_rank.sum()) - r_max) / v
+        bubble = (float(per_rank.sum()) - r_max) / v + p2p_chain
         if split_w and p > 1:
             # ZB-H1: late W passes fill the drain, a third of 1F1B's bubble left (β above) ...
             fw, bi, w = costs[:, F].sum(), costs[:, BI].sum(), costs[:, W].sum()
