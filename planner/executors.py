@@ -208,6 +208,8 @@ class RayExecutor:
 
 
 def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
+    if address is not None and kind != "ray":
+        raise PlanError(f"address: a Ray cluster address needs executor 'ray', got {kind!r}")
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "inline":

@@ -103,7 +103,8 @@ def test_pareto_front_is_non_dominated():
     (dict(prices=["h100=2.5"]), "price"),
     (dict(gpus="8,16"), "gpus"),  # with nodes=1: the layout is given twice
     (dict(gpus="8,,16", nodes=None), "gpus"),
-    (dict(hardware="h100-sxm,"), "hardware"),  # a typo for h100-sxm must not leave the list price silently
+    (dict(hardware="h100-sxm,"), "hardware"),
+    (dict(address="10.0.0.1:6379"), "address"),  # without executor="ray" it would run locally, unasked  # a typo for h100-sxm must not leave the list price silently
     (dict(constraints=["max-memory=0"]), "constraint"),
 ])
 def test_bad_input_is_one_line(kw, field):
