@@ -130,10 +130,13 @@ DEFAULT_PLAN = {"zero": 1, "seq_len": 4096, "micro_batch": 1, "global_batch": 32
 def cmd_simulate(args: argparse.Namespace) -> int:
     from plansim.api import simulate
     from plansim.simulator.units import format_bytes
+    if args.trace_detail and not args.trace:
+        raise UserError("--trace-detail: needs --trace OUT.json (it sets what the trace holds)")
     fields = _plan_fields(args) or dict(DEFAULT_PLAN)
     result = simulate(args.model, args.hardware, args.cluster, fields, nodes=args.nodes,
                       gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
-                      trace=bool(args.trace), trace_detail=args.trace_detail, calibrated=not args.no_calibration,
+                      trace=bool(args.trace), trace_detail=args.trace_detail or "phase",
+                      calibrated=not args.no_calibration,
                       power_limit_w=args.power_limit)
     if args.trace:
         result.write_trace(args.trace)
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
-    p.add_argument("--trace-detail", choices=("phase", "op"), default="phase")
+    p.add_argument("--trace-detail", choices=("phase", "op"), default=None,
+                   help="trace slices per phase (default) or per op; needs --trace")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("op", help="predict one kernel")
