@@ -407,20 +407,41 @@ class AnalyticModel:
 
         params_r = np.bincount(ranks, weights=params, minlength=p)
         offsets = np.zeros(p) if split_w else np.concatenate(([0.0], np.cumsum(b[:p])[:-1]))
-        ends, dp_exposed, opt_times = np.zeros(p), np.zeros(p), np.zeros(p)
+        opt_times = np.array([self.optimizer_time_s(plan, float(params_r[r])) for r in range(p)])
+        # the board power limit (costs/power.py): the busiest rank's activity sets the clock;
+        # its tensor-core kernels stretch the step.  The controller resolves idle spans of 50 ms
+        # and more (suite powergaps), so the activity is over the rank's busy span: its forward
+        # and backward passes with the communication and sends inside them, and its optimizer,
+        # not the pipeline bubble or the data-parallel tail, which it waits out at idle draw
+        power, throttle, stretch = None, 0.0, np.ones(n_chunks)
+        if self._power is not None:
+            flops = costs[:, TENSOR][:, 1::2].sum(axis=1)
+            r = int(np.bincount(ranks, weights=flops, minlength=p).argmax())
+            mine_r = ranks == r
+            busy = m * float(per_rank[r]) + opt_times[r]
+            activity = Activity.of(cluster.device, m * costs[mine_r, TENSOR].sum(axis=0),
+                                   m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], busy)
+            power = self._power.state(activity)
+            throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, power.slowdowns))
+            # each chunk's passes as the throttled engine runs them: the gradient buckets below
+            # hide behind the backward at that length
+            extra = sum(costs[:, TENSOR][:, 2 * k] * (s - 1.0) for k, s in enumerate(power.slowdowns))
+            fb = costs[:, F] + costs[:, B]
+            stretch = 1.0 + np.divide(extra, fb, out=np.zeros(n_chunks), where=fb > 0)
+        ends, dp_exposed = np.zeros(p), np.zeros(p)
         for r in range(p):
             exposed = 0.0
             if n_dp > 1 and plan.zero < 3:
                 op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
                 if plan.overlap_grad_reduce:  # buckets of the rank's last backward (chunk r)
                     n_b = max(1, math.ceil(params[r] / bucket_params(plan)))
-                    dense = self._collective_cost(op, costs[r, DENSE] * grad_b / n_b, grad_group)
-                    bucket = dense.time_s
+                    parts = [self._collective_cost(op, costs[r, DENSE] * grad_b / n_b, grad_group)]
                     if costs[r, EXPERT] and expert_group.size > 1:
-                        bucket += self._collective(op, costs[r, EXPERT] * grad_b / n_b, expert_group)
+                        parts.append(self._collective_cost(op, costs[r, EXPERT] * grad_b / n_b, expert_group))
+                    bucket = sum(c.time_s for c in parts)
                     # the engine runs the backward in n_b parts, each its compute then its inline
                     # collectives, and queues a bucket after each
-                    end = costs[r, W] if split_w else costs[r, B]
+                    end = (costs[r, W] if split_w else costs[r, B]) * stretch[r]
                     seg = end / n_b
                     # bucket k is ready at k·seg and the DP stream sends one at a time, so the last
                     # ends at max over j of j·seg + (n − j + 1)·bucket: j = 1 or j = n (linear in j);
@@ -428,9 +449,12 @@ class AnalyticModel:
                     done = max(seg + n_b * bucket, n_b * seg + bucket)
                     tail = max(0.0, done - end)
                     hidden = max(0.0, n_b * bucket - tail)
-                    # the engine owes contention for the hidden part and pays what the wait does not cover
-                    rate = dense.payload_bytes / dense.time_s if dense.time_s > 0 else 0.0
-                    exposed = max(tail, contention_s(cluster.device, hidden, hidden * rate))
+                    # the engine owes contention for the hidden part, each collective at its own rate
+                    # (the experts' reduction over one GPU per node moves fewer bytes a second than
+                    # the dense one), and pays what the wait does not cover
+                    owed = sum(contention_s(cluster.device, hidden * c.time_s / bucket, hidden / bucket * c.payload_bytes)
+                               for c in parts if bucket > 0)
+                    exposed = max(tail, owed)
                 else:
                     for i in np.flatnonzero(ranks == r):
                         exposed += self._collective(op, costs[i, DENSE] * grad_b, grad_group)
@@ -441,7 +465,7 @@ class AnalyticModel:
                 unit = self._collective_cost("reduce_scatter", params[r] * grad_b / layers, grad_group)
                 rs = layers * unit.time_s
                 # the rank's last backward: as the buckets above, one per layer
-                end = costs[r, W] if split_w else costs[r, B]
+                end = (costs[r, W] if split_w else costs[r, B]) * stretch[r]
                 seg = end / layers
                 tail = max(0.0, max(seg + rs, end + unit.time_s) - end)
                 # earlier micro-batches' reductions still queued when the pipeline drains
@@ -452,26 +476,10 @@ class AnalyticModel:
             if plan.zero in (1, 2) and n_dp > 1 and not plan.overlap_grad_reduce:
                 exposed += sum(self._collective("all_gather", params[i] * 2.0, grad_group)
                                for i in np.flatnonzero(ranks == r))
-            opt_times[r] = self.optimizer_time_s(plan, float(params_r[r]))
             dp_exposed[r] = exposed
             ends[r] = start_delay + t_pipe - offsets[r] + exposed + opt_times[r]
         last = int(ends.argmax())
         step = float(ends[last])
-        # the board power limit (costs/power.py): the busiest rank's activity sets the clock;
-        # its tensor-core kernels stretch the step.  The controller resolves idle spans of 50 ms
-        # and more (suite powergaps), so the activity is over the rank's busy span: its forward
-        # and backward passes with the communication and sends inside them, and its optimizer,
-        # not the pipeline bubble or the data-parallel tail, which it waits out at idle draw
-        power, throttle = None, 0.0
-        if self._power is not None:
-            flops = costs[:, TENSOR][:, 1::2].sum(axis=1)
-            r = int(np.bincount(ranks, weights=flops, minlength=p).argmax())
-            mine_r = ranks == r
-            busy = m * float(per_rank[r]) + opt_times[r]
-            activity = Activity.of(cluster.device, m * costs[mine_r, TENSOR].sum(axis=0),
-                                   m * float((costs[mine_r, FC] + costs[mine_r, BC]).sum()) + opt_times[r], busy)
-            power = self._power.state(activity)
-            throttle = sum(t * (s - 1.0) for t, s in zip(activity.tensor_s, power.slowdowns))
         return _Step(workload, layout, costs, m, step + throttle, last, opt_times, dp_exposed, start_delay, z3,
                      throttle, power)
 
