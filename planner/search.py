@@ -41,6 +41,7 @@ from plansim.simulator.hardware import Cluster, build_cluster, profile_names
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
+from plansim.workloads.training import gemm_dtype
 
 # objective -> (column, True if larger is better)
 OBJECTIVES = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
@@ -243,6 +244,12 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
     targets = _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
                        price_table, power_limit_w)
     _check_price_names(price_table, targets)
+    precision = space.plan_defaults.get("precision", "bf16-mixed")
+    dtype = gemm_dtype(Plan(precision=precision))
+    if all(dtype not in t.cluster.device.peak_flops for t in targets):
+        names = sorted({t.cluster.device.name for t in targets})
+        raise PlanError(f"precision: {precision} needs {dtype} tensor cores, which {', '.join(names)} "
+                        f"{'lacks' if len(names) == 1 else 'lack'}")
     if objective == "cost" or "cost" in pareto_metrics:
         if all(t.price is None for t in targets):
             names = sorted({t.cluster.device.name for t in targets})

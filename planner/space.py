@@ -30,7 +30,7 @@ from plansim.workloads.training import check_plan_fits_model, split_layers
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
         "<": operator.lt, ">": operator.gt}
-INT_KEYS = ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "vpp", "global_batch", "num_gpus")
+INT_KEYS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "vpp", "global_batch", "num_gpus")
 STR_KEYS = ("recompute", "schedule", "hardware", "precision")
 MEMORY_KEYS = ("max_memory", "memory")
 CONSTRAINT_KEYS = INT_KEYS + STR_KEYS + MEMORY_KEYS
@@ -173,6 +173,8 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
 
     def violated(fields: dict[str, Any]) -> Constraint | None:
         values = dict(fields, num_gpus=n, hardware=hw, precision=defaults.get("precision", "bf16-mixed"))
+        if "tp" in values:  # experts split like the dense MLP unless folded
+            values.setdefault("etp", values["tp"])
         for c in plan_constraints:
             if c.key in values and not c.admits(values[c.key]):
                 return c

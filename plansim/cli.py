@@ -144,9 +144,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(result.to_json())
         return 0
     p = result.plan
+    etp = "" if p.get("etp") is None else f"etp={p['etp']} "  # given only for MoE parallel folding
     rows = [
         ("model / hardware", f"{result.model} on {result.num_gpus}× {result.hardware} ({result.cluster})"),
-        ("plan", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} cp={p['cp']} ep={p['ep']} zero={p['zero']} "
+        ("plan", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} cp={p['cp']} ep={p['ep']} {etp}zero={p['zero']} "
                  f"mb={p['micro_batch']} gbs={p['global_batch']} seq={p['seq_len']} recompute={p['recompute']} "
                  f"schedule={p['schedule']} vpp={p['vpp']} {p['precision']}"),
         ("step time", f"{result.step_time_s:.4f} s"),

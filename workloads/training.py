@@ -499,6 +499,8 @@ def check_plan_fits_model(model: ModelSpec, plan: Plan) -> None:
         raise PlanError(f"tp: {plan.tp} must divide the number of attention heads {model.num_heads}")
     if model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
         raise PlanError(f"tp: {plan.tp} and the key/value heads {model.num_kv_heads} must divide one another")
+    if plan.expert_tp != plan.tp and not model.is_moe:
+        raise PlanError(f"etp: {plan.etp} applies to mixture-of-experts models; {model.name} is dense")
     if plan.ep > 1 and not model.is_moe:
         raise PlanError(f"ep: {plan.ep} needs a mixture-of-experts model; {model.name} is dense (ep must be 1)")
     if plan.ep > 1 and model.num_experts % plan.ep:

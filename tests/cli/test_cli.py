@@ -148,6 +148,7 @@ def test_unreadable_hardware_file(capsys, files):
     (["validate", "--profiles", "/no/such/folder"], ["profiles", "/no/such/folder", "no such directory"]),
     (["simulate", "--ep", "2"], ["ep", "mixture-of-experts", "dense"]),
     (["simulate", "--trace-detail", "op"], ["--trace-detail", "needs --trace"]),
+    (["simulate", "--tp", "2", "--etp", "1"], ["etp", "mixture-of-experts", "dense"]),
     (["simulate", "--model", "gpt3-175b", "--tp", "8", "--seq-len", "4096"], ["seq_len", "4096", "2048 learned"]),
     (["simulate", "--precision", "fp8", "--hardware", "a100-80gb"], ["precision", "fp8", "a100-80gb"]),
     (["search", "--model", "tinyllama-1.1b", "--global-batch", "8", "--plot", "plans.txt"], ["plot", ".png"]),

@@ -220,3 +220,15 @@ def test_confirmed_rows_are_what_simulate_gives():
     for _, row in frame[frame["evaluated"] == "event"].iterrows():
         result = plansim.simulate("tinyllama-1.1b", "h200", nodes=1, gpus_per_node=8, plan=row["plan"])
         assert row["step_time_s"] == pytest.approx(result.step_time_s, rel=1e-9)
+
+
+def test_search_refuses_a_precision_no_device_can_run():
+    with pytest.raises(PlanError, match="precision: fp8 needs fp8 tensor cores, which a100-80gb lacks"):
+        search("tinyllama-1.1b", "a100-80gb", nodes=1, gpus_per_node=8, global_batch=32, executor="inline",
+               precision="fp8")
+
+
+def test_etp_is_a_constraint_key():
+    frame = search("mixtral-8x7b", "h100-sxm", nodes=2, gpus_per_node=8, global_batch=64, seq_len=2048, top=None,
+                   executor="inline", constraints=["etp=1", "tp=2"], calibrated=False, space=SMALL)
+    assert not frame.empty and set(frame["etp"]) == {1} and set(frame["tp"]) == {2}
