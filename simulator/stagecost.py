@@ -28,9 +28,11 @@ TENSOR_KINDS = ("gemm", "attention")
 
 @dataclass(frozen=True)
 class Groups:
-    """Placement of each communicator of a rank (Megatron order: tp, cp, dp, pp; ep inside dp·cp, or
-    with MoE parallel folding (etp 1) over consecutive ranks of tp·cp·dp, Megatron-Core's expert
-    grid etp, ep, expert-dp)."""
+    """Placement of each communicator of a rank.  Dense layers: Megatron order tp, cp, dp, pp.
+    Experts: Megatron-Core's expert grid over the same tp·cp·dp ranks, etp fastest, then ep, then
+    expert-dp (cp folds into ep and expert-dp), so an EP group is ep ranks ``etp`` apart: with
+    etp = tp and cp = 1 that is ep of the dp ranks; with MoE parallel folding (etp 1) consecutive
+    ranks."""
 
     tp: Group
     cp: Group
@@ -42,13 +44,13 @@ class Groups:
     @classmethod
     def of(cls, plan: Plan, cluster: Cluster) -> "Groups":
         gpn = cluster.gpus_per_node
-        folded = plan.expert_tp < plan.tp  # etp 1: the expert grid is etp (1), ep, expert-dp
+        etp = plan.expert_tp
         return cls(
             tp=Group.contiguous(plan.tp, 1, gpn),
             cp=Group.contiguous(plan.cp, plan.tp, gpn),
             dp=Group.contiguous(plan.dp, plan.tp * plan.cp, gpn),
-            ep=Group.contiguous(plan.ep, 1 if folded else plan.tp * plan.cp, gpn),
-            expert_dp=Group.contiguous(plan.expert_dp, plan.ep if folded else plan.tp * plan.ep, gpn),
+            ep=Group.contiguous(plan.ep, etp, gpn),
+            expert_dp=Group.contiguous(plan.expert_dp, etp * plan.ep, gpn),
             pp_stride=plan.tp * plan.cp * plan.dp,
         )
 

@@ -372,3 +372,14 @@ def test_moe_parallel_folding_routes_each_tp_ranks_own_tokens_to_whole_experts()
         Plan(tp=2, dp=4, ep=8, global_batch=4)
     with pytest.raises(PlanError, match="etp: 1 with tp > 1 needs sequence_parallel"):
         Plan(tp=2, dp=4, ep=8, etp=1, sequence_parallel=False, global_batch=4)
+
+
+def test_expert_groups_follow_megatron_cores_expert_grid():
+    """Experts are laid over tp·cp·dp as etp, ep, expert-dp (cp folds in): with tp 2, cp 2 and ep 4
+    an EP group is 4 ranks 2 apart, inside one 8-GPU node, not 4 apart across two."""
+    from plansim.simulator.hardware import build_cluster
+    from plansim.simulator.stagecost import Groups
+    plan = Plan(tp=2, cp=2, dp=4, ep=4, global_batch=4, seq_len=4096)
+    groups = Groups.of(plan, build_cluster("h100-sxm", None, 2, 8))
+    assert (groups.ep.size, groups.ep.ranks_per_node) == (4, 4)
+    assert groups.expert_dp.size == plan.expert_dp == 2
