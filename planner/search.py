@@ -37,11 +37,11 @@ from plansim.planner.space import (MEMORY_KEYS, Enumeration, Pruned, SearchSpace
                                    check_constraints_satisfiable, enumerate_plans, parse_constraints)
 from plansim.simulator.calibration import calibrate_cluster
 from plansim.simulator.costs.power import with_power_limit
+from plansim.simulator.engine import check_plan_on_cluster
 from plansim.simulator.hardware import Cluster, build_cluster, profile_names
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import gemm_dtype
 
 # objective -> (column, True if larger is better)
 OBJECTIVES = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
@@ -149,6 +149,19 @@ def _check_price_names(prices: dict[str, float], targets: list["Target"]) -> Non
         raise PlanError(f"price: unknown device {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
 
 
+def _check_some_target_runs(probe: Plan, targets: list["Target"]) -> None:
+    """Bad input, not an empty result, when no target can run the plans at all (fp8 on A100s);
+    with some that can, the others' plans are pruned one by one (``check_plan_on_cluster``)."""
+    refusals = []
+    for t in targets:
+        try:
+            check_plan_on_cluster(probe, t.cluster)
+        except PlanError as exc:
+            refusals.append(exc)
+    if len(refusals) == len(targets):
+        raise refusals[0]
+
+
 @dataclass
 class Target:
     hardware: str
@@ -244,12 +257,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
     targets = _targets(hardware, cluster, gpus, nodes, gpus_per_node, nics_per_node, nic_gbps, calibrated,
                        price_table, power_limit_w)
     _check_price_names(price_table, targets)
-    precision = space.plan_defaults.get("precision", "bf16-mixed")
-    dtype = gemm_dtype(Plan(precision=precision))
-    if all(dtype not in t.cluster.device.peak_flops for t in targets):
-        names = sorted({t.cluster.device.name for t in targets})
-        raise PlanError(f"precision: {precision} needs {dtype} tensor cores, which {', '.join(names)} "
-                        f"{'lacks' if len(names) == 1 else 'lack'}")
+    _check_some_target_runs(Plan(precision=space.plan_defaults.get("precision", "bf16-mixed")), targets)
     if objective == "cost" or "cost" in pareto_metrics:
         if all(t.price is None for t in targets):
             names = sorted({t.cluster.device.name for t in targets})

@@ -336,8 +336,8 @@ class AnalyticModel:
         n_chunks = len(layout.chunks)
         ranks = layout.ranks
         gpn = cluster.gpus_per_node
-        grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
-        expert_group = Groups.of(plan, cluster).expert_dp
+        groups = Groups.of(plan, cluster)
+        grad_group, expert_group = groups.grad, groups.expert_dp
         n_dp = plan.dp * plan.cp
         split_w = plan.schedule == "zero-bubble"
         grad_b = 4.0 if plan.fp32_grads else 2.0
@@ -355,16 +355,14 @@ class AnalyticModel:
 
             def hop(stage: np.ndarray) -> np.ndarray:
                 return np.where((stage * stride) // gpn == ((stage + 1) * stride) // gpn, same, cross)
-            hop_f, hop_b = hop(np.minimum(ranks, idx + 1))[:-1], hop(np.minimum(ranks, idx - 1))[1:]
             if plan.overlap_p2p:
                 # asynchronous sends cost their sender nothing: they lie only on the chain that fills
                 # the pipeline (the first micro-batch's forward to the last rank) and drains it (its
                 # gradient back), one hop between each pair of adjacent ranks each way
-                between = hop(np.arange(p - 1))
-                p2p_chain = 2.0 * float(between.sum())
+                p2p_chain = 2.0 * float(hop(np.arange(p - 1)).sum())
             else:  # the sender waits for each of its sends (Megatron-LM 2021)
-                f[:-1] += hop_f
-                b[1:] += hop_b
+                f[:-1] += hop(np.minimum(ranks, idx + 1))[:-1]
+                b[1:] += hop(np.minimum(ranks, idx - 1))[1:]
         z3 = np.zeros(n_chunks)
         if plan.zero >= 3 and n_dp > 1:  # FSDP: a call per layer, the first exposed, the rest prefetched
             for i, chunk in enumerate(layout.chunks):
@@ -453,7 +451,7 @@ class AnalyticModel:
                     # (the experts' reduction over one GPU per node moves fewer bytes a second than
                     # the dense one), and pays what the wait does not cover
                     owed = sum(contention_s(cluster.device, hidden * c.time_s / bucket, hidden / bucket * c.payload_bytes)
-                               for c in parts if bucket > 0)
+                               for c in parts) if bucket > 0 else 0.0
                     exposed = max(tail, owed)
                 else:
                     for i in np.flatnonzero(ranks == r):

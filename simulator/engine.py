@@ -174,9 +174,7 @@ class TrainingSimulation:
         self.costs = cost_workload(workload, cluster)
         self.contention = overlap_contention(cluster.device)
         self.groups = Groups.of(self.plan, cluster)
-        gpn = cluster.gpus_per_node
-        plan = self.plan
-        self.grad_group = Group.contiguous(plan.dp * plan.cp, plan.tp, gpn)
+        self.grad_group = self.groups.grad
         self.expert_grad_group = self.groups.expert_dp
         self.events: list[TraceEvent] = []
 
@@ -331,8 +329,10 @@ class TrainingSimulation:
 
         # one activation message inside a node or across nodes: at most two costs for the whole run,
         # only those some pair of adjacent stages needs (a one-node cluster may have no network)
+        stages = range(plan.pp) if plan.pp > 1 else ()
         p2p_costs = {same: collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
-                     for same in {self.groups.pp_same_node(s, cluster) for s in range(plan.pp if plan.pp > 1 else 0)}}
+                     for same in {self.groups.pp_same_node(s, cluster) for s in stages}}
+        grad_b = 4.0 if plan.fp32_grads else 2.0  # bytes per gradient element the data-parallel collectives move
 
         def p2p(src: _Rank, dst_stage: int, event: simpy.Event, name: str, forward: bool):
             stage = src.index
@@ -350,7 +350,6 @@ class TrainingSimulation:
             time, on the compute stream."""
             if plan.ddp != "torch" or plan.zero != 0 or plan.dp * plan.cp == 1:
                 return
-            grad_b = 4.0 if plan.fp32_grads else 2.0
             # expert gradients go through DDP only where experts have data-parallel replicas
             reduced = chunk.dense_params + (chunk.expert_params if self.expert_grad_group.size > 1 else 0.0)
             yield from self._memory_pass(env, rank, 2.0 * grad_b * reduced, f"ddp bucket {which}")
@@ -360,7 +359,6 @@ class TrainingSimulation:
             reduce-scatter under ZeRO ≥ 1), returned as (bucket count, launcher)."""
             if plan.dp * plan.cp == 1 or plan.zero >= 3:
                 return 1, None
-            grad_b = 4.0 if plan.fp32_grads else 2.0
             op = "all_reduce" if plan.zero == 0 else "reduce_scatter"
             bucket = bucket_params(plan)
             n_buckets = max(1, math.ceil(chunk.params / bucket))
@@ -432,7 +430,7 @@ class TrainingSimulation:
         def fsdp_reduction(rank: _Rank, c: ChunkCost, label: str):
             """(layers, launcher) for the phase that finishes the chunk's weight gradients: each
             layer's reduce-scatter is queued on the data-parallel stream as its part ends."""
-            layers, reduce = fsdp_unit(c, "reduce_scatter", 4.0 if plan.fp32_grads else 2.0)
+            layers, reduce = fsdp_unit(c, "reduce_scatter", grad_b)
 
             def launch(_layer: int):
                 done = env.event()

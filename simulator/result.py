@@ -93,7 +93,8 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     peak = cluster.device.flops(gemm_dtype(plan))  # the GEMMs' precision: fp8 plans against the fp8 peak
     n = plan.world_size
     mfu = model_flops / (step * n * peak) if step > 0 else 0.0
-    # hardware FLOPs: what the ranks executed (GEMMs incl. recomputation) scaled to the cluster
+    # hardware FLOPs: what the ranks executed (GEMMs and flash attention, recomputation included)
+    # scaled to the cluster
     replicas = plan.tp * plan.dp * plan.cp
     executed = sum(r.flops for r in output.ranks) * replicas
     gemm_forward_backward = sum(

@@ -37,6 +37,7 @@ class Groups:
     tp: Group
     cp: Group
     dp: Group
+    grad: Group  # the dense gradients' reduction: every data and context replica (dp·cp)
     ep: Group
     expert_dp: Group  # the replicas of one expert, whose gradients are reduced together
     pp_stride: int  # global-rank distance between adjacent pipeline stages
@@ -49,6 +50,7 @@ class Groups:
             tp=Group.contiguous(plan.tp, 1, gpn),
             cp=Group.contiguous(plan.cp, plan.tp, gpn),
             dp=Group.contiguous(plan.dp, plan.tp * plan.cp, gpn),
+            grad=Group.contiguous(plan.dp * plan.cp, plan.tp, gpn),
             ep=Group.contiguous(plan.ep, etp, gpn),
             expert_dp=Group.contiguous(plan.expert_dp, etp * plan.ep, gpn),
             pp_stride=plan.tp * plan.cp * plan.dp,

@@ -6,6 +6,7 @@ used to check predictions; they are not calibration inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from importlib import resources
 from typing import Any, Mapping
 
@@ -105,13 +106,19 @@ def load_published_runs() -> pd.DataFrame:
         return pd.read_csv(fh)
 
 
+@functools.lru_cache(maxsize=1)
+def _published_specs() -> dict[str, dict[str, Any]]:
+    """``published_models.yaml``, read once."""
+    path = resources.files(_PACKAGE).joinpath("reference", "published_models.yaml")
+    with path.open("r", encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
 def published_model(name: str, seq_len: int) -> str | ModelSpec:
     """The model of a ``published_runs.csv`` row: a built-in name, or a spec from
     ``published_models.yaml`` for the models plansim has no built-in for; learned position
     embeddings without a stated size get the run's sequence length."""
-    path = resources.files(_PACKAGE).joinpath("reference", "published_models.yaml")
-    with path.open("r", encoding="utf-8") as fh:
-        specs = yaml.safe_load(fh)
+    specs = _published_specs()
     if name not in specs:
         return name
     fields = dict(specs[name])
