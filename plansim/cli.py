@@ -46,7 +46,7 @@ def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None =
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    from plansim.workloads.plan import PRECISIONS, RECOMPUTE, SCHEDULES
+    from plansim.workloads.plan import ATTENTION, PRECISIONS, RECOMPUTE, SCHEDULES
     p.add_argument("--plan", help="YAML/JSON file with plan fields (flags override it)")
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
@@ -59,7 +59,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--attention", choices=("flash", "unfused"))
+    p.add_argument("--attention", choices=ATTENTION,
+                   help="flash: FlashAttention-2 (PyTorch SDPA); cudnn: cuDNN fused attention (Transformer Engine, "
+                        "the default with --framework megatron); unfused: Megatron 2021")
     p.add_argument("--cp-comm", choices=("ring", "allgather"), help="context parallelism: ring attention or K/V all-gather")
     p.add_argument("--ddp", choices=("megatron", "torch"), help="data-parallel wrapper (torch: PyTorch DDP's bucket copy)")
     p.add_argument("--framework", choices=("megatron", "pytorch"),

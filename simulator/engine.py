@@ -29,7 +29,7 @@ from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype
+from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype, local_vocab
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
 TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
@@ -635,7 +635,7 @@ class TrainingSimulation:
         if phase == "B" and plan.recompute == "full" and c.chunk.num_layers:
             out += sum(op.saved_bytes for op in self.workload.dense_layer)
         if c.chunk.has_head:
-            logits = tokens * math.ceil(model.vocab / plan.tp)
+            logits = tokens * local_vocab(model, plan)
             out = max(out, logits * (ACT_BYTES + 4 + 4))
         if plan.zero >= 3 and c.chunk.num_layers:
             out += 2 * c.params * 2.0 / c.chunk.num_layers  # gathered layer and the prefetched next

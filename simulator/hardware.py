@@ -147,6 +147,9 @@ class Device(_Profile):
     attention_bwd_cta_overhead: PositiveFloat | None = None  # query rows' worth of fixed work per backward CTA
     attention_head_dim_half: PositiveFloat | None = None  # head dim at which tiles reach half their rate
     unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
+    fp8_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # fp8 GEMM's share of its peak / bf16's
+    fp8_split_accumulate_ratio: float | None = Field(default=None, gt=0, le=1)  # fp8 GEMM promoting sums / fast
+    cudnn_attention: dict[str, PositiveFloat] | None = None  # cuDNN fused attention's own attention_* parameters
     norm_bandwidth_fraction: float | None = Field(default=None, gt=0, le=1)  # norm kernels vs streaming ops
     collective_launch_s: float | None = Field(default=None, ge=0)  # host cost of issuing one NCCL call
     kernel_issue_s: float | None = Field(default=None, gt=0)  # host cost of issuing one eager kernel

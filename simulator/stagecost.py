@@ -120,11 +120,13 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
     device = cluster.device
     if op.kind == "gemm":
         m, n, k = op.gemm
-        return float(gemm_time(m, n, k, op.dtype, device, op.batch)), None
+        # Transformer Engine's fp8 recipe: fprop accumulates fast, dgrad and wgrad split
+        return float(gemm_time(m, n, k, op.dtype, device, op.batch, split_accumulate=op.phase in ("B", "W"))), None
     if op.kind == "attention":
         b, heads, kv_heads, d, sq, skv, causal = op.attention
         phase = "backward" if op.phase == "B" else "forward"
-        return float(context_parallel_attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device)), None
+        return float(context_parallel_attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device,
+                                                     impl=op.impl)), None
     if op.kind == "memory":
         return float(memory_bound_time(op.bytes, device, op.sm_rate_Bps)), None
     if op.kind == "norm":

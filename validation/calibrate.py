@@ -31,9 +31,9 @@ from scipy.optimize import least_squares
 
 from plansim.simulator.costs import compute
 from plansim.simulator.hardware import Cluster, Device, Link
-from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, MiB, TRANSFER_KINDS,
-                                        base_cluster, data_folders, device_for_folder, load_suite,
-                                        predict_collective, predict_kernel, rel)
+from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, SPLIT_ACCUMULATE_IMPLS, MiB,
+                                        TRANSFER_KINDS, attention_impl, base_cluster, data_folders, device_for_folder,
+                                        load_suite, predict_collective, predict_kernel, rel)
 from plansim.validation.power import fit_power, fits_own_draws
 
 #: (field, lower bound, upper bound); a callable bound takes the datasheet device
@@ -49,6 +49,8 @@ KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
     ("attention_bwd_cta_overhead", 1.0, 4096.0, ("attention",)),
     ("attention_head_dim_half", 1.0, 1024.0, ("attention",)),
     ("unaligned_gemm_fraction", 0.02, 1.0, ("gemm",)),
+    ("fp8_gemm_fraction", 0.5, 1.0, ("gemm",)),
+    ("fp8_split_accumulate_ratio", 0.5, 1.0, ("gemm",)),
     ("norm_bandwidth_fraction", 0.2, 1.0, ("rmsnorm", "layernorm")),
 )
 DEFAULTS = {"gemm_k_overhead": compute.DEFAULT_GEMM_K_OVERHEAD, "attention_bwd_ratio": compute.DEFAULT_ATTENTION_BWD_RATIO,
@@ -56,6 +58,8 @@ DEFAULTS = {"gemm_k_overhead": compute.DEFAULT_GEMM_K_OVERHEAD, "attention_bwd_r
             "attention_bwd_cta_overhead": compute.DEFAULT_ATTENTION_BWD_CTA_OVERHEAD,
             "attention_head_dim_half": compute.DEFAULT_ATTENTION_HEAD_DIM_HALF,
             "unaligned_gemm_fraction": compute.DEFAULT_UNALIGNED_GEMM_FRACTION,
+            "fp8_gemm_fraction": compute.DEFAULT_FP8_GEMM_FRACTION,
+            "fp8_split_accumulate_ratio": compute.DEFAULT_FP8_SPLIT_ACCUMULATE_RATIO,
             "norm_bandwidth_fraction": compute.DEFAULT_NORM_BANDWIDTH_FRACTION}
 
 
@@ -93,9 +97,49 @@ def _unaligned(row) -> bool:
     return bool((int(row["k"]) * elem) % compute.ALIGNMENT_BYTES or (int(row["n"]) * elem) % compute.ALIGNMENT_BYTES)
 
 
+#: kernel kinds the fit uses: all but the fp8 casts, which test (held out, never fitted) that a cast
+#: streams at the rate the elementwise ops set
+FITTED_KINDS = tuple(k for k in KERNEL_KINDS if k != "cast")
+#: the attention parameters cuDNN's fused attention gets its own values of (Device.cudnn_attention)
+CUDNN_ATTENTION_PARAMETERS = tuple(p for p in KERNEL_PARAMETERS if p[0].startswith("attention_"))
+
+
+def _is_cudnn(row) -> bool:
+    return row["kind"] == "attention" and attention_impl(row) == "cudnn"
+
+
 def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
-    """Device parameters fitted on calibration kernels: (parameters, fit statistics)."""
-    rows = [r for r in kernels.to_dict("records") if r["kind"] in KERNEL_KINDS]
+    """Device parameters fitted on calibration kernels: (parameters, fit statistics).  The
+    cuDNN attention rows are fitted after the rest, their own ``attention_*`` parameters on the
+    device the other kernels gave (``cudnn_attention``)."""
+    records = [r for r in kernels.to_dict("records") if r["kind"] in FITTED_KINDS]
+    params, stats = _fit_kernels(device, [r for r in records if not _is_cudnn(r)])
+    cudnn = [r for r in records if _is_cudnn(r)]
+    if cudnn:
+        fitted = device.model_copy(update=params)
+        start = {n: compute.attention_param(fitted, n, DEFAULTS.get(n, 0.0), "flash")
+                 for n, *_ in CUDNN_ATTENTION_PARAMETERS}
+
+        def on_cudnn(p: dict) -> Device:
+            return fitted.model_copy(update={"cudnn_attention": p})
+
+        names = [n for n, *_ in CUDNN_ATTENTION_PARAMETERS]
+        lo = {n: low for n, low, _, _ in CUDNN_ATTENTION_PARAMETERS}
+        hi = {n: high for n, _, high, _ in CUDNN_ATTENTION_PARAMETERS}
+        meas = np.array([float(r["time_s"]) for r in cudnn])
+
+        def residual(p: dict) -> np.ndarray:
+            trial = on_cudnn(p)
+            return _log_ratio((predict_kernel(r, trial) for r in cudnn), meas)
+
+        got = _fit_log(residual, names, start, lo, hi)
+        params["cudnn_attention"] = got
+        stats["cudnn attention"] = _stats(residual(got))
+    return params, stats
+
+
+def _fit_kernels(device: Device, rows: list[dict]) -> tuple[dict, dict]:
+    """The KERNEL_PARAMETERS that the kernel kinds of ``rows`` identify, fitted to them."""
     if not rows:
         return {}, {}
     kinds = {r["kind"] for r in rows}
@@ -106,6 +150,10 @@ def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
             continue
         if name == "unaligned_gemm_fraction" and not any(_unaligned(r) for r in rows):
             continue  # no calibration GEMM is misaligned: the data cannot identify it
+        if name == "fp8_gemm_fraction" and not any(r["kind"] == "gemm" and r["dtype"] == "fp8" for r in rows):
+            continue  # likewise without an fp8 GEMM
+        if name == "fp8_split_accumulate_ratio" and not any(r.get("impl") in SPLIT_ACCUMULATE_IMPLS for r in rows):
+            continue  # or without a split-accumulator one
         names.append(name)
         lo[name] = low(device) if callable(low) else low
         hi[name] = high(device) if callable(high) else high
@@ -236,7 +284,9 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
         if missing:
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
-    shared: dict[tuple, dict] = {}  # power fits of a die, for a GPU of that die without powerkernels streams
+    # per die, the fits a GPU of that die without its own measurements takes: the power model's
+    # (no powerkernels streams) and cuDNN attention's (no cuDNN rows)
+    shared: dict[str, dict[tuple, dict]] = {"power": {}, "cudnn_attention": {}}
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared)
     return written
@@ -251,7 +301,7 @@ def _die(device: Device) -> tuple:
     return device.vendor, device.compute_units, tuple(sorted(device.peak_flops.items()))
 
 
-def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dict[tuple, dict]) -> Path:
+def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dict[str, dict[tuple, dict]]) -> Path:
     def gather(suite: str, kinds=None):
         parts = []
         for folder in folders:
@@ -270,6 +320,13 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         collectives = collectives[collectives["group_size"].astype(int) > 1]
 
     params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
+    # cuDNN's attention kernels are the die's and the library's: a GPU of a die measured earlier
+    # (H100 SXM after H200) takes its fit where its own folders have no cuDNN rows
+    die_attention = shared["cudnn_attention"]
+    if "cudnn_attention" in params:
+        die_attention[_die(cluster.device)] = params["cudnn_attention"]
+    elif _die(cluster.device) in die_attention:
+        params["cudnn_attention"] = die_attention[_die(cluster.device)]
     device = cluster.device.model_copy(update=params)
     links: dict[str, dict] = {}
     if not transfers.empty:
@@ -288,10 +345,10 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
     fitted_on, case_ids = [], {}
     for folder in folders:  # the power model, from the power suite's synthetic phases (not its steps)
         if (folder / "power" / "power.csv").is_file():
-            power, s = fit_power(folder / "power", device, shared.get(_die(device)))
+            power, s = fit_power(folder / "power", device, shared["power"].get(_die(device)))
             own = fits_own_draws(folder / "power")
             if own:
-                shared[_die(device)] = power
+                shared["power"][_die(device)] = power
             params.update(power)
             stats.update(s)
             source = ("power.csv phases gemm and hbm, power_duty.csv, power_kernels.csv" if own else

@@ -48,8 +48,11 @@ GPU_NAMES = (("h200", "h200"), ("h100", "h100-sxm"), ("a100-sxm4-80gb", "a100-80
 #: kernels rows of these kinds are predicted; transfers rows likewise (disk and CPU AdamW are
 #: reported by the runner but have no calibrated tier on these hosts: see MEASURING.md, transfers.csv)
 KERNEL_KINDS = ("gemm", "bmm", "attention", "elementwise", "rmsnorm", "layernorm", "softmax", "masked_softmax",
-                "memcpy", "dropout", "dropout_add", "gelu")
+                "memcpy", "dropout", "dropout_add", "gelu", "cast")
 TRANSFER_KINDS = ("h2d", "d2h")
+#: kernels rows (``impl``) of fp8 GEMMs that promote their sums to fp32 as they go (the ``fp8``
+#: suite's dgrad/wgrad variant, Transformer Engine's split accumulator)
+SPLIT_ACCUMULATE_IMPLS = ("e5m2-e4m3",)
 
 
 class SplitError(AssertionError):
@@ -138,25 +141,31 @@ def _bool(value) -> bool:
 
 # ------------------------------------------------------------------------------ predictors
 
+def attention_impl(row) -> str:
+    """The fused-attention kernels an attention row timed (``impl`` cudnn… or flash…)."""
+    return "cudnn" if str(row.get("impl") or "").startswith("cudnn") else "flash"
+
+
 def predict_kernel(row, device: Device) -> float:
     """Seconds the cost model gives for one ``kernels.csv`` row on ``device``."""
     kind = row["kind"]
     if kind in ("gemm", "bmm"):
         batch = _num(row, "batch") if kind == "bmm" else 1
-        return float(compute.gemm_time(_num(row, "m"), _num(row, "n"), _num(row, "k"), row["dtype"], device, batch))
+        return float(compute.gemm_time(_num(row, "m"), _num(row, "n"), _num(row, "k"), row["dtype"], device, batch,
+                                       split_accumulate=row.get("impl") in SPLIT_ACCUMULATE_IMPLS))
     if kind == "softmax":  # a row reduction like the norms: read the scores, write the probabilities
         return float(compute.norm_time(0, 0, device, bytes_moved=_num(row, "bytes_moved")))
     if kind == "masked_softmax":  # eager masked_fill_ in place (SM-bound), then the softmax: half the bytes each
         half = _num(row, "bytes_moved") / 2
         return float(compute.memory_bound_time(half, device, EAGER_MASKED_FILL_SM_RATE)
                      + compute.norm_time(0, 0, device, bytes_moved=half))
-    if kind in ("dropout", "dropout_add", "gelu"):  # streaming ops: the bytes the runner counts
+    if kind in ("dropout", "dropout_add", "gelu", "cast"):  # streaming ops: the bytes the runner counts
         return float(compute.memory_bound_time(_num(row, "bytes_moved"), device))
     if kind == "attention":
         s = _num(row, "seq_len")
         return float(compute.attention_time(_num(row, "batch"), _num(row, "heads"), _num(row, "kv_heads"),
                                             _num(row, "head_dim"), s, s, _bool(row["causal"]), row["phase"],
-                                            device))
+                                            device, impl=attention_impl(row)))
     if kind == "elementwise":
         return float(compute.elementwise_time(_num(row, "bytes"), device))
     if kind == "memcpy":

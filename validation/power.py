@@ -171,7 +171,7 @@ def _residuals(res: np.ndarray) -> dict:
             "p90_abs_error": float(np.quantile(np.abs(res), 0.9))}
 
 
-_GEMM = re.compile(r"gemm-m(\d+)-n(\d+)-k(\d+)$")
+_GEMM = re.compile(r"gemm-(?:fp8-(e4m3-fast|e5m2-e4m3)-)?m(\d+)-n(\d+)-k(\d+)$")
 _ATTN = re.compile(r"attn-b(\d+)-h(\d+)-kv(\d+)-d(\d+)-s(\d+)-causal$")
 
 
@@ -179,8 +179,9 @@ def kernel_short_sample(phase: str, device) -> tuple[float, float]:
     """(short-sample seconds per call, FLOPs per call as the cost model counts them) of a
     ``powerkernels`` tensor phase, from its name."""
     if (g := _GEMM.match(phase)):
-        m, n, k = map(int, g.groups())
-        return float(compute.gemm_time(m, n, k, "bf16", device)), 2.0 * m * n * k
+        fp8, (m, n, k) = g.group(1), map(int, g.groups()[1:])
+        time = compute.gemm_time(m, n, k, "fp8" if fp8 else "bf16", device, split_accumulate=fp8 == "e5m2-e4m3")
+        return float(time), 2.0 * m * n * k
     if (a := _ATTN.match(phase)):
         b, h, kv, d, seq = map(int, a.groups())
         time = float(compute.attention_time(b, h, kv, d, seq, seq, True, "both", device))
@@ -222,6 +223,28 @@ def step_clocks(data_dir: Path, cluster) -> pd.DataFrame:
     return frame
 
 
+def fp8_stream_rates(data_dir: Path, device) -> pd.DataFrame:
+    """The ``powerfp8`` suite (``power_fp8.csv``; never fitted): each GEMM stream's sustained
+    TFLOP/s against the power model's.  The model caps a tensor kernel's draw at a large bf16
+    GEMM's (``PowerModel.draw_w``), so an fp8 GEMM at twice the FLOP rate is held to the same
+    clock: this is the check of that."""
+    from plansim.simulator.costs.power import Activity, PowerModel
+
+    power = PowerModel.of(device)
+    tensor = _settled_tensor_streams(pd.read_csv(Path(data_dir) / "power_fp8.csv"))
+    rows = []
+    for phase, part in tensor.groupby("phase", sort=False):
+        seconds, flops = kernel_short_sample(phase, device)
+        state = power.state(Activity.of(device, (seconds, flops, 0.0, 0.0), seconds, seconds))
+        rows.append({"phase": phase, "short_tflops": flops / seconds / 1e12,
+                     "measured_tflops": float(part["tflops"].median()),
+                     "predicted_tflops": flops / (seconds * state.slowdowns[0]) / 1e12,
+                     "sm_clock_mhz": float(part["sm_clock_mhz"].median()), "power_w": float(part["power_w"].median())})
+    out = pd.DataFrame(rows)
+    out["error"] = out["predicted_tflops"] / out["measured_tflops"] - 1.0
+    return out
+
+
 def stream_slowdowns(data_dir: Path, device) -> pd.DataFrame:
     """The ``powerstream`` suite (``power_stream.csv``; never fitted): per configuration whose
     short samples were measured, how much slower its GEMMs ran inside Vidur's layer stream than
@@ -243,7 +266,7 @@ def stream_slowdowns(data_dir: Path, device) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from plansim.validation.compare import calibrated_cluster
+    from plansim.validation.compare import calibrated_cluster, rel
 
     args = sys.argv[1:] if argv is None else argv
     data_dir = Path(args[0]) if args else DEFAULT_DIR
@@ -256,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     cluster, _ = calibrated_cluster(data_dir.parent)
     print("\nsustained SM clock of the step phases (held out: never fitted), MHz")
     print(step_clocks(data_dir, cluster.model_copy(update={"nodes": 1, "gpus_per_node": 1})).to_string(**fmt))
-    if (data_dir / "power_stream.csv").is_file():
-        print("\nGEMMs in Vidur's layer stream against short samples (held out: never fitted), time ratio")
-        print(stream_slowdowns(data_dir, cluster.device).to_string(**fmt))
+    # later runs of the same card sit beside the power folder, each with its own provenance
+    for folder in (data_dir, data_dir.parent / "powerstream"):
+        if (folder / "power_stream.csv").is_file():
+            print(f"\nGEMMs in Vidur's layer stream against short samples ({rel(folder)}; held out: never fitted), "
+                  "time ratio")
+            print(stream_slowdowns(folder, cluster.device).to_string(**fmt))
+    if (data_dir.parent / "powerfp8" / "power_fp8.csv").is_file():
+        print("\nfp8 and bf16 GEMM streams at the power limit (held out: never fitted), TFLOP/s")
+        print(fp8_stream_rates(data_dir.parent / "powerfp8", cluster.device).to_string(**fmt))
     return 0
 
 

@@ -13,7 +13,7 @@ RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "bf16-pure", "fp8")  # fp16-mixed: bf16-mixed storage with dynamic
 #   loss scaling (Megatron-LM's --fp16), whose optimizer step also unscales and checks the gradients
-ATTENTION = ("flash", "unfused")
+ATTENTION = ("flash", "cudnn", "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
 DDP_IMPLS = ("megatron", "torch")
 CP_COMMS = ("ring", "allgather")
@@ -30,6 +30,8 @@ BOOLEAN_FIELDS = ("sequence_parallel", "overlap_grad_reduce", "overlap_p2p", "gr
                   "fp32_grads", "tp_backward_overlap")
 #: the switches whose None means "the default for the other fields" (set in ``__post_init__``)
 DEFAULTED_SWITCHES = ("sequence_parallel", "grad_accumulation_fusion", "tp_backward_overlap")
+#: what each framework's fused attention runs by default (Plan.attention None)
+DEFAULT_ATTENTION = {"megatron": "cudnn", "pytorch": "flash"}
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -70,7 +72,9 @@ class Plan:
     grad_accumulation_fusion: bool | None = None  # weight-grad GEMMs accumulate in place (Megatron-Core's
     #   default); None: on for framework "megatron", off for "pytorch" (autograd adds into .grad)
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
-    attention: str = "flash"  # "flash" (fused, no s² tensor) or "unfused" (Megatron 2021: softmax over s²)
+    attention: str | None = None  # fused (no s² tensor): "flash" (FlashAttention-2, PyTorch SDPA's) or "cudnn"
+    #   (cuDNN's, what Transformer Engine runs on Hopper and newer); or "unfused" (Megatron 2021: softmax
+    #   over s²); None: "cudnn" for framework "megatron", "flash" for "pytorch"
     tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
     #   (Megatron-LM since 2021, Megatron-Core); None: on for framework "megatron", off for "pytorch"
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
@@ -89,6 +93,8 @@ class Plan:
                 raise PlanError(f"{name}: must be true or false, got {value!r}")
         if not isinstance(self.offload, dict):
             raise PlanError(f"offload: must map what to a tier (e.g. {{optimizer: cpu}}), got {self.offload!r}")
+        if self.attention is None and self.framework in DEFAULT_ATTENTION:
+            object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),

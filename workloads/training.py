@@ -28,7 +28,32 @@ ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 only change
 
 
 def gemm_dtype(plan: Plan) -> str:
+    """The dtype of the transformer layers' linear GEMMs (fp8 plans run those in fp8; the
+    output layer, the MoE router and attention's batched products stay in bf16, as in
+    Megatron-Core with Transformer Engine and in torchao's float8 training)."""
     return "fp8" if plan.precision == "fp8" else "bf16"
+
+
+#: HBM bytes per element of an fp8 GEMM operand's cast: Transformer Engine's cast-transpose reads
+#: the bf16 tensor once and writes it as fp8 twice, row-major for this GEMM and transposed for the
+#: other GEMM that contracts over the other dimension (Hopper's fp8 GEMMs take only the TN
+#: layout): 2 + 1 + 1.  Forward casts the GEMM's input X[m,k]; backward the output gradient
+#: dY[m,n], which both dgrad and wgrad read.  Measured: a bf16 → fp8 cast streams at the
+#: elementwise ops' HBM rate (validation/data/fp8-h200-x1, kind ``cast``).  Weight casts are not
+#: charged: once per step at most (cached over micro-batches, or none with fp8 parameters).
+FP8_CAST_BYTES = 4.0
+
+
+def _with_fp8_casts(ops: list[Op]) -> list[Op]:
+    """``ops`` with the cast of each fp8 linear GEMM's operands before it (FP8_CAST_BYTES)."""
+    out: list[Op] = []
+    for op in ops:
+        if op.kind == "gemm" and op.dtype == "fp8" and op.has_weight:
+            m, n, k = op.gemm
+            out.append(Op(f"{op.name}.fp8_cast", "memory", bytes=FP8_CAST_BYTES * m * k, bwd_bytes_factor=n / k,
+                          recompute_selective=op.recompute_selective))
+        out.append(op)
+    return out
 
 
 def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, column_gemm: str = "") -> Op:
@@ -166,10 +191,11 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         # overlapped with attention on the block in hand; backward sends dK and dV along too
         ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
                       comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
-    if plan.attention == "flash":
+    if plan.attention != "unfused":
         # saves Q, K, V and the log-sum-exp; eager code also keeps the output, which it
         # transposes into a contiguous copy for the output projection
         ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
+                      impl=plan.attention,
                       saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4
                       + (tokens * q_cols * e if eager else 0.0),
                       recompute_selective=True))
@@ -178,7 +204,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     else:  # Megatron 2021: batched QKᵀ, fused scale-mask-softmax, dropout, batched ·V
         scores = b * heads * s * s * plan.cp
         ops += [
-            Op("scores", "gemm", gemm=(s, s * plan.cp, d), batch=b * heads, dtype=dtype,
+            Op("scores", "gemm", gemm=(s, s * plan.cp, d), batch=b * heads, dtype="bf16",
                saved_bytes=2 * tokens * q_cols * e, recompute_selective=True),  # Q and K
         ]
         if eager:  # causal mask applied by masked_fill_ in place on a view of the scores
@@ -194,7 +220,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         if drop:  # backward reads the gradient and the mask and writes the gradient: the same 5 bytes
             ops.append(Op("attn.dropout", "memory", bytes=scores * (2 * e + 1), saved_bytes=scores * 1,
                           recompute_selective=True, bwd_bytes_factor=1.0))
-        ops.append(Op("context", "gemm", gemm=(s, d, s * plan.cp), batch=b * heads, dtype=dtype,
+        ops.append(Op("context", "gemm", gemm=(s, d, s * plan.cp), batch=b * heads, dtype="bf16",
                       saved_bytes=scores * e + tokens * q_cols * e, recompute_selective=True))  # probs and V
         # the batched product leaves [b·heads, s, d]; the output projection wants [s, b, heads·d]:
         # one contiguous copy (Megatron's permute(...).contiguous(), eager's transpose), and its
@@ -211,7 +237,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     else:
         ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
     ops.append(_residual("residual2", tok_sp * h, drop, eager))
-    return ops
+    return _with_fp8_casts(ops)
 
 
 def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,
@@ -263,14 +289,13 @@ def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[O
     dense MLP's TP collectives.
     """
     e, h, k = ACT_BYTES, model.hidden, model.top_k
-    dtype = gemm_dtype(plan)
     folded = plan.expert_tp < plan.tp
     if folded:
         tokens = tokens / plan.tp
     routed = tokens * k
     ops = [] if folded else [_tp_comm("moe.allgather", full, plan, "all_gather")]
     ops += [
-        Op("router", "gemm", gemm=(int(tokens), model.num_experts, h), dtype=dtype,
+        Op("router", "gemm", gemm=(int(tokens), model.num_experts, h), dtype="bf16",
            has_weight=True, saved_bytes=0.0),
         Op("router.topk", "memory", bytes=tokens * model.num_experts * 4 * 2),
         Op("moe.dispatch", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
@@ -318,6 +343,21 @@ _CE_FORWARD_BYTES = {"megatron": 38.0, "pytorch": 14.0}
 _CE_BACKWARD_BYTES = {"megatron": 14.0, "pytorch": 22.0}
 
 
+#: Megatron pads the vocabulary to a multiple of this × tp (``--make-vocab-size-divisible-by``,
+#: default 128; ``_vocab_size_with_padding``), which keeps the logits GEMM's N 16-byte aligned
+#: (GPT-2's 50,257 is not: cuBLAS would fall back to its slow kernels)
+MEGATRON_VOCAB_MULTIPLE = 128
+
+
+def local_vocab(model: ModelSpec, plan: Plan) -> int:
+    """Vocabulary rows one TP rank's output layer holds: Megatron's padded vocabulary over tp;
+    eager PyTorch (Hugging Face, torchtitan) pads nothing."""
+    if plan.framework == "megatron":
+        multiple = MEGATRON_VOCAB_MULTIPLE * plan.tp
+        return math.ceil(model.vocab / multiple) * multiple // plan.tp
+    return math.ceil(model.vocab / plan.tp)
+
+
 def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     """Final norm, vocabulary-parallel logits GEMM and fp32 cross-entropy (Megatron's
     ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth of passes)."""
@@ -325,12 +365,12 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     tokens = plan.micro_batch * plan.seq_len // plan.cp
     sp = plan.tp > 1 and plan.sequence_parallel
     tok_sp = tokens / t if sp else tokens
-    vocab_local = math.ceil(model.vocab / t)
+    vocab_local = local_vocab(model, plan)
     logits = tokens * vocab_local
     return [
         _norm("final_norm", model, tok_sp),
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
-        Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype=gemm_dtype(plan), has_weight=True,
+        Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype="bf16", has_weight=True,
            saved_bytes=tokens * h * e),
         Op("cross_entropy", "memory", bytes=logits * _CE_FORWARD_BYTES[plan.framework], saved_bytes=logits * 4,
            bwd_bytes_factor=_CE_BACKWARD_BYTES[plan.framework] / _CE_FORWARD_BYTES[plan.framework]),

@@ -39,6 +39,15 @@ DEFAULT_ATTENTION_FWD_CTA_OVERHEAD = 128.0
 DEFAULT_ATTENTION_BWD_CTA_OVERHEAD = 512.0
 DEFAULT_ATTENTION_HEAD_DIM_HALF = 64.0  # FlashAttention-2: head dim 64 runs ~25% below 128
 DEFAULT_UNALIGNED_GEMM_FRACTION = 0.15  # cuBLAS falls back to non-TMA kernels (16-byte rule)
+#: an fp8 GEMM that promotes its partial sums to fp32 every few K steps ("split accumulator",
+#: Transformer Engine's default for the dgrad and wgrad GEMMs; its fprop accumulates fast) runs
+#: at this fraction of the fast-accumulating rate: 0.93-0.96 on large shapes, one H200
+#: (validation/data/fp8-h200-x1, torch._scaled_mm use_fast_accum False vs True); calibration fits it
+DEFAULT_FP8_SPLIT_ACCUMULATE_RATIO = 0.94
+#: an fp8 GEMM's achievable share of the fp8 peak relative to a bf16 GEMM's of the bf16 peak: the
+#: doubled tensor-core rate leaves operand feeding and epilogues a larger share (H200: ~0.77 of
+#: the fp8 peak against ~0.80 of bf16's on large shapes, validation/data/fp8-h200-x1)
+DEFAULT_FP8_GEMM_FRACTION = 0.97
 DEFAULT_NORM_BANDWIDTH_FRACTION = 0.75  # norm kernels vs a streaming elementwise op
 #: a collective hidden behind compute still costs this fraction of its own time: NCCL's kernels
 #: hold SMs and HBM bandwidth the GEMMs beside them would use.  Median over the calibration split
@@ -98,8 +107,12 @@ def contention_s(device: Device, overlap_s: float, bytes_moved: float) -> float:
     return overlap_contention(device) * min(overlap_s, bytes_moved / OVERLAP_REFERENCE_BPS)
 
 
-def gemm_efficiency(m, n, k, device: Device, batch=1):
-    """Fraction of the achievable GEMM rate ``batch`` independent (m, n, k) products reach (0 < e ≤ 1)."""
+def gemm_efficiency(m, n, k, device: Device, batch=1, dtype: str = "bf16"):
+    """Fraction of the achievable GEMM rate ``batch`` independent (m, n, k) products reach (0 < e ≤ 1).
+
+    A tile's prologue and epilogue take a fixed time, while its main loop runs through K at the
+    tensor cores' rate for ``dtype``: ``gemm_k_overhead`` (K elements at the bf16 rate) is scaled
+    by the dtype's rate over bf16's, so an fp8 GEMM of short K loses twice the fraction a bf16 one does."""
     m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
     # libraries carry smaller tile shapes for skinny problems (cuBLAS/CUTLASS heuristics pick the
     # smallest tile that covers a short dimension, down to MIN_GEMM_TILE): a decode GEMM with
@@ -115,14 +128,17 @@ def gemm_efficiency(m, n, k, device: Device, batch=1):
     # stream-K), which recovers part of a partial wave: never below the split-K bound.
     split_k = np.minimum(np.floor(units / tiles), np.maximum(k / 256.0, 1.0))
     wave_eff = np.maximum(wave_eff, np.minimum(1.0, tiles * np.maximum(split_k, 1.0) / units))
-    k_eff = k / (k + _param(device, "gemm_k_overhead", DEFAULT_GEMM_K_OVERHEAD))
+    k_overhead = _param(device, "gemm_k_overhead", DEFAULT_GEMM_K_OVERHEAD) * device.flops(dtype) / device.flops("bf16")
+    k_eff = k / (k + k_overhead)
     return tile_eff * wave_eff * k_eff
 
 
-def gemm_time(m, n, k, dtype: str, device: Device, batch=1):
+def gemm_time(m, n, k, dtype: str, device: Device, batch=1, split_accumulate: bool = False):
     """Seconds for ``batch`` products C[m,n] = A[m,k]·B[k,n] in ``dtype`` on ``device`` (one
     kernel: attention's batched QKᵀ and ·V are ``batch`` = micro-batch × heads products, each
-    with its own operands, so their traffic scales with the batch).
+    with its own operands, so their traffic scales with the batch).  ``split_accumulate``: an fp8
+    GEMM that promotes its sums to fp32 as it goes (``fp8_split_accumulate_ratio``); other dtypes
+    accumulate in fp32 anyway.
 
     Row-major operands have leading dimensions K (of A) and N (of B and C); where either is not
     a multiple of 16 bytes the library cannot use its tensor-memory-accelerated kernels and
@@ -133,7 +149,11 @@ def gemm_time(m, n, k, dtype: str, device: Device, batch=1):
     aligned = ((k * elem) % ALIGNMENT_BYTES == 0) & ((n * elem) % ALIGNMENT_BYTES == 0)
     penalty = np.where(aligned, 1.0, _param(device, "unaligned_gemm_fraction", DEFAULT_UNALIGNED_GEMM_FRACTION))
     batch = np.asarray(batch, dtype=float)
-    rate = (device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device, batch)
+    if dtype == "fp8":
+        penalty = penalty * _param(device, "fp8_gemm_fraction", DEFAULT_FP8_GEMM_FRACTION)
+        if split_accumulate:
+            penalty = penalty * _param(device, "fp8_split_accumulate_ratio", DEFAULT_FP8_SPLIT_ACCUMULATE_RATIO)
+    rate = (device.flops(dtype) * device.achievable_gemm_fraction * gemm_efficiency(m, n, k, device, batch, dtype)
             * penalty)
     compute = 2.0 * batch * m * n * k / rate
     traffic = batch * (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / device.achievable_hbm_bw_Bps
@@ -181,11 +201,26 @@ def _flash_phase_time(heads: int, seq_q: int, seq_kv: int, head_dim: float, caus
     return flash_makespan(heads, works, slots) * flops_per_unit * slots / rate
 
 
-def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal, phase, device, dtype):
-    d_half = _param(device, "attention_head_dim_half", DEFAULT_ATTENTION_HEAD_DIM_HALF)
+#: the kernel implementations of fused attention: ``flash`` is FlashAttention-2 as PyTorch's SDPA
+#: runs it; ``cudnn`` is cuDNN's fused attention, which Transformer Engine (Megatron-Core) selects
+#: on Hopper and newer "for performance reasons" (TE's dot_product_attention/utils.py): 1.6-2.0×
+#: FlashAttention-2's rate on an H200 (validation/data/cudnnattention-h200-x1).  It keeps the same
+#: cost model with its own fitted parameters, ``Device.cudnn_attention`` (the device's own where absent)
+ATTENTION_IMPLS = ("flash", "cudnn")
+
+
+def attention_param(device: Device, name: str, default: float, impl: str) -> float:
+    """An ``attention_*`` parameter of the kernels ``impl`` names (``default`` where the profile has none)."""
+    if impl == "cudnn" and device.cudnn_attention and name in device.cudnn_attention:
+        return float(device.cudnn_attention[name])
+    return float(device.attention_fraction) if name == "attention_fraction" else _param(device, name, default)
+
+
+def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal, phase, device, dtype, impl):
+    d_half = attention_param(device, "attention_head_dim_half", DEFAULT_ATTENTION_HEAD_DIM_HALF, impl)
     head_dim_eff = (head_dim / (head_dim + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
-    fwd_rate = device.flops(dtype) * device.attention_fraction * head_dim_eff
-    bwd_rate = fwd_rate * _param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO)
+    fwd_rate = device.flops(dtype) * attention_param(device, "attention_fraction", 0.0, impl) * head_dim_eff
+    bwd_rate = fwd_rate * attention_param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO, impl)
     grid = int(batch * heads)
     sq, skv = int(seq_q), int(seq_kv)
     elem = DTYPE_BYTES[dtype]
@@ -194,12 +229,14 @@ def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, caus
     time = 0.0
     if phase in ("forward", "both"):
         compute = _flash_phase_time(grid, sq, skv, head_dim, causal, True, fwd_rate,
-                                    _param(device, "attention_fwd_cta_overhead", DEFAULT_ATTENTION_FWD_CTA_OVERHEAD),
+                                    attention_param(device, "attention_fwd_cta_overhead",
+                                                     DEFAULT_ATTENTION_FWD_CTA_OVERHEAD, impl),
                                     device.compute_units)
         time += max(compute, fwd_io / hbm) + device.kernel_launch_s
     if phase in ("backward", "both"):
         compute = _flash_phase_time(grid, sq, skv, head_dim, causal, False, bwd_rate,
-                                    _param(device, "attention_bwd_cta_overhead", DEFAULT_ATTENTION_BWD_CTA_OVERHEAD),
+                                    attention_param(device, "attention_bwd_cta_overhead",
+                                                     DEFAULT_ATTENTION_BWD_CTA_OVERHEAD, impl),
                                     device.compute_units)
         # read Q, K, V, O, dO; write dQ, dK, dV.  The backward also runs a dO·O preprocessing
         # kernel and a dQ conversion kernel
@@ -208,8 +245,9 @@ def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, caus
 
 
 def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
-                   device: Device, dtype: str = "bf16"):
-    """Seconds for flash attention (PyTorch SDPA's flash backend) forward, backward or both.
+                   device: Device, dtype: str = "bf16", impl: str = "flash"):
+    """Seconds for fused attention forward, backward or both: FlashAttention-2 as PyTorch SDPA's
+    flash backend runs it, or cuDNN's (``impl``, ATTENTION_IMPLS).
 
     The kernel's CTAs are placed on the SMs as the hardware does (``flash_makespan``), so the
     ragged last wave of a causal grid with few heads costs what it does on the GPU (measured on
@@ -217,24 +255,26 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
     53 % of its work)."""
     shape = (batch, heads, kv_heads, head_dim, seq_q, seq_kv)
     if all(np.ndim(x) == 0 for x in shape):  # the simulator's case: one op at a time
-        return _attention_time_scalar(*shape, bool(causal), phase, device, dtype)
-    return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype"}, otypes=[float])(
-        *shape, causal=bool(causal), phase=phase, device=device, dtype=dtype)
+        return _attention_time_scalar(*shape, bool(causal), phase, device, dtype, impl)
+    return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype", "impl"},
+                        otypes=[float])(*shape, causal=bool(causal), phase=phase, device=device, dtype=dtype,
+                                        impl=impl)
 
 
 def context_parallel_attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal: bool,
-                                    phase: str, device: Device, dtype: str = "bf16"):
+                                    phase: str, device: Device, dtype: str = "bf16", impl: str = "flash"):
     """Seconds for one context-parallel rank's flash attention: ``seq_local`` queries against
     ``seq_total`` keys.  Under a causal mask the sequence is cut into 2·cp chunks and rank r
     keeps chunks r and 2·cp − 1 − r (Megatron-LM's and Llama 3's load balancing), so every rank
     does the same work; rank 0's two kernels are costed: its first chunk against itself, its
     last chunk against the whole sequence (the mask aligned to the lower right)."""
     if not causal or seq_local >= seq_total:
-        return attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal, phase, device, dtype)
+        return attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal, phase, device, dtype,
+                              impl)
     chunk = seq_local // 2
-    return (attention_time(batch, heads, kv_heads, head_dim, chunk, chunk, True, phase, device, dtype)
+    return (attention_time(batch, heads, kv_heads, head_dim, chunk, chunk, True, phase, device, dtype, impl)
             + attention_time(batch, heads, kv_heads, head_dim, seq_local - chunk, seq_total, True, phase, device,
-                             dtype))
+                             dtype, impl))
 
 
 def kernel_issue_time(kernels, device: Device):

@@ -194,5 +194,9 @@ def throttled_device(device, slowdowns: Sequence[float]):
     gemm, attention = slowdowns
     if gemm <= 1.0 and attention <= 1.0:
         return device
-    return device.model_copy(update={"achievable_gemm_fraction": device.achievable_gemm_fraction / gemm,
-                                     "attention_fraction": device.attention_fraction / attention})
+    update = {"achievable_gemm_fraction": device.achievable_gemm_fraction / gemm,
+              "attention_fraction": device.attention_fraction / attention}
+    if device.cudnn_attention and "attention_fraction" in device.cudnn_attention:
+        update["cudnn_attention"] = dict(device.cudnn_attention,
+                                         attention_fraction=device.cudnn_attention["attention_fraction"] / attention)
+    return device.model_copy(update=update)

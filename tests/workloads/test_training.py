@@ -22,7 +22,7 @@ from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.ops import backward_ops, recompute_ops
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import TrainingWorkload, split_layers
+from plansim.workloads.training import FP8_CAST_BYTES, TrainingWorkload, local_vocab, split_layers
 
 REL = 1e-9
 
@@ -74,11 +74,14 @@ def _forward_gemm_flops(w: TrainingWorkload) -> float:
 @pytest.mark.parametrize("b, s", [(1, 1024), (2, 512), (4, 2048)])
 def test_op_graph_gemm_flops_equal_model_flops(model, b, s):
     """Forward GEMMs of all layers + head, ×3, per token == ModelSpec.model_flops_per_token
-    (unfused attention: the scores and ·V are GEMMs of the graph)."""
-    plan = Plan(tp=1, micro_batch=b, global_batch=b, seq_len=s, attention="unfused")
-    w = TrainingWorkload(model, plan)
-    tokens = b * s
-    assert 3.0 * _forward_gemm_flops(w) / tokens == pytest.approx(model.model_flops_per_token(s), rel=REL)
+    (unfused attention: the scores and ·V are GEMMs of the graph), plus, under Megatron, the
+    logits of the vocabulary's padding rows (to a multiple of 128: 50,257 -> 50,304)."""
+    for framework, padded in (("pytorch", model.vocab), ("megatron", -(-model.vocab // 128) * 128)):
+        plan = Plan(tp=1, micro_batch=b, global_batch=b, seq_len=s, attention="unfused", framework=framework)
+        w = TrainingWorkload(model, plan)
+        padding = 6.0 * model.hidden * (padded - model.vocab)
+        assert 3.0 * _forward_gemm_flops(w) / (b * s) == pytest.approx(model.model_flops_per_token(s) + padding,
+                                                                        rel=REL), framework
 
 
 @pytest.mark.parametrize("framework", ["megatron", "pytorch"])
@@ -383,3 +386,48 @@ def test_expert_groups_follow_megatron_cores_expert_grid():
     groups = Groups.of(plan, build_cluster("h100-sxm", None, 2, 8))
     assert (groups.ep.size, groups.ep.ranks_per_node) == (4, 4)
     assert groups.expert_dp.size == plan.expert_dp == 2
+
+
+def test_fp8_plans_cast_each_linear_gemms_operands_and_keep_the_output_layer_in_bf16():
+    """Transformer Engine's recipe: every fp8 linear GEMM's input is cast (read bf16, write fp8 twice)
+    before it and its output gradient in backward; the logits and the router stay bf16."""
+    model = load_model("mixtral-8x7b")
+    plan = Plan(tp=2, dp=4, ep=4, micro_batch=1, global_batch=4, seq_len=4096, precision="fp8")
+    w = TrainingWorkload(model, plan)
+    ops = w.moe_layer
+    linear = [op for op in ops if op.kind == "gemm" and op.has_weight and op.name != "router"]
+    assert linear and all(op.dtype == "fp8" for op in linear)
+    casts = {op.name: op for op in ops if op.name.endswith(".fp8_cast")}
+    assert set(casts) == {f"{op.name}.fp8_cast" for op in linear}
+    for op in linear:
+        m, n, k = op.gemm
+        cast = casts[f"{op.name}.fp8_cast"]
+        assert cast.bytes == FP8_CAST_BYTES * m * k and cast.bytes * cast.bwd_bytes_factor == FP8_CAST_BYTES * m * n
+        assert ops.index(cast) == ops.index(op) - 1
+    assert next(op for op in ops if op.name == "router").dtype == "bf16"
+    assert next(op for op in w.head if op.name == "logits").dtype == "bf16"
+    bf16 = TrainingWorkload(model, Plan(**{**plan.to_dict(), "precision": "bf16-mixed"}))
+    assert not any(op.name.endswith(".fp8_cast") for op in bf16.moe_layer)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_megatron_pads_the_vocabulary_to_a_multiple_of_128_tp(tp):
+    """GPT-2's 50,257 rows: Megatron's logits GEMM gets 128·tp-aligned rows (16-byte aligned N),
+    eager PyTorch the unpadded vocabulary."""
+    model = _gpt(vocab=50257)
+    megatron = local_vocab(model, Plan(tp=tp, dp=1, micro_batch=1, global_batch=1))
+    assert megatron * tp >= 50257 and (megatron * tp) % (128 * tp) == 0 and megatron * tp - 50257 < 128 * tp
+    assert (megatron * 2) % 16 == 0
+    assert local_vocab(model, Plan(tp=tp, framework="pytorch")) == -(-50257 // tp)
+
+
+def test_fused_attention_defaults_to_what_each_framework_runs():
+    """Transformer Engine (Megatron-Core) picks cuDNN's fused attention on Hopper and newer;
+    PyTorch's SDPA runs FlashAttention-2.  An explicit choice is kept."""
+    assert Plan().attention == "cudnn"
+    assert Plan(framework="pytorch").attention == "flash"
+    assert Plan(attention="flash").attention == "flash"
+    with pytest.raises(PlanError, match="attention: 'fa3' is not one of flash, cudnn, unfused"):
+        Plan(attention="fa3")
+    ops = TrainingWorkload(_gpt(), Plan(seq_len=1024)).dense_layer
+    assert next(op for op in ops if op.kind == "attention").impl == "cudnn"

@@ -19,13 +19,15 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "parallel2": {"steps_parallel2": "steps"}, "power": {"power": "power"},
                 "powerkernels": {"power_kernels": "power"}, "powersteps": {"power_steps": "power"},
                 "powerduty": {"power_duty": "power"}, "powergaps": {"power_gaps": "power"},
-                "powerstream": {"power_stream": "power"},
+                "powerstream": {"power_stream": "power"}, "powerfp8": {"power_fp8": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
-                "attention": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
+                "attention": {"kernels": "kernels"}, "cudnnattention": {"kernels": "kernels"},
+                "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
                 "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
-CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "profile", "bigprofile")
+CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8", "profile",
+             "bigprofile", "fp8", "cudnnattention")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -95,11 +97,12 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
                         else step_profile.run_big(dev, quick, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
-        if s in ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream"):
+        if s in ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8"):
             from plansim.validation.runner import power, stream
 
             run = {"power": power.run, "powerkernels": power.run_kernels, "powersteps": power.run_steps,
-                   "powerduty": power.run_duty, "powergaps": power.run_gaps, "powerstream": stream.run}[s]
+                   "powerduty": power.run_duty, "powergaps": power.run_gaps, "powerstream": stream.run,
+                   "powerfp8": lambda *a: power.run_kernels(*a, fp8=True)}[s]
             written += run(dev, quick, out_dir, log)
             log(f"== {s}: {time.time() - ts:.0f} s -> {', '.join(written[-2:])}")
             continue
@@ -123,10 +126,15 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                 f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
-        if s in ("kernels", "attention"):
+        if s in ("kernels", "attention", "cudnnattention"):
             from plansim.validation.runner import kernels
 
-            rows = (kernels.run if s == "kernels" else kernels.run_attention_sweep)(dev, quick, log)
+            rows = {"kernels": kernels.run, "attention": kernels.run_attention_sweep,
+                    "cudnnattention": kernels.run_cudnn_attention}[s](dev, quick, log)
+        elif s == "fp8":
+            from plansim.validation.runner import fp8
+
+            rows = fp8.run(dev, quick, log)
         elif s == "bigsteps":
             from plansim.validation.runner import steps
 

@@ -72,12 +72,14 @@ def _row(case_id: str, **params) -> dict:
     return {"case_id": case_id, **params}
 
 
-def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3, rate: str | None = None) -> dict:
+def _measure(row: dict, fn_factory, device, samples: int, warmup: int = 3, rate: str | None = None,
+             graph: bool = False) -> dict:
     """Fill time columns of ``row`` from ``fn_factory() -> (fn, n_sets)``; OOM/errors recorded.
-    ``rate`` ``"tflops"`` (from ``flops``) or ``"gbps"`` (from ``bytes_moved``) is filled when ok."""
+    ``rate`` ``"tflops"`` (from ``flops``) or ``"gbps"`` (from ``bytes_moved``) is filled when ok;
+    ``graph`` times through a CUDA graph (``timing.bench``)."""
     try:
         fn, n_sets = fn_factory()
-        times = bench(fn, device, n_sets=n_sets, samples=samples, warmup=warmup)
+        times = bench(fn, device, n_sets=n_sets, samples=samples, warmup=warmup, graph=graph)
         row.update(summarize(times))
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - every failure is a recorded status
@@ -200,20 +202,24 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
     return rows
 
 
-def _attention_rows(cases, device, gen, samples: int, emit) -> None:
-    """Forward and backward, causal and full, of every (batch, heads, kv_heads, head_dim, seq)."""
+def _attention_rows(cases, device, gen, samples: int, emit, backend: str = "flash") -> None:
+    """Forward and backward, causal and full, of every (batch, heads, kv_heads, head_dim, seq),
+    on SDPA's ``backend`` (``flash``: FlashAttention-2; ``cudnn``: cuDNN's fused attention, the
+    kernels Transformer Engine runs; its case ids start ``cudnn-``)."""
+    prefix = "" if backend == "flash" else f"{backend}-"
     for b, h, g, d, s in cases:
         for causal in (True, False):
             for phase in ("forward", "backward"):
                 fwd_flops = 4 * b * h * s * s * d // (2 if causal else 1)
                 flops = fwd_flops if phase == "forward" else int(2.5 * fwd_flops)
-                cid = (f"attn-{'fwd' if phase == 'forward' else 'bwd'}-b{b}-h{h}-kv{g}-d{d}-s{s}-{'causal' if causal else 'full'}")
+                cid = (f"{prefix}attn-{'fwd' if phase == 'forward' else 'bwd'}-b{b}-h{h}-kv{g}-d{d}-s{s}-"
+                       f"{'causal' if causal else 'full'}")
                 row = _row(cid, kind="attention", dtype="bf16", batch=b, heads=h, kv_heads=g,
                            head_dim=d, seq_len=s, causal=causal, phase=phase, flops=flops)
                 impl = {"name": ""}
 
                 def factory(b=b, h=h, g=g, d=d, s=s, causal=causal, phase=phase, impl=impl):
-                    return _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl)
+                    return _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl, backend)
 
                 _measure(row, factory, device, samples, rate="tflops")
                 row["impl"] = impl["name"]
@@ -244,8 +250,19 @@ def run_attention_sweep(device: torch.device, quick: bool, log=print) -> list[di
     return rows
 
 
-def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl):
-    """SDPA as PyTorch runs it; on CUDA the flash backend is forced (native GQA when it takes it)."""
+def run_cudnn_attention(device: torch.device, quick: bool, log=print) -> list[dict]:
+    """Suite ``cudnnattention``: the shapes of ``attention_cases`` and ``attention_sweep_cases`` on
+    cuDNN's fused attention (SDPA's cuDNN backend), the kernels Megatron-Core runs through
+    Transformer Engine on Hopper; GQA's K and V are expanded to every head before timing where
+    the backend takes no native GQA (the work per head is the same)."""
+    gen, samples, rows, emit = _start(device, quick, 5678, log)
+    cases = attention_cases(quick) + ([] if quick else attention_sweep_cases(False))
+    _attention_rows(cases, device, gen, samples, emit, backend="cudnn")
+    return rows
+
+
+def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl, backend: str = "flash"):
+    """SDPA as PyTorch runs it; on CUDA the ``backend`` is forced (native GQA when it takes it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = torch.bfloat16
@@ -253,8 +270,8 @@ def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl):
     sets = rotation_sets(per_set, device, max_sets=4)
     qkv = [(_rand((b, h, s, d), dtype, device, gen), _rand((b, g, s, d), dtype, device, gen),
             _rand((b, g, s, d), dtype, device, gen)) for _ in range(sets)]
-    backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH,
-                                                                           SDPBackend.FLASH_ATTENTION]
+    chosen = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+    backends = [chosen] if device.type == "cuda" else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
 
     def attend(q, k, v, native):
         if g != h and not native:
@@ -269,7 +286,13 @@ def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl):
     except RuntimeError:
         native = False
         attend(*qkv[0], native=False)
-    impl["name"] = ("flash" if device.type == "cuda" else "cpu") + ("" if g == h else ("-gqa" if native else "-repeat_kv"))
+    if backend == "cudnn" and g != h and not native:  # expand outside the timed work
+        qkv = [(q, k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)) for q, k, v in qkv]
+        g, native = h, True
+        impl["name"] = "cudnn-expanded_kv"
+    else:
+        impl["name"] = ((backend if device.type == "cuda" else "cpu")
+                        + ("" if g == h else ("-gqa" if native else "-repeat_kv")))
     if phase == "forward":
         def fwd(i):
             with torch.no_grad():

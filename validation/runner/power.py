@@ -393,8 +393,10 @@ KERNEL_COLUMNS = ("phase", "kind", "window", "t_start_s", "duration_s", "calls",
                   "power_cap_active")
 
 
-def _kernel_cases(device, quick: bool):
-    """(phase, kind, fn, FLOPs per call, HBM bytes per call): each a closure over its own buffers."""
+def _kernel_cases(device, quick: bool, fp8: bool = False):
+    """(phase, kind, fn, FLOPs per call, HBM bytes per call): each a closure over its own buffers.
+    ``fp8``: the ``powerfp8`` cases instead, fp8 GEMMs (fast and split accumulation, as the
+    ``fp8`` suite runs them) beside the bf16 8192³ reference on the same board."""
     import torch.nn.functional as F
 
     bf = torch.bfloat16
@@ -428,6 +430,19 @@ def _kernel_cases(device, quick: bool):
         return (f"rmsnorm-t{tokens}-h{hidden}", "memory", lambda: F.rms_norm(x, (hidden,), w), 0.0,
                 2.0 * 2 * tokens * hidden)
 
+    def gemm_fp8(m, n, k, fast: bool):
+        one = torch.ones((), device=device, dtype=torch.float32)
+        a = rand(m, k).to(torch.float8_e4m3fn if fast else torch.float8_e5m2)
+        w = rand(n, k).to(torch.float8_e4m3fn)
+        return (f"gemm-fp8-{'e4m3-fast' if fast else 'e5m2-e4m3'}-m{m}-n{n}-k{k}", "tensor",
+                lambda: torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=bf, use_fast_accum=fast),
+                2.0 * m * n * k, m * k + k * n + 2.0 * m * n)
+
+    if fp8:
+        if quick:
+            return [gemm_fp8(1024, 1024, 1024, True)]
+        return [gemm(8192, 8192, 8192), gemm_fp8(8192, 8192, 8192, True), gemm_fp8(8192, 8192, 8192, False),
+                gemm_fp8(4096, 14336, 4096, True)]
     if quick:
         return [gemm(1024, 1024, 1024), rmsnorm(1024, 1024)]
     return [gemm(8192, 8192, 8192), gemm(4096, 2048, 2048), gemm(16384, 5632, 2048), gemm(8192, 3072, 3072),
@@ -453,13 +468,14 @@ def _stream(fn, seconds: float, calls: int) -> list[tuple[float, float]]:
     return [(t0, a.elapsed_time(b) / 1e3) for t0, a, b in pending]
 
 
-def run_kernels(device: torch.device, quick: bool, out_dir: str, log=print) -> list[str]:
-    """Stream each kernel of ``_kernel_cases``; write power_kernels.csv and power_kernels_samples.csv."""
+def run_kernels(device: torch.device, quick: bool, out_dir: str, log=print, fp8: bool = False) -> list[str]:
+    """Stream each kernel of ``_kernel_cases``; write power_kernels.csv and power_kernels_samples.csv
+    (``fp8``: the fp8 GEMMs, into power_fp8.csv and power_fp8_samples.csv)."""
     scale = 0.1 if quick else 1.0
     def measure(t_origin: float) -> list[dict]:
         rows: list[dict] = []
         time.sleep(KERNEL_COOL_S * scale)
-        for phase, kind, fn, flops, nbytes in _kernel_cases(device, quick):
+        for phase, kind, fn, flops, nbytes in _kernel_cases(device, quick, fp8):
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
@@ -481,4 +497,4 @@ def run_kernels(device: torch.device, quick: bool, out_dir: str, log=print) -> l
             time.sleep(KERNEL_COOL_S * scale)
         return rows
 
-    return _sampled(out_dir, "power_kernels", quick, KERNEL_COLUMNS, measure)
+    return _sampled(out_dir, "power_fp8" if fp8 else "power_kernels", quick, KERNEL_COLUMNS, measure)
