@@ -96,14 +96,15 @@ def predict_op(kind: str, hardware: str, *, calibrated: bool = True, **shape: An
         device, source = apply_calibration(device)
     if kind == "gemm":
         m, n, k, dtype = shape["m"], shape["n"], shape["k"], shape.get("dtype", "bf16")
-        t = float(compute.gemm_time(m, n, k, dtype, device))
+        t = float(compute.gemm_time(m, n, k, dtype, device, split_accumulate=bool(shape.get("split_accumulate"))))
         return {"time_s": t, "tflops": 2.0 * m * n * k / t / 1e12, "calibrated_profile": source}
     if kind == "attention":
         phase = shape.get("phase", "forward")
         b, heads, d, s = shape["batch"], shape["heads"], shape["head_dim"], shape["seq_len"]
         kv = shape.get("kv_heads") or heads
         causal = bool(shape.get("causal", False))
-        t = float(compute.attention_time(b, heads, kv, d, s, s, causal, phase, device))
+        t = float(compute.attention_time(b, heads, kv, d, s, s, causal, phase, device,
+                                         impl=shape.get("attention") or "flash"))
         # the MFU convention counts all score FLOPs (DESIGN.md); report the executed rate too
         executed = float(compute.attention_flops(b, heads, d, s, s, causal, phase))
         return {"time_s": t, "tflops": executed / t / 1e12, "calibrated_profile": source}

@@ -173,8 +173,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_op(args: argparse.Namespace) -> int:
     from plansim.api import predict_op
-    shape = {k: getattr(args, k) for k in ("m", "n", "k", "dtype", "batch", "heads", "kv_heads", "head_dim",
-                                            "seq_len", "causal", "phase", "bytes", "pageable")}
+    shape = {k: getattr(args, k) for k in ("m", "n", "k", "dtype", "split_accumulate", "batch", "heads", "kv_heads",
+                                            "head_dim", "seq_len", "causal", "phase", "attention", "bytes",
+                                            "pageable")}
     required = {"gemm": ("m", "n", "k"), "attention": ("batch", "heads", "head_dim", "seq_len"),
                 "memcpy": ("bytes",), "elementwise": ("bytes",), "h2d": ("bytes",), "d2h": ("bytes",)}[args.kind]
     missing = [f"--{r.replace('_', '-')}" for r in required if shape[r] is None]
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=positive_int)
     p.add_argument("--bytes", type=_size)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "tf32", "fp8"), default="bf16")
+    p.add_argument("--split-accumulate", action="store_true",
+                   help="fp8: promote partial sums as it goes (Transformer Engine's dgrad and wgrad GEMMs)")
+    p.add_argument("--attention", choices=("flash", "cudnn"), default="flash",
+                   help="fused attention kernels: FlashAttention-2 (PyTorch SDPA) or cuDNN's (Transformer Engine)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--phase", choices=("forward", "backward", "both"), default="forward")
     p.add_argument("--pageable", action="store_true")

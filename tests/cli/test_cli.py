@@ -343,3 +343,15 @@ def test_installed_console_script_bad_input():
     proc = subprocess.run([_console_script(), "simulate", "--tp", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_op_prices_cudnn_attention_and_split_accumulating_fp8_gemms(capsys):
+    """``plansim op`` reaches the kernels Megatron-Core runs: cuDNN attention, fp8 dgrad/wgrad."""
+    def op(*argv):
+        assert main(["op", *argv, "--hardware", "h200", "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)["time_s"]
+    attention = ["--kind", "attention", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--head-dim", "128",
+                 "--seq-len", "8192", "--causal"]
+    assert op(*attention, "--attention", "cudnn") < 0.6 * op(*attention)
+    gemm = ["--kind", "gemm", "--m", "8192", "--n", "8192", "--k", "8192", "--dtype", "fp8"]
+    assert op(*gemm) < op(*gemm, "--split-accumulate") < 1.15 * op(*gemm)
