@@ -211,8 +211,16 @@ def step_plan(row):
                 schedule=schedule if schedule in ("gpipe", "1f1b") else "1f1b",
                 # the runner's tensor parallelism is Megatron's without sequence parallelism
                 sequence_parallel=False, precision="bf16-pure", framework="pytorch", ddp="torch",
-                # the gpt2021 rows run Megatron 2021's unfused attention (attn_impl "unfused")
-                attention="unfused" if str(row.get("attn_impl", "")) == "unfused" else "flash")
+                # the gpt2021 rows run Megatron 2021's unfused attention (attn_impl "unfused"), the
+                # cudnnsteps rows cuDNN's fused attention (attn_impl "cudnn-…"), the rest flash
+                attention=step_attention(str(row.get("attn_impl", ""))))
+
+
+def step_attention(attn_impl: str) -> str:
+    """Plan.attention of a steps row's ``attn_impl``."""
+    if attn_impl == "unfused":
+        return "unfused"
+    return "cudnn" if attn_impl.startswith("cudnn") else "flash"
 
 
 def predict_step(row, cluster: Cluster) -> tuple[float, float]:

@@ -22,12 +22,12 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "powerstream": {"power_stream": "power"}, "powerfp8": {"power_fp8": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "cudnnattention": {"kernels": "kernels"},
-                "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"},
+                "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}, "cudnnsteps": {"steps": "steps"},
                 "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
 CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8", "profile",
-             "bigprofile", "fp8", "cudnnattention")
+             "bigprofile", "fp8", "cudnnattention", "cudnnsteps")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -135,10 +135,10 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             from plansim.validation.runner import fp8
 
             rows = fp8.run(dev, quick, log)
-        elif s == "bigsteps":
+        elif s in ("bigsteps", "cudnnsteps"):
             from plansim.validation.runner import steps
 
-            rows = steps.run_big(dev, quick, log)
+            rows = (steps.run_big if s == "bigsteps" else steps.run_cudnn)(dev, quick, log)
         elif s == "transfers":
             from plansim.validation.runner import transfers
 

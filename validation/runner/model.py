@@ -301,21 +301,22 @@ def init_weights(model: nn.Module, seed: int) -> None:
             t.copy_(torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32) * 0.02)
 
 
-def pick_attention(model: Transformer, device: torch.device) -> str:
-    """Force flash SDPA on CUDA; use native GQA if the flash kernel takes it, else repeat k/v."""
+def pick_attention(model: Transformer, device: torch.device, backend: str = "flash") -> str:
+    """Force SDPA's ``backend`` on CUDA (``flash``: FlashAttention-2; ``cudnn``: cuDNN's fused
+    attention); use native GQA if the kernel takes it, else repeat k/v."""
     if device.type != "cuda":
         model.set_attention(True, None)
         return "default-gqa"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = [SDPBackend.FLASH_ATTENTION]
+    backends = [SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION]
     q = torch.randn(1, 4, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(1, 2, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     try:
         with sdpa_kernel(backends):
             F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
         model.set_attention(True, backends)
-        return "flash-gqa"
+        return f"{backend}-gqa"
     except RuntimeError:
         model.set_attention(False, backends)
-        return "flash-repeat_kv"
+        return f"{backend}-repeat_kv"

@@ -452,7 +452,7 @@ def _kernel_cases(device, quick: bool, fp8: bool = False):
 
 def _stream(fn, seconds: float, calls: int) -> list[tuple[float, float]]:
     """(wall start, GPU seconds) of blocks of ``calls`` back-to-back calls for ``seconds``."""
-    out, pending = [], []
+    pending = []
     t_end = time.time() + seconds
     while time.time() < t_end:
         t0 = time.time()

@@ -64,6 +64,17 @@ def run_big(device: torch.device, quick: bool, log=print) -> list[dict]:
     return run_cases(big_cases(quick), run_single, device, quick, log)
 
 
+def cudnn_cases(quick: bool) -> list[dict]:
+    """Suite ``cudnnsteps``: the ``steps`` suite's single-GPU cases and ``bigsteps``' whole
+    Llama-3-8B with SDPA on cuDNN's fused attention (case ids end ``-cudnn``)."""
+    cases = single_cases(quick) + ([] if quick else big_cases(False))
+    return [dict(c, case_id=f"{c['case_id']}-cudnn", attention="cudnn") for c in cases]
+
+
+def run_cudnn(device: torch.device, quick: bool, log=print) -> list[dict]:
+    return run_cases(cudnn_cases(quick), run_single, device, quick, log)
+
+
 def dist_cases(quick: bool, n: int = 2) -> list[dict]:
     """Cases for ``n`` = 2 ranks: DDP, FSDP2, TP=2, 2-stage PP (GPipe, 1F1B)."""
     models, seq, mb = (("tiny",), 64, 2) if quick else (MODELS, SEQ, 2)
@@ -182,7 +193,7 @@ def run_single(case: dict, device: torch.device, quick: bool) -> dict:
 
     def build():
         model = _build(cfg, device, 0, recompute=case["recompute"])
-        extra["attn_impl"] = pick_attention(model, device)
+        extra["attn_impl"] = pick_attention(model, device, case.get("attention", "flash"))
         return model
 
     return run_one(case, device, quick, cfg, extra, build)
