@@ -100,6 +100,8 @@ def _unaligned(row) -> bool:
 #: kernel kinds the fit uses: all but the fp8 casts, which test (held out, never fitted) that a cast
 #: streams at the rate the elementwise ops set
 FITTED_KINDS = tuple(k for k in KERNEL_KINDS if k != "cast")
+#: fitted parameters a GPU of the same die takes where its own data cannot identify them
+DIE_KERNEL_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio")
 #: the attention parameters cuDNN's fused attention gets its own values of (Device.cudnn_attention)
 CUDNN_ATTENTION_PARAMETERS = tuple(p for p in KERNEL_PARAMETERS if p[0].startswith("attention_"))
 
@@ -285,8 +287,8 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
     # per die, the fits a GPU of that die without its own measurements takes: the power model's
-    # (no powerkernels streams) and cuDNN attention's (no cuDNN rows)
-    shared: dict[str, dict[tuple, dict]] = {"power": {}, "cudnn_attention": {}}
+    # (no powerkernels streams) and DIE_KERNEL_PARAMETERS (no cuDNN or fp8 rows)
+    shared: dict[str, dict[tuple, dict]] = {"power": {}, "kernels": {}}
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared)
     return written
@@ -320,13 +322,14 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         collectives = collectives[collectives["group_size"].astype(int) > 1]
 
     params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
-    # cuDNN's attention kernels are the die's and the library's: a GPU of a die measured earlier
-    # (H100 SXM after H200) takes its fit where its own folders have no cuDNN rows
-    die_attention = shared["cudnn_attention"]
-    if "cudnn_attention" in params:
-        die_attention[_die(cluster.device)] = params["cudnn_attention"]
-    elif _die(cluster.device) in die_attention:
-        params["cudnn_attention"] = die_attention[_die(cluster.device)]
+    # cuDNN's attention kernels and the fp8 GEMMs' shares are the die's and the library's: a GPU of
+    # a die measured earlier (H100 SXM after H200) takes the fits its own folders cannot make
+    die_fits = shared["kernels"].setdefault(_die(cluster.device), {})
+    for field in DIE_KERNEL_PARAMETERS:
+        if field in params:
+            die_fits[field] = params[field]
+        elif field in die_fits:
+            params[field] = die_fits[field]
     device = cluster.device.model_copy(update=params)
     links: dict[str, dict] = {}
     if not transfers.empty:

@@ -83,3 +83,15 @@ def test_fp8_gemm_streams_settle_where_the_power_model_puts_them(h200):
     assert len(rates) == 4 and rates["phase"].str.contains("fp8").sum() == 3
     assert (rates["measured_tflops"] < rates["short_tflops"]).all()  # the limit holds every stream
     assert rates["error"].abs().max() <= 0.08, rates
+
+
+def test_the_h100_takes_the_h200s_cudnn_and_fp8_fits():
+    """One die (GH100) and one library: the H100 SXM, never measured on cuDNN attention or fp8,
+    carries the H200's fitted values, which ``plansim calibrate`` copies across."""
+    from plansim.simulator.calibration import read_calibration
+    from plansim.validation.compare import CALIBRATED_DIR
+    from plansim.validation.calibrate import DIE_KERNEL_PARAMETERS
+
+    h100, h200 = (read_calibration(CALIBRATED_DIR / f"{name}.yaml")["parameters"] for name in ("h100-sxm", "h200"))
+    for field in DIE_KERNEL_PARAMETERS:
+        assert h100[field] == h200[field], field
