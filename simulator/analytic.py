@@ -377,12 +377,6 @@ class AnalyticModel:
                              + contention_s(cluster.device, hid_f, hid_f * rest_rate))
                 exposed_b = (first + max(0.0, rest - beside_b)
                              + contention_s(cluster.device, hid_b, hid_b * rest_rate))
-                # the gathers and the backward's reduce-scatters share the rank's link: a micro-batch
-                # of this chunk takes at least the time that link needs for their bytes (the engine
-                # runs them as flows on it; their latencies overlap, their bytes cannot)
-                rs = self._collective_cost("reduce_scatter", params[i] * grad_b / layers, grad_group)
-                wire_s = layers * (2.0 * g.volume_bytes / g.rate_Bps + rs.volume_bytes / rs.rate_Bps)
-                exposed_b += max(0.0, wire_s - (costs[i, F] + exposed_f + beside_b + exposed_b))
                 z3[i] = exposed_f + exposed_b
                 f[i] += exposed_f
                 b[i] += exposed_b
