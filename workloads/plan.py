@@ -74,7 +74,8 @@ class Plan:
     fp32_grads: bool = False  # accumulate and reduce gradients in fp32 (Megatron's main_grad): 18 B/param
     attention: str | None = None  # fused (no s² tensor): "flash" (FlashAttention-2, PyTorch SDPA's) or "cudnn"
     #   (cuDNN's, what Transformer Engine runs on Hopper and newer); or "unfused" (Megatron 2021: softmax
-    #   over s²); None: "cudnn" for framework "megatron", "flash" for "pytorch"
+    #   over s²); None: "cudnn" for framework "megatron", "flash" for "pytorch".  On a device with no
+    #   fitted cuDNN rates (A100, MI300X, Ascend, B200) "cudnn" is priced as that device's fused attention
     tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
     #   (Megatron-LM since 2021, Megatron-Core); None: on for framework "megatron", off for "pytorch"
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
@@ -93,13 +94,13 @@ class Plan:
                 raise PlanError(f"{name}: must be true or false, got {value!r}")
         if not isinstance(self.offload, dict):
             raise PlanError(f"offload: must map what to a tier (e.g. {{optimizer: cpu}}), got {self.offload!r}")
-        if self.attention is None and self.framework in DEFAULT_ATTENTION:
-            object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("attention", ATTENTION), ("framework", FRAMEWORKS),
+                              ("framework", FRAMEWORKS), ("attention", ATTENTION),
                               ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS)):
+            if name == "attention" and self.attention is None:  # the framework's own, once it is known good
+                object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.sequence_parallel is None:

@@ -429,5 +429,7 @@ def test_fused_attention_defaults_to_what_each_framework_runs():
     assert Plan(attention="flash").attention == "flash"
     with pytest.raises(PlanError, match="attention: 'fa3' is not one of flash, cudnn, unfused"):
         Plan(attention="fa3")
+    with pytest.raises(PlanError, match="framework: 'jax' is not one of megatron, pytorch"):
+        Plan(framework="jax")  # the bad field is named, not the attention it would have defaulted
     ops = TrainingWorkload(_gpt(), Plan(seq_len=1024)).dense_layer
     assert next(op for op in ops if op.kind == "attention").impl == "cudnn"
