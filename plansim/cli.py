@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace slices per phase (default) or per op; needs --trace")
     p.set_defaults(func=cmd_simulate)
 
+    from plansim.workloads.plan import FUSED_ATTENTION
     p = sub.add_parser("op", help="predict one kernel")
     p.add_argument("--kind", required=True, choices=("gemm", "attention", "memcpy", "elementwise", "h2d", "d2h"))
     p.add_argument("--hardware", default="h100-sxm")
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "tf32", "fp8"), default="bf16")
     p.add_argument("--split-accumulate", action="store_true",
                    help="fp8: promote partial sums as it goes (Transformer Engine's dgrad and wgrad GEMMs)")
-    p.add_argument("--attention", choices=("flash", "cudnn"), default="flash",
+    p.add_argument("--attention", choices=FUSED_ATTENTION, default="flash",
                    help="fused attention kernels: FlashAttention-2 (PyTorch SDPA) or cuDNN's (Transformer Engine)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--phase", choices=("forward", "backward", "both"), default="forward")

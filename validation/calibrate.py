@@ -32,7 +32,7 @@ from scipy.optimize import least_squares
 from plansim.simulator.costs import compute
 from plansim.simulator.hardware import Cluster, Device, Link
 from plansim.validation.compare import (CALIBRATED_DIR, DATA_DIR, KERNEL_KINDS, SPLIT_ACCUMULATE_IMPLS, MiB,
-                                        TRANSFER_KINDS, attention_impl, base_cluster, data_folders, device_for_folder,
+                                        TRANSFER_KINDS, attention_of, base_cluster, data_folders, device_for_folder,
                                         load_suite, predict_collective, predict_kernel, rel)
 from plansim.validation.power import fit_power, fits_own_draws
 
@@ -104,10 +104,16 @@ FITTED_KINDS = tuple(k for k in KERNEL_KINDS if k != "cast")
 DIE_KERNEL_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio")
 #: the attention parameters cuDNN's fused attention gets its own values of (Device.cudnn_attention)
 CUDNN_ATTENTION_PARAMETERS = tuple(p for p in KERNEL_PARAMETERS if p[0].startswith("attention_"))
+#: parameters only some rows of a kind identify: without such a row in the split, none is fitted
+IDENTIFIED_BY = {
+    "unaligned_gemm_fraction": _unaligned,
+    "fp8_gemm_fraction": lambda r: r["kind"] == "gemm" and r["dtype"] == "fp8",
+    "fp8_split_accumulate_ratio": lambda r: r.get("impl") in SPLIT_ACCUMULATE_IMPLS,
+}
 
 
 def _is_cudnn(row) -> bool:
-    return row["kind"] == "attention" and attention_impl(row) == "cudnn"
+    return row["kind"] == "attention" and attention_of(row.get("impl")) == "cudnn"
 
 
 def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
@@ -115,47 +121,29 @@ def fit_device(device: Device, kernels: pd.DataFrame) -> tuple[dict, dict]:
     cuDNN attention rows are fitted after the rest, their own ``attention_*`` parameters on the
     device the other kernels gave (``cudnn_attention``)."""
     records = [r for r in kernels.to_dict("records") if r["kind"] in FITTED_KINDS]
-    params, stats = _fit_kernels(device, [r for r in records if not _is_cudnn(r)])
+    params, stats = _fit_kernels(device, [r for r in records if not _is_cudnn(r)], KERNEL_PARAMETERS)
     cudnn = [r for r in records if _is_cudnn(r)]
-    if cudnn:
-        fitted = device.model_copy(update=params)
-        start = {n: compute.attention_param(fitted, n, DEFAULTS.get(n, 0.0), "flash")
-                 for n, *_ in CUDNN_ATTENTION_PARAMETERS}
-
-        def on_cudnn(p: dict) -> Device:
-            return fitted.model_copy(update={"cudnn_attention": p})
-
-        names = [n for n, *_ in CUDNN_ATTENTION_PARAMETERS]
-        lo = {n: low for n, low, _, _ in CUDNN_ATTENTION_PARAMETERS}
-        hi = {n: high for n, _, high, _ in CUDNN_ATTENTION_PARAMETERS}
-        meas = np.array([float(r["time_s"]) for r in cudnn])
-
-        def residual(p: dict) -> np.ndarray:
-            trial = on_cudnn(p)
-            return _log_ratio((predict_kernel(r, trial) for r in cudnn), meas)
-
-        got = _fit_log(residual, names, start, lo, hi)
+    if cudnn:  # starting from the FlashAttention-2 fit
+        got, cudnn_stats = _fit_kernels(device.model_copy(update=params), cudnn, CUDNN_ATTENTION_PARAMETERS,
+                                        within="cudnn_attention")
         params["cudnn_attention"] = got
-        stats["cudnn attention"] = _stats(residual(got))
+        stats["cudnn attention"] = cudnn_stats["kernels"]
     return params, stats
 
 
-def _fit_kernels(device: Device, rows: list[dict]) -> tuple[dict, dict]:
-    """The KERNEL_PARAMETERS that the kernel kinds of ``rows`` identify, fitted to them."""
+def _fit_kernels(device: Device, rows: list[dict], parameters, within: str | None = None) -> tuple[dict, dict]:
+    """Those of ``parameters`` (KERNEL_PARAMETERS rows) that ``rows`` identify, fitted to them;
+    ``within``: a device field holding them as a dict (``cudnn_attention``), not the fields themselves."""
     if not rows:
         return {}, {}
     kinds = {r["kind"] for r in rows}
     meas = np.array([float(r["time_s"]) for r in rows])
     names, lo, hi, start = [], {}, {}, {}
-    for name, low, high, needs in KERNEL_PARAMETERS:
+    for name, low, high, needs in parameters:
         if not kinds & set(needs):
             continue
-        if name == "unaligned_gemm_fraction" and not any(_unaligned(r) for r in rows):
-            continue  # no calibration GEMM is misaligned: the data cannot identify it
-        if name == "fp8_gemm_fraction" and not any(r["kind"] == "gemm" and r["dtype"] == "fp8" for r in rows):
-            continue  # likewise without an fp8 GEMM
-        if name == "fp8_split_accumulate_ratio" and not any(r.get("impl") in SPLIT_ACCUMULATE_IMPLS for r in rows):
-            continue  # or without a split-accumulator one
+        if name in IDENTIFIED_BY and not any(IDENTIFIED_BY[name](r) for r in rows):
+            continue  # e.g. no calibration GEMM is misaligned: the data cannot identify it
         names.append(name)
         lo[name] = low(device) if callable(low) else low
         hi[name] = high(device) if callable(high) else high
@@ -163,7 +151,7 @@ def _fit_kernels(device: Device, rows: list[dict]) -> tuple[dict, dict]:
         start[name] = float(value if value is not None else DEFAULTS[name])
 
     def residual(params: dict) -> np.ndarray:
-        trial = device.model_copy(update=params)
+        trial = device.model_copy(update={within: params} if within else params)
         return _log_ratio((predict_kernel(r, trial) for r in rows), meas)
 
     params = _fit_log(residual, names, start, lo, hi)

@@ -141,9 +141,13 @@ def _bool(value) -> bool:
 
 # ------------------------------------------------------------------------------ predictors
 
-def attention_impl(row) -> str:
-    """The fused-attention kernels an attention row timed (``impl`` cudnn… or flash…)."""
-    return "cudnn" if str(row.get("impl") or "").startswith("cudnn") else "flash"
+def attention_of(impl) -> str:
+    """Plan.attention of what a measured row ran: its ``impl`` (kernels rows) or ``attn_impl``
+    (steps rows): ``unfused`` (Megatron 2021), ``cudnn…`` (cuDNN's fused attention), else flash."""
+    impl = str(impl or "")
+    if impl == "unfused":
+        return "unfused"
+    return "cudnn" if impl.startswith("cudnn") else "flash"
 
 
 def predict_kernel(row, device: Device) -> float:
@@ -165,7 +169,7 @@ def predict_kernel(row, device: Device) -> float:
         s = _num(row, "seq_len")
         return float(compute.attention_time(_num(row, "batch"), _num(row, "heads"), _num(row, "kv_heads"),
                                             _num(row, "head_dim"), s, s, _bool(row["causal"]), row["phase"],
-                                            device, impl=attention_impl(row)))
+                                            device, impl=attention_of(row.get("impl"))))
     if kind == "elementwise":
         return float(compute.elementwise_time(_num(row, "bytes"), device))
     if kind == "memcpy":
@@ -213,14 +217,7 @@ def step_plan(row):
                 sequence_parallel=False, precision="bf16-pure", framework="pytorch", ddp="torch",
                 # the gpt2021 rows run Megatron 2021's unfused attention (attn_impl "unfused"), the
                 # cudnnsteps rows cuDNN's fused attention (attn_impl "cudnn-…"), the rest flash
-                attention=step_attention(str(row.get("attn_impl", ""))))
-
-
-def step_attention(attn_impl: str) -> str:
-    """Plan.attention of a steps row's ``attn_impl``."""
-    if attn_impl == "unfused":
-        return "unfused"
-    return "cudnn" if attn_impl.startswith("cudnn") else "flash"
+                attention=attention_of(row.get("attn_impl")))
 
 
 def predict_step(row, cluster: Cluster) -> tuple[float, float]:

@@ -68,7 +68,7 @@ class Op:
     #   the grad·output product eager softmax's backward forms before its reduction
     recompute_selective: bool = False  # recomputed under selective recomputation
     kernels: int = 1  # kernels (or NCCL calls) the host issues for it; its backward issues as many
-    impl: str = "flash"  # attention: the fused kernels that run it (simulator.costs.compute.ATTENTION_IMPLS)
+    impl: str = "flash"  # attention: the fused kernels that run it (workloads.plan.FUSED_ATTENTION)
 
     @property
     def flops(self) -> float:

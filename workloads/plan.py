@@ -13,7 +13,8 @@ RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "bf16-pure", "fp8")  # fp16-mixed: bf16-mixed storage with dynamic
 #   loss scaling (Megatron-LM's --fp16), whose optimizer step also unscales and checks the gradients
-ATTENTION = ("flash", "cudnn", "unfused")
+FUSED_ATTENTION = ("flash", "cudnn")  # the fused kernels: FlashAttention-2 (PyTorch SDPA), cuDNN's (Transformer Engine)
+ATTENTION = (*FUSED_ATTENTION, "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
 DDP_IMPLS = ("megatron", "torch")
 CP_COMMS = ("ring", "allgather")

@@ -201,16 +201,13 @@ def _flash_phase_time(heads: int, seq_q: int, seq_kv: int, head_dim: float, caus
     return flash_makespan(heads, works, slots) * flops_per_unit * slots / rate
 
 
-#: the kernel implementations of fused attention: ``flash`` is FlashAttention-2 as PyTorch's SDPA
-#: runs it; ``cudnn`` is cuDNN's fused attention, which Transformer Engine (Megatron-Core) selects
-#: on Hopper and newer "for performance reasons" (TE's dot_product_attention/utils.py): 1.6-2.0×
-#: FlashAttention-2's rate on an H200 (validation/data/cudnnattention-h200-x1).  It keeps the same
-#: cost model with its own fitted parameters, ``Device.cudnn_attention`` (the device's own where absent)
-ATTENTION_IMPLS = ("flash", "cudnn")
-
-
 def attention_param(device: Device, name: str, default: float, impl: str) -> float:
-    """An ``attention_*`` parameter of the kernels ``impl`` names (``default`` where the profile has none)."""
+    """An ``attention_*`` parameter of the fused-attention kernels ``impl`` names (``default`` where
+    the profile has none).  ``flash`` is FlashAttention-2 as PyTorch's SDPA runs it; ``cudnn`` is
+    cuDNN's fused attention, which Transformer Engine (Megatron-Core) selects on Hopper and newer
+    "for performance reasons" (TE's dot_product_attention/utils.py), 1.6-2.0× FlashAttention-2's
+    rate on an H200 (validation/data/cudnnattention-h200-x1): the same cost model with its own
+    fitted parameters, ``Device.cudnn_attention`` (the device's own where it has none)."""
     if impl == "cudnn" and device.cudnn_attention and name in device.cudnn_attention:
         return float(device.cudnn_attention[name])
     return float(device.attention_fraction) if name == "attention_fraction" else _param(device, name, default)
@@ -247,7 +244,7 @@ def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, caus
 def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
                    device: Device, dtype: str = "bf16", impl: str = "flash"):
     """Seconds for fused attention forward, backward or both: FlashAttention-2 as PyTorch SDPA's
-    flash backend runs it, or cuDNN's (``impl``, ATTENTION_IMPLS).
+    flash backend runs it, or cuDNN's (``impl``, workloads.plan.FUSED_ATTENTION).
 
     The kernel's CTAs are placed on the SMs as the hardware does (``flash_makespan``), so the
     ragged last wave of a causal grid with few heads costs what it does on the GPU (measured on

@@ -19,11 +19,11 @@ from C++ (or CUDA graphs), not through that path.  CUDA only: fp8 GEMMs need sm_
 """
 from __future__ import annotations
 
-import torch
-
 import time
 
-from plansim.validation.runner.kernels import _measure, _rand, _row, _start, gemm_shapes
+import torch
+
+from plansim.validation.runner.kernels import _measure, _rand, _row, _start, gemm_factory, gemm_shapes
 from plansim.validation.runner.timing import rotation_sets, sync
 
 #: idle before each case, so that every case is a short sample at the boost clock: back to back,
@@ -34,6 +34,14 @@ REST_S = 1.0
 #: impl -> (A's dtype, W's dtype, fast accumulation)
 VARIANTS = {"e4m3-fast": (torch.float8_e4m3fn, torch.float8_e4m3fn, True),
             "e5m2-e4m3": (torch.float8_e5m2, torch.float8_e4m3fn, False)}
+
+
+def scaled_mm(a, w, fast: bool, one):
+    """A[m,k]·W[n,k]ᵀ in fp8 with unit per-tensor scales and a bf16 output, accumulating fast or
+    with the split accumulator (``VARIANTS``)."""
+    return torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
 CAST_SHAPES = [(4096, 4096), (8192, 4096), (8192, 8192), (8192, 14336), (16384, 8192), (4096, 28672)]
 
 
@@ -64,21 +72,12 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
                 sets = rotation_sets(m * k + n * k, device)
                 ab = [(_rand((m, k), torch.bfloat16, device, gen).to(a_dtype),
                        _rand((n, k), torch.bfloat16, device, gen).to(w_dtype)) for _ in range(sets)]
-                return (lambda i: torch._scaled_mm(ab[i][0], ab[i][1].t(), scale_a=one, scale_b=one,
-                                                   out_dtype=torch.bfloat16, use_fast_accum=fast)), sets
+                return (lambda i: scaled_mm(ab[i][0], ab[i][1], fast, one)), sets
 
             measure(row, factory, "tflops")
         row = _row(f"gemm-bf16-fp8ref-m{m}-n{n}-k{k}", kind="gemm", dtype="bf16", impl="fp8-reference", m=m, n=n,
                    k=k, flops=flops)
-
-        def bf16_factory(m=m, n=n, k=k):
-            sets = rotation_sets((m * k + n * k) * 2, device)
-            ab = [(_rand((m, k), torch.bfloat16, device, gen), _rand((n, k), torch.bfloat16, device, gen))
-                  for _ in range(sets)]
-            out = torch.empty((m, n), dtype=torch.bfloat16, device=device)
-            return (lambda i: torch.mm(ab[i][0], ab[i][1].t(), out=out)), sets
-
-        measure(row, bf16_factory, "tflops")
+        measure(row, gemm_factory(m, n, k, torch.bfloat16, device, gen), "tflops")
 
     for t, h in (CAST_SHAPES if not quick else [(256, 512)]):
         numel = t * h

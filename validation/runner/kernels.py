@@ -127,6 +127,16 @@ def _rand(shape, dtype, device, gen):
     return torch.randn(shape, dtype=torch.float32, device=device, generator=gen).to(dtype)
 
 
+def gemm_factory(m: int, n: int, k: int, dtype, device, gen):
+    """``_measure``'s factory for C[m,n] = A[m,k]·W[n,k]ᵀ in ``dtype`` (nn.Linear's forward layout)."""
+    def factory():
+        sets = rotation_sets((m * k + n * k) * dtype.itemsize, device)
+        ab = [(_rand((m, k), dtype, device, gen), _rand((n, k), dtype, device, gen)) for _ in range(sets)]
+        out = torch.empty((m, n), dtype=dtype, device=device)
+        return (lambda i: torch.mm(ab[i][0], ab[i][1].t(), out=out)), sets
+    return factory
+
+
 def run(device: torch.device, quick: bool, log=print) -> list[dict]:
     gen, samples, rows, emit = _start(device, quick, 1234, log)
 
@@ -136,15 +146,8 @@ def run(device: torch.device, quick: bool, log=print) -> list[dict]:
         row = _row(f"gemm-{dt}-m{m}-n{n}-k{k}", kind="gemm", dtype=dt, m=m, n=n, k=k,
                    flops=2 * m * n * k)
 
-        def factory(m=m, n=n, k=k, dtype=dtype):
-            es = dtype.itemsize
-            sets = rotation_sets((m * k + n * k) * es, device)
-            ab = [(_rand((m, k), dtype, device, gen), _rand((n, k), dtype, device, gen)) for _ in range(sets)]
-            out = torch.empty((m, n), dtype=dtype, device=device)
-            return (lambda i: torch.mm(ab[i][0], ab[i][1].t(), out=out)), sets
-
         _set_tf32(dt == "tf32")
-        _measure(row, factory, device, samples, rate="tflops")
+        _measure(row, gemm_factory(m, n, k, dtype, device, gen), device, samples, rate="tflops")
         _set_tf32(False)
         emit(row)
 

@@ -430,19 +430,20 @@ def _kernel_cases(device, quick: bool, fp8: bool = False):
         return (f"rmsnorm-t{tokens}-h{hidden}", "memory", lambda: F.rms_norm(x, (hidden,), w), 0.0,
                 2.0 * 2 * tokens * hidden)
 
-    def gemm_fp8(m, n, k, fast: bool):
+    def gemm_fp8(m, n, k, impl: str):
+        from plansim.validation.runner.fp8 import VARIANTS, scaled_mm
+
+        a_dtype, w_dtype, fast = VARIANTS[impl]
         one = torch.ones((), device=device, dtype=torch.float32)
-        a = rand(m, k).to(torch.float8_e4m3fn if fast else torch.float8_e5m2)
-        w = rand(n, k).to(torch.float8_e4m3fn)
-        return (f"gemm-fp8-{'e4m3-fast' if fast else 'e5m2-e4m3'}-m{m}-n{n}-k{k}", "tensor",
-                lambda: torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=bf, use_fast_accum=fast),
+        a, w = rand(m, k).to(a_dtype), rand(n, k).to(w_dtype)
+        return (f"gemm-fp8-{impl}-m{m}-n{n}-k{k}", "tensor", lambda: scaled_mm(a, w, fast, one),
                 2.0 * m * n * k, m * k + k * n + 2.0 * m * n)
 
     if fp8:
         if quick:
-            return [gemm_fp8(1024, 1024, 1024, True)]
-        return [gemm(8192, 8192, 8192), gemm_fp8(8192, 8192, 8192, True), gemm_fp8(8192, 8192, 8192, False),
-                gemm_fp8(4096, 14336, 4096, True)]
+            return [gemm_fp8(1024, 1024, 1024, "e4m3-fast")]
+        return [gemm(8192, 8192, 8192), gemm_fp8(8192, 8192, 8192, "e4m3-fast"),
+                gemm_fp8(8192, 8192, 8192, "e5m2-e4m3"), gemm_fp8(4096, 14336, 4096, "e4m3-fast")]
     if quick:
         return [gemm(1024, 1024, 1024), rmsnorm(1024, 1024)]
     return [gemm(8192, 8192, 8192), gemm(4096, 2048, 2048), gemm(16384, 5632, 2048), gemm(8192, 3072, 3072),

@@ -60,6 +60,11 @@ class Span:
         return self._t1 - self._t0
 
 
+def _reps(call_s: float, target_s: float, max_reps: int) -> int:
+    """Calls per sample: as many as fill ``target_s``, at least one, at most ``max_reps``."""
+    return max(1, min(max_reps, math.ceil(target_s / max(call_s, 1e-7))))
+
+
 def bench(fn, device: torch.device, *, n_sets: int = 1, samples: int = 15, warmup: int = 3,
           target_s: float = 1e-3, max_reps: int = 200, graph: bool = False) -> list[float]:
     """Per-op seconds of ``samples`` samples of ``fn(i)`` (i = buffer-set index).
@@ -82,8 +87,7 @@ def bench(fn, device: torch.device, *, n_sets: int = 1, samples: int = 15, warmu
         idx += 1
     probe.stop()
     sync(device)
-    est = max(probe.seconds() / 3, 1e-7)
-    reps = max(1, min(max_reps, math.ceil(target_s / est)))
+    reps = _reps(probe.seconds() / 3, target_s, max_reps)
     spans = [Span(device) for _ in range(samples)]
     for sp in spans:
         sp.start()
@@ -123,8 +127,8 @@ def _bench_graph(fn, device: torch.device, *, n_sets: int, samples: int, warmup:
     sync(device)
     # as many calls per sample as fill ``target_s`` (one for a kernel of a millisecond or more):
     # the samples together stay a short burst, before the power controller lowers the clock
-    reps = max(1, min(max_reps, math.ceil(target_s / max(span.seconds(), 1e-7))))
-    g = capture(reps)
+    reps = _reps(span.seconds(), target_s, max_reps)
+    g = probe if reps == 1 else capture(reps)
     g.replay()
     spans = [Span(device) for _ in range(samples)]
     for sp in spans:
