@@ -51,7 +51,7 @@ def _metrics(est_or_result) -> dict[str, Any]:
             "energy_per_token_j": r.energy_per_token_j}
 
 
-_RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}
+_RECOMPUTE_ORDER = {"none": 0, "selective": 1, "selective-op": 2, "full": 3}  # by memory saved
 
 
 def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], memory_limit: float | None,

@@ -107,7 +107,8 @@ class SearchSpace:
     #: MoE with tp > 1: also try whole experts with ep over tp·cp·dp (Megatron-Core's parallel folding)
     expert_folding: bool = True
     micro_batch: tuple[int, ...] = (1, 2, 4, 8, 16)
-    recompute: tuple[str, ...] = RECOMPUTE
+    #: None: every policy the framework has (torchtitan's ``selective-op`` with framework "pytorch" only)
+    recompute: tuple[str, ...] | None = None
     schedules: tuple[str, ...] = ("1f1b", "interleaved", "zero-bubble")
     zero: tuple[int, ...] = (0, 1, 2, 3)
     max_vpp: int = 16
@@ -167,6 +168,8 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
     explored = 0
     plan_constraints = [c for c in constraints if c.key not in MEMORY_KEYS]
     defaults = dict(space.plan_defaults)
+    recomputes = space.recompute or tuple(r for r in RECOMPUTE if r != "selective-op"
+                                          or defaults.get("framework") == "pytorch")
 
     def prune(fields: dict[str, Any], reason: str, count: int = 1) -> None:
         pruned.append(Pruned(hw, n, dict(fields), reason, count))
@@ -225,7 +228,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                     for mb in space.micro_batch:
                         f_mb = dict(f_ep, micro_batch=mb)
                         yield_base = list(_schedules(model, pp, space))
-                        subtree = sum(len(_zeros(space, dp, cp)) * len(space.recompute) for _ in yield_base)
+                        subtree = sum(len(_zeros(space, dp, cp)) * len(recomputes) for _ in yield_base)
                         if global_batch is not None:
                             if global_batch % (dp * mb):
                                 explored += subtree
@@ -250,7 +253,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                             m = gbs // (dp * mb)
                             f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
                             zeros = _zeros(space, dp, cp)
-                            count = len(zeros) * len(space.recompute)
+                            count = len(zeros) * len(recomputes)
                             if schedule == "interleaved" and m % pp:
                                 if max_global_batch is not None and m >= pp:
                                     m = (m // pp) * pp
@@ -262,7 +265,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                                f"to be a multiple of pp ({pp})", count)
                                     continue
                             for zero in zeros:
-                                for recompute in space.recompute:
+                                for recompute in recomputes:
                                     explored += 1
                                     fields = dict(f_s, zero=zero, recompute=recompute)
                                     bad = violated(fields)

@@ -632,7 +632,7 @@ class TrainingSimulation:
         tokens = plan.micro_batch * plan.seq_len // plan.cp
         wide = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES / plan.tp
         out = wide if phase == "F" else 2 * wide
-        if phase == "B" and plan.recompute == "full" and c.chunk.num_layers:
+        if phase == "B" and plan.recompute in ("full", "selective-op") and c.chunk.num_layers:
             out += sum(op.saved_bytes for op in self.workload.dense_layer)
         if c.chunk.has_head:
             logits = tokens * local_vocab(model, plan)

@@ -124,8 +124,28 @@ def backward_ops(forward: list[Op], accumulate_bytes_per_weight: float = 0.0) ->
     return b_ops, w_ops
 
 
+def op_sac_saved(forward: list[Op]) -> set[str]:
+    """The forward ops whose outputs torchtitan's op-level selective AC keeps (``selective-op``).
+
+    Its policy (torchtitan ``parallelize_llama``, Dec. 2024; ``distributed/activation_checkpoint``
+    today) saves the outputs of ``aten.mm``, of the fused SDPA kernels and of TP reduce-scatters,
+    except every second ``mm`` of the block (the count starts afresh at each checkpointed call):
+    in a Llama block q, v, gate and down are kept, k, the output projection and up re-run.
+    Everything else (norms, RoPE, SiLU·mul, residual adds, other collectives) is recomputed."""
+    saved, mms = set(), 0
+    for op in forward:
+        if op.kind == "gemm" and op.has_weight:
+            mms += 1
+            if mms % 2:
+                saved.add(op.name)
+        elif op.kind == "attention" or op.collective == "reduce_scatter":
+            saved.add(op.name)
+    return saved
+
+
 def recompute_ops(forward: list[Op], policy: str, early_stop: bool = False) -> list[Op]:
-    """Forward ops re-run before backward: all of them (full) or the attention core (selective).
+    """Forward ops re-run before backward: all of them (full), the attention core (selective),
+    or what torchtitan's op-level policy does not keep (selective-op, ``op_sac_saved``).
 
     ``early_stop``: PyTorch's non-reentrant ``torch.utils.checkpoint`` stops recomputing "as soon
     as it has computed all needed Tensors" (its default; ``set_checkpoint_early_stop``), so the
@@ -134,11 +154,14 @@ def recompute_ops(forward: list[Op], policy: str, early_stop: bool = False) -> l
     A GEMM keeps its input, so the last GEMM that keeps something is itself not re-run; any other
     op that keeps something is (dropout keeps its own mask).  Megatron's checkpoint re-runs the
     whole layer."""
-    if policy == "full":
+    if policy in ("full", "selective-op"):
         chosen = forward
         if early_stop and forward:
             last = max((i for i, op in enumerate(forward) if op.saved_bytes > 0), default=len(forward) - 1)
             chosen = forward[:last] if forward[last].kind == "gemm" else forward[:last + 1]
+        if policy == "selective-op":
+            kept = op_sac_saved(forward)
+            chosen = [op for op in chosen if op.name not in kept]
     elif policy == "selective":
         chosen = [op for op in forward if op.recompute_selective]
     else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "full", "selective-op")  # selective: Megatron's (the attention core);
+#   selective-op: torchtitan's op-level selective AC (GEMM and attention outputs kept, every second GEMM
+#   and all else re-run; framework "pytorch" only)
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "bf16-pure", "fp8")  # fp16-mixed: bf16-mixed storage with dynamic
 #   loss scaling (Megatron-LM's --fp16), whose optimizer step also unscales and checks the gradients
@@ -104,6 +106,9 @@ class Plan:
                 object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.recompute == "selective-op" and self.framework != "pytorch":
+            raise PlanError("recompute: 'selective-op' is torchtitan's op-level selective AC and needs framework "
+                            f"'pytorch' (got {self.framework!r}); Megatron's own is 'selective'")
         if self.sequence_parallel is None:
             object.__setattr__(self, "sequence_parallel", self.tp > 1)
         if self.grad_accumulation_fusion is None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from plansim.workloads.models import ModelSpec
-from plansim.workloads.ops import NORM_BACKWARD_PASSES, NORM_PASSES, Op, backward_ops, norm_bytes, recompute_ops
+from plansim.workloads.ops import NORM_BACKWARD_PASSES, NORM_PASSES, Op, backward_ops, norm_bytes, op_sac_saved, recompute_ops
 from plansim.workloads.plan import Plan, PlanError
 
 ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 only changes GEMM inputs)
@@ -501,10 +501,14 @@ class TrainingWorkload:
     # --- memory ----------------------------------------------------------------------------
     def saved_activation_bytes(self, forward: list[Op]) -> float:
         """Bytes a layer (or embedding/head) keeps per micro-batch until its backward."""
-        if self.plan.recompute == "full":
+        if self.plan.recompute in ("full", "selective-op"):
             tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
             sp = self.plan.tp if (self.plan.tp > 1 and self.plan.sequence_parallel) else 1
-            return tokens * self.model.hidden * ACT_BYTES / sp  # the layer input only
+            layer_input = tokens * self.model.hidden * ACT_BYTES / sp
+            if self.plan.recompute == "full":
+                return layer_input  # the layer input only
+            kept = op_sac_saved(forward)  # and the outputs the op-level policy keeps
+            return layer_input + sum(self._output_bytes(op) for op in forward if op.name in kept)
         dropped = {op.name for op in forward if op.recompute_selective} if self.plan.recompute == "selective" else set()
         kept = sum(op.saved_bytes for op in forward if op.name not in dropped)
         if self.plan.recompute == "selective" and self.plan.attention == "unfused":
@@ -512,6 +516,19 @@ class TrainingWorkload:
             tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
             kept += 3 * tokens * self.model.hidden * ACT_BYTES / self.plan.tp
         return kept
+
+    def _output_bytes(self, op: Op) -> float:
+        """Bytes of what a GEMM, the fused attention or a reduce-scatter returns (16-bit
+        activations; attention adds its fp32 log-sum-exp per query row and head)."""
+        if op.gemm is not None:
+            m, n, _ = op.gemm
+            return m * n * op.batch * ACT_BYTES
+        if op.attention is not None:
+            b, heads, _, d, s, _, _ = op.attention
+            return b * heads * s * (d * ACT_BYTES + 4)
+        if op.collective == "reduce_scatter":
+            return op.comm_bytes / self.plan.tp
+        return 0.0
 
     def chunk_params(self, chunk: Chunk) -> tuple[float, float]:
         """(dense, expert) parameters a rank holds for ``chunk`` (TP-sharded; experts over EP too)."""

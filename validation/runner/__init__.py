@@ -23,7 +23,7 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "cudnnattention": {"kernels": "kernels"},
                 "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}, "cudnnsteps": {"steps": "steps"},
-                "bigprofile": {"profile": "profile"}}
+                "sacsteps": {"steps": "steps"}, "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
 CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8", "profile",
@@ -135,10 +135,10 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             from plansim.validation.runner import fp8
 
             rows = fp8.run(dev, quick, log)
-        elif s in ("bigsteps", "cudnnsteps"):
+        elif s in ("bigsteps", "cudnnsteps", "sacsteps"):
             from plansim.validation.runner import steps
 
-            rows = (steps.run_big if s == "bigsteps" else steps.run_cudnn)(dev, quick, log)
+            rows = {"bigsteps": steps.run_big, "cudnnsteps": steps.run_cudnn, "sacsteps": steps.run_sac}[s](dev, quick, log)
         elif s == "transfers":
             from plansim.validation.runner import transfers
 

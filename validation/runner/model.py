@@ -125,6 +125,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
+def op_sac_context():
+    """torchtitan's op-level selective activation checkpointing (``selective_ac_option = 'op'``),
+    as its ``parallelize_llama`` had it in December 2024: keep what ``aten.mm`` and the fused SDPA
+    kernels return, except each second ``mm`` of the block (counted afresh per checkpointed call,
+    forward and recomputation apart); recompute the rest.  One context pair per call."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    mm = torch.ops.aten.mm.default
+    keep = {mm} | {getattr(torch.ops.aten, name).default for name in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
+    count = {False: 0, True: 0}  # mm calls seen, by ctx.is_recompute
+
+    def policy(ctx, func, *args, **kwargs):
+        if func == mm:
+            count[ctx.is_recompute] += 1
+            if count[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 # --- modules ------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -270,6 +293,8 @@ class Transformer(nn.Module):
         for blk in self.layers.values():
             if self.recompute == "full" and torch.is_grad_enabled():
                 h = checkpoint(blk, h, cos, sin, use_reentrant=False)
+            elif self.recompute == "selective-op" and torch.is_grad_enabled():
+                h = checkpoint(blk, h, cos, sin, use_reentrant=False, context_fn=op_sac_context)
             else:
                 h = blk(h, cos, sin)
         if self.lm_head is None:

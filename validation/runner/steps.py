@@ -75,6 +75,21 @@ def run_cudnn(device: torch.device, quick: bool, log=print) -> list[dict]:
     return run_cases(cudnn_cases(quick), run_single, device, quick, log)
 
 
+def sac_cases(quick: bool) -> list[dict]:
+    """Suite ``sacsteps``: single-GPU steps under torchtitan's op-level selective AC
+    (``recompute = "selective-op"``) beside the ``steps`` and ``bigsteps`` cases measured without
+    recomputation and with full recomputation at the same micro-batches."""
+    if quick:
+        return [_case("tiny", "single", mb=2, seq=64, recompute="selective-op")]
+    return ([_case(m, "single", mb=mb, seq=SEQ, recompute="selective-op") for m in MODELS for mb in (2, 4, 8)]
+            + [_case(BIG_MODEL, "single", mb=mb, seq=seq, recompute="selective-op")
+               for mb, seq in ((1, 4096), (2, 4096), (1, 8192))])
+
+
+def run_sac(device: torch.device, quick: bool, log=print) -> list[dict]:
+    return run_cases(sac_cases(quick), run_single, device, quick, log)
+
+
 def dist_cases(quick: bool, n: int = 2) -> list[dict]:
     """Cases for ``n`` = 2 ranks: DDP, FSDP2, TP=2, 2-stage PP (GPipe, 1F1B)."""
     models, seq, mb = (("tiny",), 64, 2) if quick else (MODELS, SEQ, 2)
