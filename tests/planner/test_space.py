@@ -45,6 +45,17 @@ def test_interleaving_from_a_minimum_pipeline_size():
     assert pp2(SearchSpace(interleaved_min_pp=3)) == ({"1f1b", "zero-bubble"}, {"1f1b", "interleaved", "zero-bubble"})
 
 
+def test_op_level_recompute_is_searched_with_pytorch_only():
+    """torchtitan's op-level selective AC exists under framework "pytorch"; Megatron plans never
+    carry it (the Plan would refuse them), PyTorch plans try it beside the other three."""
+    def policies(**defaults):
+        space = SearchSpace(plan_defaults=defaults)
+        return {p.recompute for p in enumerate_plans(MODEL, CLUSTER, space, seq_len=4096, global_batch=64).plans}
+
+    assert policies() == {"none", "selective", "full"}
+    assert policies(framework="pytorch") == {"none", "selective", "full", "selective-op"}
+
+
 def test_max_global_batch_takes_the_largest_multiple():
     e = enumerate_plans(MODEL, CLUSTER, SearchSpace(), seq_len=4096, max_global_batch=50)
     for p in e.plans:

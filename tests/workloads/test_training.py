@@ -241,6 +241,53 @@ def test_recomputation_never_increases_saved_bytes():
             assert values[0] >= values[1] >= values[2] > 0
 
 
+def _op_sac(model: ModelSpec, **plan_kw) -> TrainingWorkload:
+    return TrainingWorkload(model, Plan(framework="pytorch", recompute="selective-op", **plan_kw))
+
+
+def test_op_sac_reruns_every_second_gemm_and_the_elementwise_ops():
+    """torchtitan's op policy on a Llama block (aten.mm in order q, k, v, o, gate, up, down): k, the
+    output projection and up are re-run, q, v, gate and down and the fused attention are kept; the
+    norms, RoPE and SiLU·mul are re-run; the down projection's residual add is past the last tensor
+    backward needs (non-reentrant checkpoint's early stop)."""
+    w = _op_sac(load_model("llama3-8b"), seq_len=2048)
+    rerun = {op.name.removesuffix(".recompute") for op in w.phases(w.dense_layer)["R"]}
+    gemms = {op.name for op in w.dense_layer if op.kind == "gemm"}
+    assert rerun & gemms == {"k", "proj", "mlp.up"}
+    assert {"norm1", "rope", "norm2", "mlp.silu", "mlp.mul"} <= rerun
+    assert "attention" not in rerun and "residual2" not in rerun
+
+
+def test_op_sac_keeps_the_block_input_and_the_saved_outputs():
+    """Saved: the block input, q (h wide), v (kv), the attention output and its fp32 log-sum-exp,
+    gate and down (ffn and h wide): a closed form in the model's widths."""
+    m = load_model("llama3-8b")
+    b, s = 2, 2048
+    w = _op_sac(m, micro_batch=b, global_batch=b, seq_len=s)
+    t = b * s
+    expected = 2 * t * (m.hidden + m.q_dim + m.kv_dim + m.q_dim + m.ffn_hidden + m.hidden) + 4 * b * m.num_heads * s
+    assert w.saved_activation_bytes(w.dense_layer) == pytest.approx(expected, rel=REL)
+    full = TrainingWorkload(m, Plan(framework="pytorch", recompute="full", micro_batch=b, global_batch=b, seq_len=s))
+    none = TrainingWorkload(m, Plan(framework="pytorch", micro_batch=b, global_batch=b, seq_len=s))
+    assert (full.saved_activation_bytes(full.dense_layer) < w.saved_activation_bytes(w.dense_layer)
+            < none.saved_activation_bytes(none.dense_layer))
+
+
+def test_op_sac_recomputes_less_than_full():
+    m = load_model("llama3-8b")
+
+    def rerun_flops(recompute: str) -> float:
+        w = TrainingWorkload(m, Plan(framework="pytorch", recompute=recompute))
+        return sum(op.flops for op in w.phases(w.dense_layer)["R"])
+
+    assert 0 < rerun_flops("selective-op") < rerun_flops("full")
+
+
+def test_op_sac_is_pytorch_only():
+    with pytest.raises(PlanError, match="recompute: 'selective-op'.*framework 'pytorch'"):
+        Plan(recompute="selective-op")
+
+
 # --- pipeline split ----------------------------------------------------------------------------
 def test_split_llama3_405b_layers_like_meta():
     assert split_layers(126, 16) == [7] + [8] * 14 + [7]
