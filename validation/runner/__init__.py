@@ -23,7 +23,8 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "cudnnattention": {"kernels": "kernels"},
                 "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}, "cudnnsteps": {"steps": "steps"},
-                "sacsteps": {"steps": "steps"}, "bigprofile": {"profile": "profile"}}
+                "sacsteps": {"steps": "steps"},
+                "fsdp1": {"steps": "steps", "profile": "profile"}, "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
 CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8", "profile",
@@ -113,6 +114,18 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             _release(torch, device)
             written.append(_run_overlap(n_gpus, out_dir, log))
             log(f"== {s}: {time.time() - ts:.0f} s -> {written[-1]}")
+            continue
+        if s == "fsdp1":
+            from plansim.validation.runner import step_profile, steps
+
+            cases = steps.one_rank_cases(quick)
+            wrapped = [c for c in cases if c["strategy"] != "single"]
+            rows = steps.run_cases([c for c in cases if c["strategy"] == "single"], steps.run_single, dev, quick, log)
+            _release(torch, device)
+            rows += run_workers("steps", wrapped, 1, device, quick, WORKER_TIMEOUT_S, log)
+            written.append(write_csv(os.path.join(out_dir, "steps.csv"), "steps", rows))
+            written += step_profile.run_wrapped(wrapped, device, quick, out_dir, log)
+            log(f"== {s}: {len(rows)} rows, {time.time() - ts:.0f} s -> {', '.join(written[-3:])}")
             continue
         if s == "parallel2":
             from plansim.validation.runner import parallel2

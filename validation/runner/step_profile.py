@@ -313,21 +313,14 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
         _profile_case(f"{model_name}-mb{mb}-s{SEQ}-rc{recompute}", model_name, mb, recompute, SEQ, device, log,
                       rows, kernel_rows)
     if n_gpus >= 2:
-        from plansim.validation.runner import WORKER_TIMEOUT_S, parallel2
-        from plansim.validation.runner.launch import run_workers
+        from plansim.validation.runner import parallel2
 
         _steps._free(device)
         # expert parallelism, and data parallelism by DDP and FSDP2 (their steps measured the
         # furthest from the model: FSDP2 on TinyLlama 23 % slower than predicted)
         cases = ([c for c in parallel2.cases(quick, 2) if c["strategy"] == "ep"]
                  + [c for c in _steps.dist_cases(quick, 2) if c["strategy"] in ("ddp", "fsdp")])
-        for result in run_workers("profile", cases, 2, device.type, quick, WORKER_TIMEOUT_S, log):
-            if "rows" not in result:
-                log(f"profile {result['case_id']}: {result.get('status')}")
-                continue
-            rows += result["rows"]
-            kernel_rows += result["kernels"]
-            _log_case(log, result["rows"])
+        _profile_workers(cases, 2, device.type, quick, log, rows, kernel_rows)
     else:
         log("profile: expert-parallel, DDP and FSDP2 cases skipped, one GPU visible (needs 2)")
     host = host_rows(device)
@@ -343,6 +336,27 @@ def run(device: torch.device, quick: bool, out_dir: str, log=print, n_gpus: int 
     return _write(out_dir, {"profile.csv": (COLUMNS, rows), "profile_kernels.csv": (KERNEL_COLUMNS, kernel_rows),
                             "layout.csv": (LAYOUT_COLUMNS, layout), "adamw.csv": (ADAMW_COLUMNS, adamw),
                             "host.csv": (HOST_COLUMNS, host)})
+
+
+def _profile_workers(cases: list[dict], nproc: int, device: str, quick: bool, log, rows: list, kernel_rows: list):
+    """Profile ``cases`` on ``nproc`` torchrun'd ranks; rank 0's rows appended to ``rows``."""
+    from plansim.validation.runner import WORKER_TIMEOUT_S
+    from plansim.validation.runner.launch import run_workers
+
+    for result in run_workers("profile", cases, nproc, device, quick, WORKER_TIMEOUT_S, log):
+        if "rows" not in result:
+            log(f"profile {result['case_id']}: {result.get('status')}")
+            continue
+        rows += result["rows"]
+        kernel_rows += result["kernels"]
+        _log_case(log, result["rows"])
+
+
+def run_wrapped(cases: list[dict], device: str, quick: bool, out_dir: str, log=print) -> list[str]:
+    """Suite ``fsdp1``'s profile: its one-rank DDP and FSDP2 steps under torch.profiler."""
+    rows, kernel_rows = [], []
+    _profile_workers(cases, 1, device, quick, log, rows, kernel_rows)
+    return _write(out_dir, {"profile.csv": (COLUMNS, rows), "profile_kernels.csv": (KERNEL_COLUMNS, kernel_rows)})
 
 
 KERNEL_COLUMNS = ("case_id", "kernel", "klass", "seconds")

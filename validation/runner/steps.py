@@ -102,6 +102,14 @@ def dist_cases(quick: bool, n: int = 2) -> list[dict]:
     return out
 
 
+def one_rank_cases(quick: bool) -> list[dict]:
+    """Suite ``fsdp1``: DDP and FSDP2 on a single rank beside the plain single-GPU step, same
+    model and micro-batch: what the wrappers cost with no peer to talk to (FSDP2 still copies
+    parameters into and out of its all-gather buffers and gradients into its reduce-scatter's)."""
+    models, seq, mb = (("tiny",), 64, 2) if quick else (MODELS, SEQ, 2)
+    return [_case(m, strategy, mb=mb, seq=seq) for m in models for strategy in ("single", "ddp", "fsdp")]
+
+
 def _optimizer(params, device):
     params = list(params)
     for impl in ("fused", "foreach"):
