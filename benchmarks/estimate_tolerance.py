@@ -14,7 +14,8 @@ CASES = [("llama3-8b", dict(nodes=2, global_batch=128, seq_len=8192)),
          ("mixtral-8x7b", dict(nodes=4, global_batch=256, seq_len=4096)),
          ("mixtral-8x7b", dict(nodes=4, global_batch=128, seq_len=4096, precision="fp8")),
          ("llama3-8b", dict(nodes=2, global_batch=128, seq_len=8192, precision="fp8")),
-         ("llama3-70b", dict(nodes=8, global_batch=256, seq_len=8192, precision="fp8"))]
+         ("llama3-70b", dict(nodes=8, global_batch=256, seq_len=8192, precision="fp8")),
+         ("llama3-8b", dict(nodes=2, global_batch=64, seq_len=8192, framework="pytorch"))]
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
         event = frame[frame["evaluated"] == "event"]
         gap = event["analytic_step_time_s"] / event["step_time_s"] - 1.0  # > 0: simulated faster
         worst = max(worst, float(gap.max()))
-        print(f"{model} {fields.get('precision', 'bf16-mixed')} on {fields['nodes']}×8 H100: {len(event)} plans "
+        print(f"{model} {fields.get('precision', 'bf16-mixed')} {fields.get('framework', 'megatron')} on {fields['nodes']}×8 H100: {len(event)} plans "
               f"simulated, at most {gap.max():+.2%} faster than estimated, at most {-gap.min():.2%} slower",
               flush=True)
     print(f"largest: {worst:+.2%}")
