@@ -51,7 +51,12 @@ def _metrics(est_or_result) -> dict[str, Any]:
             "energy_per_token_j": r.energy_per_token_j}
 
 
-_RECOMPUTE_ORDER = {"none": 0, "selective": 1, "selective-op": 2, "full": 3}  # by memory saved
+#: the policies each one re-runs a superset of (so they are faster wherever they fit); Megatron's
+#: selective (the attention core) and torchtitan's op-level policy (GEMMs and elementwise ops)
+#: re-run different things, and neither dominates the other
+_RERUNS_LESS = {"none": (), "selective": ("none",), "selective-op": ("none",),
+                "full": ("none", "selective", "selective-op")}
+_RECOMPUTE_ORDER = {r: i for i, r in enumerate(_RERUNS_LESS)}
 
 
 def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], memory_limit: float | None,
@@ -61,14 +66,15 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     when the same plan with less recomputation fits (it is slower at the same memory ceiling)."""
     am = _analytic(model, cluster)
     out: list[dict[str, Any] | None] = [None] * len(plans)
-    fitting: dict[tuple, str] = {}
+    fitting: dict[tuple, list[str]] = {}
     order = sorted(range(len(plans)), key=lambda i: _RECOMPUTE_ORDER[plans[i].recompute])
     for i in order:
         plan = plans[i]
         sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.etp, plan.zero, plan.micro_batch, plan.global_batch,
                    plan.schedule, plan.vpp)
-        if prune_dominated and sibling in fitting:
-            out[i] = {"pruned": f"dominated: recompute={fitting[sibling]} fits with less recomputation"}
+        lighter = [r for r in fitting.get(sibling, ()) if r in _RERUNS_LESS[plan.recompute]]
+        if prune_dominated and lighter:
+            out[i] = {"pruned": f"dominated: recompute={lighter[0]} fits with less recomputation"}
             continue
         try:
             check_plan_on_cluster(plan, cluster)  # e.g. fp8 on a GPU without fp8 tensor cores
@@ -84,7 +90,7 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
             out[i] = {"pruned": f"constraint: peak memory {peak / 2**30:.1f} GiB > max-memory "
                                 f"{memory_limit / 2**30:.1f} GiB", "peak_memory_bytes": peak}
             continue
-        fitting.setdefault(sibling, plan.recompute)
+        fitting.setdefault(sibling, []).append(plan.recompute)
         out[i] = _metrics(am.estimate(plan, mem))
     return out  # type: ignore[return-value]
 

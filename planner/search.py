@@ -283,7 +283,11 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
     t_phase = time.perf_counter()
     pruned: list[Pruned] = [p for _, e in enums for p in e.pruned]
     explored = sum(e.explored for _, e in enums)
-    prune_dominated = not any(m == "memory" for m in pareto_metrics)
+    # a plan is dropped when a sibling with less recomputation fits, which takes the analytic peak
+    # to be exact: it is for Megatron's gradient buffer, a lower bound for PyTorch's (whose plans
+    # the event simulation may still find out of memory, and then their siblings must be there)
+    prune_dominated = (not any(m == "memory" for m in pareto_metrics)
+                       and space.plan_defaults.get("framework", "megatron") != "pytorch")
 
     # 2. memory + analytic estimate, grouped so that each task shares its layer costs
     tasks, owners = [], []
@@ -322,7 +326,10 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
         t_phase = time.perf_counter()
         # 3. event-simulate the plans that can still win
         n_confirm = confirm if confirm is not None else max(top or 10, 5)
-        simulated = _confirm(spec, rows, key_col, larger, n_confirm, ex, progress, tokens)
+        simulated, over = _confirm(spec, rows, key_col, larger, n_confirm, ex, progress, tokens, memory_limit)
+        for r in over:  # the event simulation's exact peak exceeds the device or the max-memory constraint
+            rows.remove(r)
+            pruned.append(Pruned(r["hardware"], r["num_gpus"], _plan_fields(r["_plan"]), _over_memory(r, memory_limit)))
         timings["simulate_s"] = time.perf_counter() - t_phase
     finally:
         ex.close()
@@ -351,11 +358,23 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
     return frame
 
 
-def _confirm(spec, rows, key_col, larger, n_confirm, ex, progress, tokens) -> int:
-    """Event-simulate in estimate order while a plan can still enter the top ``n_confirm``."""
+def _over_memory(row: dict[str, Any], memory_limit: float | None) -> str:
+    """Why an event-simulated plan does not fit, in the words of the analytic pruning."""
+    peak = row["peak_memory_bytes"] / 2**30
+    if not row["fits"]:
+        return row.get("infeasible_reason") or f"out of memory: peak {peak:.1f} GiB (event simulation)"
+    return f"constraint: peak memory {peak:.1f} GiB > max-memory {memory_limit / 2**30:.1f} GiB (event simulation)"
+
+
+def _confirm(spec, rows, key_col, larger, n_confirm, ex, progress, tokens,
+             memory_limit: float | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Event-simulate in estimate order while a plan can still enter the top ``n_confirm``.
+    Returns the number simulated and the rows whose simulated peak memory does not fit (the
+    device, or ``memory_limit``): the estimate's peak is a lower bound for PyTorch plans."""
     if n_confirm <= 0 or not rows:
-        return 0
+        return 0, []
     simulated = 0
+    over: list[dict[str, Any]] = []
     best: list[float] = []
     i = 0
     batch = max(2, getattr(ex, "workers", 1))
@@ -383,10 +402,13 @@ def _confirm(spec, rows, key_col, larger, n_confirm, ex, progress, tokens) -> in
                 _apply_sim(r, res, tokens)
             for r in chunk:
                 simulated += 1
-                best.append(r[key_col])
+                if not r["fits"] or (memory_limit is not None and r["peak_memory_bytes"] > memory_limit):
+                    over.append(r)
+                else:
+                    best.append(r[key_col])
                 bar.advance()
             i += len(chunk)
-    return simulated
+    return simulated, over
 
 
 def _cache_key(spec: ModelSpec, row: dict[str, Any]) -> tuple:

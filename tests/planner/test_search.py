@@ -38,6 +38,25 @@ def test_pruning_never_discards_the_exhaustive_winner(gpus, batch):
     assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best, rel=1e-9)
 
 
+def test_pruning_keeps_the_winner_among_recomputation_policies_that_do_not_nest():
+    """PyTorch plans at 16k tokens under a 40 GiB cap, which the winner's layout without
+    recomputation exceeds and with Megatron's selective fits: torchtitan's op-level policy re-runs
+    other ops than selective (GEMMs, not attention) and here runs faster, so selective fitting must
+    not prune it; the winner is exhaustive event simulation's best."""
+    space = SearchSpace(micro_batch=(1, 2, 4), max_vpp=2, plan_defaults={"framework": "pytorch"})
+    cap = 40 * 2**30
+    cluster = build_cluster("h100-sxm", None, 1, 2)
+    plans = enumerate_plans(MODEL, cluster, space, seq_len=16384, global_batch=4).plans
+    results = [(simulate_task(MODEL, cluster, p), p) for p in plans]
+    fitting = [(r, p) for r, p in results if r["fits"] and r["peak_memory_bytes"] <= cap]
+    best, winner = max(fitting, key=lambda rp: rp[0]["tokens_per_s"])
+    siblings = {p.recompute for _, p in fitting if p.replace(recompute=winner.recompute) == winner}
+    assert winner.recompute == "selective-op" and "selective" in siblings  # the case this test is for
+    frame = small_search(gpus_per_node=2, global_batch=4, seq_len=16384, space=space, confirm=3,
+                         constraints=["max-memory=40GiB"])
+    assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best["tokens_per_s"], rel=1e-9)
+
+
 def test_every_reported_plan_respects_the_constraints():
     cons = ["tp<=2", "zero>=1", "max-memory=20GiB", "recompute!=full"]
     frame = small_search(constraints=cons)
