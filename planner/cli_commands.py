@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from plansim.simulator.files import write_atomically
-from plansim.workloads.plan import PRECISIONS, PlanError
+from plansim.workloads.plan import FRAMEWORKS, PRECISIONS, PlanError
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
@@ -78,6 +78,12 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
                        help="each plan takes the largest multiple of dp × micro-batch not above this")
     p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="megatron",
+                   help="megatron (default) | pytorch: eager modules, FSDP-style gradients, torchtitan's "
+                        "op-level selective recomputation searched too")
+    p.add_argument("--partial-recompute", action="store_true",
+                   help="where only full recomputation fits, search the fewest recomputed layers per pipeline "
+                        "chunk that fit (Megatron's --recompute-method block --recompute-num-layers)")
     p.add_argument("--objective", default="throughput",
                    help="throughput | mfu | cost | time-to-train (default throughput)")
     p.add_argument("--tokens", type=_tokens, help="tokens to train on, for time-to-train (e.g. 15T)")
@@ -119,6 +125,7 @@ def _check_file_names(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from plansim.planner.search import explain, search
+    from plansim.planner.space import SearchSpace
     _check_file_names(args)
     frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
@@ -128,7 +135,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                    pareto=args.pareto, executor=args.executor, workers=args.workers, address=args.address,
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
                    progress=not args.no_progress and args.format == "table",
-                   list_infeasible=args.list_infeasible, precision=args.precision)
+                   list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
+                   space=SearchSpace(partial_recompute=args.partial_recompute))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were
         if args.format == "json":
@@ -245,6 +253,8 @@ def _print_table(frame, summary: dict[str, Any]) -> None:
             v = rec[c]
             if c == "schedule" and rec["vpp"] > 1:
                 v = f"{v} v={rec['vpp']}"
+            if c == "recompute" and rec.get("recompute_layers") is not None and rec["recompute_layers"] == rec["recompute_layers"]:
+                v = f"{v} {int(rec['recompute_layers'])}/chunk"  # Megatron's block method: the first N layers
             cells.append(_fmt(c, v))
         table.add_row(*cells)
     console = Console(width=220)

@@ -11,6 +11,7 @@ cluster (``ray://head:10001`` or ``auto``), otherwise a local Ray instance is st
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,7 +25,7 @@ from plansim.simulator.hardware import Cluster
 from plansim.simulator.result import build_result
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import TrainingWorkload
+from plansim.workloads.training import TrainingWorkload, split_layers
 
 EXECUTORS = ("local", "ray")
 
@@ -59,11 +60,31 @@ _RERUNS_LESS = {"none": (), "selective": ("none",), "selective-op": ("none",),
 _RECOMPUTE_ORDER = {r: i for i, r in enumerate(_RERUNS_LESS)}
 
 
+def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
+    """The fitting plan that recomputes the fewest layers per chunk (``recompute_layers``) of a
+    plan that fits with full recomputation, by bisection: memory only falls and time only rises
+    as more layers are recomputed.  None when only recomputing every layer fits."""
+    layers = max(split_layers(am.model.num_layers, plan.pp * plan.vpp, plan.first_stage_layers,
+                              plan.last_stage_layers))
+    lo, hi, found = 1, layers - 1, None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        candidate = plan.replace(recompute_layers=k)
+        mem, reason = am.memory_of(candidate)
+        if reason is None and mem.peak <= limit:
+            found, hi = (candidate, mem), k - 1
+        else:
+            lo = k + 1
+    return found
+
+
 def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], memory_limit: float | None,
-                  prune_dominated: bool) -> list[dict[str, Any]]:
+                  prune_dominated: bool, partial_recompute: bool = False) -> list[dict[str, Any]]:
     """Exact memory, then the analytic estimate, for each plan.  Returns one dict per plan with
     either the metrics or ``pruned`` (the reason).  With ``prune_dominated``, a plan is dropped
-    when the same plan with less recomputation fits (it is slower at the same memory ceiling)."""
+    when the same plan with less recomputation fits (it is slower at the same memory ceiling).
+    With ``partial_recompute``, a plan that fits with full recomputation is replaced by the one
+    recomputing the fewest layers per chunk that still fits (returned as ``plan``)."""
     am = _analytic(model, cluster)
     out: list[dict[str, Any] | None] = [None] * len(plans)
     fitting: dict[tuple, list[str]] = {}
@@ -91,6 +112,12 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
                                 f"{memory_limit / 2**30:.1f} GiB", "peak_memory_bytes": peak}
             continue
         fitting.setdefault(sibling, []).append(plan.recompute)
+        if partial_recompute and plan.recompute == "full" and plan.recompute_layers is None:
+            partial = _fewest_recomputed_layers(am, plan, memory_limit if memory_limit is not None else math.inf)
+            if partial is not None:
+                plan, mem = partial
+                out[i] = {**_metrics(am.estimate(plan, mem)), "plan": plan}
+                continue
         out[i] = _metrics(am.estimate(plan, mem))
     return out  # type: ignore[return-value]
 

@@ -50,6 +50,7 @@ PARETO_METRICS = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
                   "cost": ("cost_per_million_tokens_usd", False), "memory": ("peak_memory_bytes", False),
                   "time-to-train": ("time_to_train_s", False), "step-time": ("step_time_s", False)}
 PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
+                "recompute_layers",
                 "schedule", "vpp", "sequence_parallel", "precision")
 ESTIMATE_TOLERANCE = 0.045  # how much faster than its estimate a plan may simulate (measured: at most 4.2 %)
 
@@ -296,7 +297,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
         for p in e.plans:
             groups.setdefault((p.tp, p.cp, p.ep, p.micro_batch), []).append(p)
         for plans in groups.values():
-            tasks.append((spec, t.cluster, plans, memory_limit, prune_dominated))
+            tasks.append((spec, t.cluster, plans, memory_limit, prune_dominated, space.partial_recompute))
             owners.append(t)
     ex = make_executor(executor, workers, address)
     rows: list[dict[str, Any]] = []
@@ -307,12 +308,12 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
             for i, res in runner.map(evaluate_task, tasks):
                 results[i] = res
                 bar.advance()
-        for (spec_, cluster_, plans, _, _), t, res in zip(tasks, owners, results):
+        for (spec_, cluster_, plans, *_), t, res in zip(tasks, owners, results):
             for plan, r in zip(plans, res):
                 if "pruned" in r:
                     pruned.append(Pruned(t.hardware, cluster_.num_gpus, _plan_fields(plan), r["pruned"]))
                     continue
-                rows.append(_row(t, plan, r, "analytic", tokens))
+                rows.append(_row(t, r.pop("plan", plan), r, "analytic", tokens))
         estimated = len(rows)
         key_col, larger = OBJECTIVES[objective]
         if objective == "cost":

@@ -118,6 +118,11 @@ class SearchSpace:
     #: from March 2021 (182841f7df) until May 2024 (3ee489d9ea, "Enable virtual pipelining ... at
     #: PP=2"); set 3 to search as the Megatron-LM of those years could run
     interleaved_min_pp: int = 2
+    #: a plan that fits only with full recomputation is searched with the fewest layers per chunk
+    #: recomputed that fit (Megatron-LM's --recompute-method block --recompute-num-layers N); off by
+    #: default: the bisection costs ~0.7 s in the Llama 3 70B / 512 H100 search (a third more
+    #: memory evaluations) and no plan in its top ten fits only with full recomputation
+    partial_recompute: bool = False
     plan_defaults: dict[str, Any] = field(default_factory=dict)  # precision, attention, fp32_grads, ...
 
 

@@ -60,7 +60,9 @@ from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, gemm_
 F, FC, B, BC, BI, W, WC, FLOPS, RFLOPS, SAVED, DENSE, EXPERT = range(12)
 TENSOR = slice(12, 16)  # PhaseCost.tensor of F + B: seconds and FLOPs of GEMMs and of attention
 COLUMNS = 16
-_PIECES = ("embedding", "dense", "moe", "head")
+#: the pieces a chunk is counted in: layers under the plan's recomputation, and (with
+#: ``recompute_layers``) the layers past the first N of a chunk, which are not recomputed
+_PIECES = ("embedding", "dense", "moe", "head", "dense-kept", "moe-kept")
 
 
 def _piece_vector(cc) -> np.ndarray:
@@ -75,7 +77,7 @@ def _piece_vector(cc) -> np.ndarray:
 class Layout:
     """How a plan's layers fall into chunks: per chunk the count of each piece, its rank, its layers."""
 
-    counts: np.ndarray  # chunks × 4 (embedding, dense layers, MoE layers, head)
+    counts: np.ndarray  # chunks × pieces (_PIECES)
     ranks: np.ndarray
     chunks: tuple[Chunk, ...]
 
@@ -141,7 +143,7 @@ class Memory:
 # schedule, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
 # (which matters only through the number of micro-batches, kept in the key where it counts).
 _LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "first_stage_layers",
-                            "last_stage_layers", "offload", "overlap_grad_reduce"})
+                            "last_stage_layers", "offload", "overlap_grad_reduce", "recompute_layers"})
 _COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
 
 
@@ -154,7 +156,7 @@ def _microbatches_matter(plan: Plan) -> bool:
 def _layer_key(plan: Plan) -> tuple:
     """The plan fields that per-layer, per-micro-batch costs depend on (not pp, dp, zero, batch)."""
     return tuple(getattr(plan, f) for f in _COST_FIELDS) + (
-        plan.num_microbatches if _microbatches_matter(plan) else 0,)
+        plan.num_microbatches if _microbatches_matter(plan) else 0, plan.recompute_layers is not None)
 
 
 class AnalyticModel:
@@ -173,16 +175,18 @@ class AnalyticModel:
 
     # --- costs of the pieces ------------------------------------------------------------------
     def pieces(self, plan: Plan) -> tuple[TrainingWorkload, np.ndarray]:
-        """cost_workload on pseudo-chunks holding one piece each: a 4 × 16 matrix (rows embedding,
-        dense layer, MoE layer, head).  Raises PlanError if the plan does not fit the model."""
+        """cost_workload on pseudo-chunks holding one piece each: a matrix with a row per piece
+        (``_PIECES``; the rows of layers kept from recomputation are costed only under
+        ``recompute_layers``).  Raises PlanError if the plan does not fit the model."""
         key = _layer_key(plan)
         hit = self._pieces.get(key)
         if hit is not None:
             return hit
         m = plan.num_microbatches if _microbatches_matter(plan) else 1
         base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch * m,
-                            zero=0, first_stage_layers=None, last_stage_layers=None, offload={})
+                            zero=0, first_stage_layers=None, last_stage_layers=None, offload={}, recompute_layers=None)
         workload = TrainingWorkload(self.model, base)
+        matrix = np.zeros((len(_PIECES), COLUMNS))
         rows, chunks = [0], [Chunk(0, 0, 0, 0, True, False)]
         for row, kind in ((1, "dense"), (2, "moe")):
             layer = self._probe_layers[kind]
@@ -192,26 +196,36 @@ class AnalyticModel:
         rows.append(3)
         chunks.append(Chunk(len(chunks), 0, 0, 0, False, True))
         workload.chunks = chunks
-        matrix = np.zeros((4, COLUMNS))
         for row, cc in zip(rows, cost_workload(workload, self.cluster)):
             matrix[row] = _piece_vector(cc)
+        if plan.recompute_layers is not None:
+            kept = TrainingWorkload(self.model, base.replace(recompute="none"))
+            kept.chunks = [c for c in chunks if c.num_layers]
+            kept_rows = [row + 3 for row in rows if row in (1, 2)]  # dense -> dense-kept, moe -> moe-kept
+            for row, cc in zip(kept_rows, cost_workload(kept, self.cluster)):
+                matrix[row] = _piece_vector(cc)
         self._pieces[key] = (workload, matrix)
         return workload, matrix
 
     def layout(self, plan: Plan) -> Layout:
         """Chunks with their piece counts, as TrainingWorkload splits the layers."""
-        key = (plan.pp, plan.vpp, plan.first_stage_layers, plan.last_stage_layers)
+        key = (plan.pp, plan.vpp, plan.first_stage_layers, plan.last_stage_layers, plan.recompute_layers)
         hit = self._layouts.get(key)
         if hit is not None:
             return hit
         model = self.model
         stages = plan.pp * plan.vpp
         split = split_layers(model.num_layers, stages, plan.first_stage_layers, plan.last_stage_layers)
-        counts, chunks, start = np.zeros((stages, 4)), [], 0
+        counts, chunks, start = np.zeros((stages, len(_PIECES))), [], 0
         for vs, n in enumerate(split):
-            moe = sum(model.is_moe_layer(i) for i in range(start, start + n)) if model.is_moe else 0
+            k = n if plan.recompute_layers is None else min(n, plan.recompute_layers)  # layers recomputed
+
+            def moe_in(lo: int, hi: int) -> int:
+                return sum(model.is_moe_layer(i) for i in range(lo, hi)) if model.is_moe else 0
+
+            moe, moe_kept = moe_in(start, start + k), moe_in(start + k, start + n)
             chunk = Chunk(vs, vs % plan.pp, start, n, vs == 0, vs == stages - 1)
-            counts[vs] = (chunk.has_embedding, n - moe, moe, chunk.has_head)
+            counts[vs] = (chunk.has_embedding, k - moe, moe, chunk.has_head, n - k - moe_kept, moe_kept)
             chunks.append(chunk)
             start += n
         out = Layout(counts, np.arange(stages) % plan.pp, tuple(chunks))

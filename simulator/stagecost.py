@@ -221,12 +221,12 @@ class ChunkCost:
 def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCost]:
     """Cost every chunk once; identical layers share one costing."""
     groups = Groups.of(workload.plan, cluster)
-    cache: dict[int, dict[str, PhaseCost]] = {}
+    cache: dict[tuple[int, str], dict[str, PhaseCost]] = {}
 
-    def phases_of(forward: list[Op]) -> dict[str, PhaseCost]:
-        key = id(forward)
+    def phases_of(forward: list[Op], policy: str) -> dict[str, PhaseCost]:
+        key = (id(forward), policy)
         if key not in cache:
-            lists = workload.phases(forward)
+            lists = workload.phases(forward, policy)
             costs = {name: cost_ops(ops, cluster, groups) for name, ops in lists.items() if name != "B"}
             # input- and weight-gradient GEMMs of a layer run together unless a zero-bubble
             # schedule defers the weight gradients: only then may a B collective hide behind a W GEMM
@@ -240,21 +240,23 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCos
     for chunk in workload.chunks:
         total = {name: PhaseCost() for name in ("F", "R", "B", "W")}
         saved = 0.0
-        parts: list[list[Op]] = []
+        parts: list[tuple[list[Op], str]] = []
         if chunk.has_embedding:
-            parts.append(workload.embedding)
-        parts += [workload.layer_ops(i) for i in range(chunk.first_layer, chunk.first_layer + chunk.num_layers)]
+            parts.append((workload.embedding, "none"))
+        parts += [(workload.layer_ops(i), workload.layer_recompute(chunk, i))
+                  for i in range(chunk.first_layer, chunk.first_layer + chunk.num_layers)]
         if chunk.has_head:
-            parts.append(workload.head)
-        # group identical lists so that each distinct list is costed and summed once
-        counts: dict[int, tuple[list[Op], int]] = {}
-        for ops in parts:
-            counts[id(ops)] = (ops, counts.get(id(ops), (ops, 0))[1] + 1)
-        for ops, times in counts.values():
-            for name, cost in phases_of(ops).items():
+            parts.append((workload.head, "none"))
+        # group identical (list, policy) pairs so that each is costed and summed once
+        counts: dict[tuple[int, str], tuple[list[Op], str, int]] = {}
+        for ops, policy in parts:
+            counts[(id(ops), policy)] = (ops, policy, counts.get((id(ops), policy), (ops, policy, 0))[2] + 1)
+        for ops, policy, times in counts.values():
+            for name, cost in phases_of(ops, policy).items():
                 total[name].add(cost, times)
             is_layer = ops is not workload.embedding and ops is not workload.head
-            saved += (workload.saved_activation_bytes(ops) if is_layer else sum(op.saved_bytes for op in ops)) * times
+            saved += (workload.saved_activation_bytes(ops, policy) if is_layer
+                      else sum(op.saved_bytes for op in ops)) * times
         backward = PhaseCost()
         for name in ("R", "B", "W"):
             backward.add(total[name])

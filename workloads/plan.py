@@ -59,6 +59,9 @@ class Plan:
     global_batch: int = 1
     seq_len: int = 2048
     recompute: str = "none"
+    recompute_layers: int | None = None  # with recompute "full": only the first N layers of each pipeline
+    #   chunk are recomputed, the rest keep their activations (Megatron-LM's --recompute-method block
+    #   --recompute-num-layers N); None: every layer
     sequence_parallel: bool | None = None  # None: on whenever tp > 1 (Megatron-Core default)
     schedule: str = "1f1b"
     vpp: int = 1  # virtual pipeline stages per rank (interleaved schedule)
@@ -88,7 +91,7 @@ class Plan:
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:
             check_positive_int(name, getattr(self, name))
-        for name in ("first_stage_layers", "last_stage_layers", "etp"):
+        for name in ("first_stage_layers", "last_stage_layers", "etp", "recompute_layers"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         for name in BOOLEAN_FIELDS:
@@ -106,6 +109,9 @@ class Plan:
                 object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.recompute_layers is not None and self.recompute != "full":
+            raise PlanError(f"recompute_layers: {self.recompute_layers} needs recompute 'full' (Megatron-LM's block "
+                            f"method), got {self.recompute!r}")
         if self.recompute == "selective-op" and self.framework != "pytorch":
             raise PlanError("recompute: 'selective-op' is torchtitan's op-level selective AC and needs framework "
                             f"'pytorch' (got {self.framework!r}); Megatron's own is 'selective'")

@@ -488,30 +488,40 @@ class TrainingWorkload:
         m = plan.num_microbatches
         return 6.0 * (m - 1) / m
 
-    def phases(self, forward: list[Op]) -> dict[str, list[Op]]:
-        """F, R (recomputation), B and W op lists for a forward list under this plan."""
+    def layer_recompute(self, chunk: Chunk, layer: int) -> str:
+        """The recomputation policy of ``layer`` in ``chunk``: the plan's, or with
+        ``recompute_layers`` N for the chunk's first N layers only and none for the rest
+        (Megatron-LM's ``--recompute-method block``, per virtual pipeline chunk)."""
+        n = self.plan.recompute_layers
+        return self.plan.recompute if n is None or layer - chunk.first_layer < n else "none"
+
+    def phases(self, forward: list[Op], policy: str | None = None) -> dict[str, list[Op]]:
+        """F, R (recomputation), B and W op lists for a forward list under ``policy`` (the plan's
+        recomputation by default)."""
         b_ops, w_ops = backward_ops(forward, self.accumulate_bytes_per_weight)
         # activation checkpointing wraps the transformer layers only (Megatron's full and
         # selective recomputation): the embedding and the output layer + loss are not re-run
         is_layer = forward is not self.embedding and forward is not self.head
-        policy = self.plan.recompute if is_layer else "none"
+        policy = (self.plan.recompute if policy is None else policy) if is_layer else "none"
         early_stop = self.plan.framework == "pytorch"  # torch.utils.checkpoint(use_reentrant=False)
         return {"F": forward, "R": recompute_ops(forward, policy, early_stop), "B": b_ops, "W": w_ops}
 
     # --- memory ----------------------------------------------------------------------------
-    def saved_activation_bytes(self, forward: list[Op]) -> float:
-        """Bytes a layer (or embedding/head) keeps per micro-batch until its backward."""
-        if self.plan.recompute in ("full", "selective-op"):
+    def saved_activation_bytes(self, forward: list[Op], policy: str | None = None) -> float:
+        """Bytes a layer (or embedding/head) keeps per micro-batch until its backward, under
+        ``policy`` (the plan's recomputation by default)."""
+        policy = self.plan.recompute if policy is None else policy
+        if policy in ("full", "selective-op"):
             tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
             sp = self.plan.tp if (self.plan.tp > 1 and self.plan.sequence_parallel) else 1
             layer_input = tokens * self.model.hidden * ACT_BYTES / sp
-            if self.plan.recompute == "full":
+            if policy == "full":
                 return layer_input  # the layer input only
             kept = op_sac_saved(forward)  # and the outputs the op-level policy keeps
             return layer_input + sum(self._output_bytes(op) for op in forward if op.name in kept)
-        dropped = {op.name for op in forward if op.recompute_selective} if self.plan.recompute == "selective" else set()
+        dropped = {op.name for op in forward if op.recompute_selective} if policy == "selective" else set()
         kept = sum(op.saved_bytes for op in forward if op.name not in dropped)
-        if self.plan.recompute == "selective" and self.plan.attention == "unfused":
+        if policy == "selective" and self.plan.attention == "unfused":
             # the recomputation needs Q, K, V again: they stay (Korthikanti §5: only the 5as/h term goes)
             tokens = self.plan.micro_batch * self.plan.seq_len // self.plan.cp
             kept += 3 * tokens * self.model.hidden * ACT_BYTES / self.plan.tp

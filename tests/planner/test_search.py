@@ -12,6 +12,7 @@ from plansim.planner.space import enumerate_plans
 from plansim.simulator.hardware import ProfileError, build_cluster
 from plansim.workloads.model_io import load_model
 from plansim.workloads.plan import PlanError
+from plansim.workloads.training import split_layers
 
 from .cli_helper import run
 
@@ -55,6 +56,30 @@ def test_pruning_keeps_the_winner_among_recomputation_policies_that_do_not_nest(
     frame = small_search(gpus_per_node=2, global_batch=4, seq_len=16384, space=space, confirm=3,
                          constraints=["max-memory=40GiB"])
     assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best["tokens_per_s"], rel=1e-9)
+
+
+def test_partial_recomputation_keeps_the_exhaustive_winner():
+    """With ``partial_recompute`` the search stands a fully recomputed plan in for every number of
+    recomputed layers per chunk by the fewest that fit; exhaustive event simulation over all of
+    them (TinyLlama, 16k tokens on 2 GPUs, under two memory caps) finds the same winner, and it
+    recomputes only some layers."""
+    cluster = build_cluster("h100-sxm", None, 1, 2)
+    space = SearchSpace(micro_batch=(1, 2), max_vpp=2, partial_recompute=True)
+    every = []
+    for plan in enumerate_plans(MODEL, cluster, space, seq_len=16384, global_batch=4).plans:
+        every.append(plan)
+        if plan.recompute == "full":
+            layers = max(split_layers(MODEL.num_layers, plan.pp * plan.vpp))
+            every += [plan.replace(recompute_layers=k) for k in range(1, layers)]
+    results = [(simulate_task(MODEL, cluster, p), p) for p in every]
+    for cap in (16, 20):
+        best, winner = max(((r, p) for r, p in results if r["fits"] and r["peak_memory_bytes"] <= cap * 2**30),
+                           key=lambda rp: rp[0]["tokens_per_s"])
+        assert winner.recompute_layers is not None
+        frame = small_search(gpus_per_node=2, global_batch=4, seq_len=16384, space=space, confirm=3,
+                             constraints=[f"max-memory={cap}GiB"])
+        assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best["tokens_per_s"], rel=1e-9)
+        assert frame.iloc[0]["recompute_layers"] == winner.recompute_layers
 
 
 def test_every_reported_plan_respects_the_constraints():

@@ -397,3 +397,25 @@ def test_hfu_counts_recomputed_flash_attention():
     selective = simulate("llama3-8b", "h100-sxm", nodes=1, gpus_per_node=8, plan=dict(plan, recompute="selective"))
     assert none.hfu == pytest.approx(none.mfu)
     assert selective.hfu > selective.mfu * 1.01
+
+
+def test_recomputing_the_first_layers_of_each_chunk_lies_between_none_and_full():
+    """Megatron's block method: recomputing N of a chunk's layers costs time and saves memory in
+    N; all of them is full recomputation, exactly."""
+    model = load_model("llama3-8b")
+    cluster = build_cluster("h100-sxm", None, 1, 8)
+    base = Plan(tp=2, pp=4, micro_batch=1, global_batch=8, seq_len=4096)  # 8 layers per stage
+
+    def run(**kw):
+        plan = base.replace(**kw)
+        out = TrainingSimulation(TrainingWorkload(model, plan), cluster).run()
+        res = build_result(out, model=model, plan=plan, cluster=cluster, calibrated=None)
+        return res.step_time_s, res.peak_memory_bytes
+
+    none, full = run(), run(recompute="full")
+    assert run(recompute="full", recompute_layers=8) == full
+    partial = [run(recompute="full", recompute_layers=k) for k in (1, 3, 6)]
+    times, peaks = [none[0], *(t for t, _ in partial), full[0]], [none[1], *(m for _, m in partial), full[1]]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    # the peak falls until another stage's (the output layer's logits) is the larger
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[1] > peaks[2]
