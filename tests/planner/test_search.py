@@ -197,6 +197,20 @@ def test_cli_table_explain_out_and_plot(tmp_path, capsys):
     assert len(pd.read_parquet(out)) >= 1 and png.stat().st_size > 1000
 
 
+def test_cli_framework_and_partial_recompute(capsys):
+    """``--framework pytorch`` searches PyTorch plans (torchtitan's op-level recomputation among
+    them); ``--partial-recompute`` shows the fewest recomputed layers per chunk that fit a cap."""
+    base = ["search", "--model", "tinyllama-1.1b", "--hardware", "h100-sxm", "--nodes", "1", "--gpus-per-node",
+            "2", "--global-batch", "4", "--seq-len", "16384", "--no-calibration", "--workers", "1",
+            "--format", "json", "--top", "50"]
+    assert run(base + ["--framework", "pytorch", "--constraint", "recompute=selective-op"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert plans and all(p["plan"]["framework"] == "pytorch" and p["recompute"] == "selective-op" for p in plans)
+    assert run(base + ["--partial-recompute", "--constraint", "max-memory=20GiB"]) == 0
+    best = json.loads(capsys.readouterr().out)["plans"][0]
+    assert best["recompute"] == "full" and 1 <= best["recompute_layers"] < 22
+
+
 def test_cli_csv(capsys):
     assert run(BASE + ["--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
