@@ -66,13 +66,25 @@ def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tu
     as more layers are recomputed.  None when only recomputing every layer fits."""
     layers = max(split_layers(am.model.num_layers, plan.pp * plan.vpp, plan.first_stage_layers,
                               plan.last_stage_layers))
-    lo, hi, found = 1, layers - 1, None
-    while lo <= hi:
-        k = (lo + hi) // 2
+
+    def fitting(k: int):
         candidate = plan.replace(recompute_layers=k)
         mem, reason = am.memory_of(candidate)
-        if reason is None and mem.peak <= limit:
-            found, hi = (candidate, mem), k - 1
+        return (candidate, mem) if reason is None and mem.peak <= limit else None
+
+    if layers < 2:
+        return None
+    # the ends first: most plans either fit recomputing one layer or need nearly all of them
+    found = fitting(1)
+    if found is not None or layers == 2:
+        return found
+    found = fitting(layers - 1)
+    lo, hi = 2, layers - 2
+    while found is not None and lo <= hi:
+        k = (lo + hi) // 2
+        smaller = fitting(k)
+        if smaller is not None:
+            found, hi = smaller, k - 1
         else:
             lo = k + 1
     return found
