@@ -120,8 +120,8 @@ class SearchSpace:
     interleaved_min_pp: int = 2
     #: a plan that fits only with full recomputation is searched with the fewest layers per chunk
     #: recomputed that fit (Megatron-LM's --recompute-method block --recompute-num-layers N); off by
-    #: default: the bisection costs ~0.4 s in the Llama 3 70B / 512 H100 search (a fifth more
-    #: memory evaluations) and no plan in its top ten fits only with full recomputation
+    #: default: the bisection costs ~0.4 s in the Llama 3 70B / 512 H100 search, and no plan in its
+    #: top ten fits only with full recomputation
     partial_recompute: bool = False
     plan_defaults: dict[str, Any] = field(default_factory=dict)  # precision, attention, fp32_grads, ...
 
