@@ -62,8 +62,8 @@ _RECOMPUTE_ORDER = {r: i for i, r in enumerate(_RERUNS_LESS)}
 
 def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
     """The fitting plan that recomputes the fewest layers per chunk (``recompute_layers``) of a
-    plan that fits with full recomputation, by bisection: memory only falls and time only rises
-    as more layers are recomputed.  None when only recomputing every layer fits."""
+    plan that fits with full recomputation: memory only falls and time only rises as more layers
+    are recomputed, so the smallest count that fits is the one to take.  None when only recomputing every layer fits."""
     layers = max(split_layers(am.model.num_layers, plan.pp * plan.vpp, plan.first_stage_layers,
                               plan.last_stage_layers))
 
@@ -74,7 +74,8 @@ def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tu
 
     if layers < 2:
         return None
-    # the ends first: most plans either fit recomputing one layer or need nearly all of them
+    # the ends first: one evaluation settles a plan that fits recomputing a single layer, two one
+    # that needs every layer recomputed; bisection between them otherwise
     found = fitting(1)
     if found is not None or layers == 2:
         return found
