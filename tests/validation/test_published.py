@@ -41,3 +41,13 @@ def test_summary_counts_every_run(runs):
     assert summary["runs"].sum() == len(runs)
     assert (summary["min_error"] <= summary["median_error"]).all()
     assert (summary["median_error"] <= summary["max_error"]).all()
+
+
+def test_torchtitan_runs_under_op_level_recompute_fit_as_they_ran(runs):
+    """torchtitan's Llama 3 8B runs used its op-level selective checkpointing (llama3_8b.toml,
+    selective_ac_option 'op'); modelled as such (``selective-op``) they fit in memory, as they
+    did on the hardware.  Megatron's selective (the attention core only) would not fit them."""
+    table = load_published_runs()
+    op_sac = runs[(table["recompute"] == "selective-op").to_numpy()]
+    assert len(op_sac) == 4 and (op_sac["stack"].str.startswith("torchtitan")).all()
+    assert op_sac["fits"].all(), op_sac[["model", "gpus", "fits"]]
