@@ -125,7 +125,7 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
                                 f"{memory_limit / 2**30:.1f} GiB", "peak_memory_bytes": peak}
             continue
         fitting.setdefault(sibling, []).append(plan.recompute)
-        if partial_recompute and plan.recompute == "full" and plan.recompute_layers is None:
+        if partial_recompute and plan.recompute == "full" and not plan.partial_recompute:
             partial = _fewest_recomputed_layers(am, plan, memory_limit if memory_limit is not None else math.inf)
             if partial is not None:
                 plan, mem = partial

@@ -50,7 +50,7 @@ PARETO_METRICS = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
                   "cost": ("cost_per_million_tokens_usd", False), "memory": ("peak_memory_bytes", False),
                   "time-to-train": ("time_to_train_s", False), "step-time": ("step_time_s", False)}
 PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
-                "recompute_layers",
+                "recompute_layers", "recompute_every",
                 "schedule", "vpp", "sequence_parallel", "precision")
 ESTIMATE_TOLERANCE = 0.045  # how much faster than its estimate a plan may simulate (measured: at most 4.2 %)
 

@@ -59,6 +59,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-layers", type=positive_int, metavar="N",
                    help="with --recompute full: only the first N layers of each pipeline chunk "
                         "(Megatron's --recompute-method block --recompute-num-layers N)")
+    p.add_argument("--recompute-every", type=positive_int, metavar="N",
+                   help="with --recompute full: only every N-th layer (torchtitan's selective_ac_option = N)")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--precision", choices=PRECISIONS)
@@ -83,7 +85,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     from plansim.api import load_plan
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
     for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
-                 "recompute", "recompute_layers", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
+                 "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "first_stage_layers", "last_stage_layers"):
         value = getattr(args, name)
@@ -150,7 +152,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     p = result.plan
     etp = "" if p.get("etp") is None else f"etp={p['etp']} "  # given only for MoE parallel folding
-    layers = "" if p.get("recompute_layers") is None else f" ({p['recompute_layers']} layers/chunk)"
+    layers = ("" if p.get("recompute_layers") is None else f" ({p['recompute_layers']} layers/chunk)") + (
+        "" if p.get("recompute_every") is None else f" (every {p['recompute_every']} layers)")
     rows = [
         ("model / hardware", f"{result.model} on {result.num_gpus}× {result.hardware} ({result.cluster})"),
         ("plan", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} cp={p['cp']} ep={p['ep']} {etp}zero={p['zero']} "

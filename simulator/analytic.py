@@ -143,7 +143,8 @@ class Memory:
 # schedule, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
 # (which matters only through the number of micro-batches, kept in the key where it counts).
 _LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "first_stage_layers",
-                            "last_stage_layers", "offload", "overlap_grad_reduce", "recompute_layers"})
+                            "last_stage_layers", "offload", "overlap_grad_reduce", "recompute_layers",
+                            "recompute_every"})
 _COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
 
 
@@ -156,7 +157,7 @@ def _microbatches_matter(plan: Plan) -> bool:
 def _layer_key(plan: Plan) -> tuple:
     """The plan fields that per-layer, per-micro-batch costs depend on (not pp, dp, zero, batch)."""
     return tuple(getattr(plan, f) for f in _COST_FIELDS) + (
-        plan.num_microbatches if _microbatches_matter(plan) else 0, plan.recompute_layers is not None)
+        plan.num_microbatches if _microbatches_matter(plan) else 0, plan.partial_recompute)
 
 
 class AnalyticModel:
@@ -177,14 +178,15 @@ class AnalyticModel:
     def pieces(self, plan: Plan) -> tuple[TrainingWorkload, np.ndarray]:
         """cost_workload on pseudo-chunks holding one piece each: a matrix with a row per piece
         (``_PIECES``; the rows of layers kept from recomputation are costed only under
-        ``recompute_layers``).  Raises PlanError if the plan does not fit the model."""
+        a partial recomputation).  Raises PlanError if the plan does not fit the model."""
         key = _layer_key(plan)
         hit = self._pieces.get(key)
         if hit is not None:
             return hit
         m = plan.num_microbatches if _microbatches_matter(plan) else 1
         base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch * m,
-                            zero=0, first_stage_layers=None, last_stage_layers=None, offload={}, recompute_layers=None)
+                            zero=0, first_stage_layers=None, last_stage_layers=None, offload={}, recompute_layers=None,
+                            recompute_every=None)
         workload = TrainingWorkload(self.model, base)
         matrix = np.zeros((len(_PIECES), COLUMNS))
         rows, chunks = [0], [Chunk(0, 0, 0, 0, True, False)]
@@ -198,7 +200,7 @@ class AnalyticModel:
         workload.chunks = chunks
         for row, cc in zip(rows, cost_workload(workload, self.cluster)):
             matrix[row] = _piece_vector(cc)
-        if plan.recompute_layers is not None:
+        if plan.partial_recompute:
             kept = TrainingWorkload(self.model, base.replace(recompute="none"))
             kept.chunks = [c for c in chunks if c.num_layers]
             kept_rows = [row + 3 for row in rows if row in (1, 2)]  # dense -> dense-kept, moe -> moe-kept
@@ -209,7 +211,8 @@ class AnalyticModel:
 
     def layout(self, plan: Plan) -> Layout:
         """Chunks with their piece counts, as TrainingWorkload splits the layers."""
-        key = (plan.pp, plan.vpp, plan.first_stage_layers, plan.last_stage_layers, plan.recompute_layers)
+        key = (plan.pp, plan.vpp, plan.first_stage_layers, plan.last_stage_layers, plan.recompute_layers,
+               plan.recompute_every)
         hit = self._layouts.get(key)
         if hit is not None:
             return hit
@@ -218,12 +221,10 @@ class AnalyticModel:
         split = split_layers(model.num_layers, stages, plan.first_stage_layers, plan.last_stage_layers)
         counts, chunks, start = np.zeros((stages, len(_PIECES))), [], 0
         for vs, n in enumerate(split):
-            k = n if plan.recompute_layers is None else min(n, plan.recompute_layers)  # layers recomputed
-
-            def moe_in(lo: int, hi: int) -> int:
-                return sum(model.is_moe_layer(i) for i in range(lo, hi)) if model.is_moe else 0
-
-            moe, moe_kept = moe_in(start, start + k), moe_in(start + k, start + n)
+            rerun = [plan.layer_recomputed(start, i) for i in range(start, start + n)]
+            moe = sum(model.is_moe_layer(i) and r for i, r in zip(range(start, start + n), rerun))
+            moe_kept = sum(model.is_moe_layer(i) and not r for i, r in zip(range(start, start + n), rerun))
+            k = sum(rerun)  # layers recomputed
             chunk = Chunk(vs, vs % plan.pp, start, n, vs == 0, vs == stages - 1)
             counts[vs] = (chunk.has_embedding, k - moe, moe, chunk.has_head, n - k - moe_kept, moe_kept)
             chunks.append(chunk)

@@ -62,6 +62,8 @@ class Plan:
     recompute_layers: int | None = None  # with recompute "full": only the first N layers of each pipeline
     #   chunk are recomputed, the rest keep their activations (Megatron-LM's --recompute-method block
     #   --recompute-num-layers N); None: every layer
+    recompute_every: int | None = None  # with recompute "full": only every N-th layer of each chunk, counted
+    #   from its first (torchtitan's selective_ac_option = N, whose count runs over a rank's blocks)
     sequence_parallel: bool | None = None  # None: on whenever tp > 1 (Megatron-Core default)
     schedule: str = "1f1b"
     vpp: int = 1  # virtual pipeline stages per rank (interleaved schedule)
@@ -91,7 +93,7 @@ class Plan:
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:
             check_positive_int(name, getattr(self, name))
-        for name in ("first_stage_layers", "last_stage_layers", "etp", "recompute_layers"):
+        for name in ("first_stage_layers", "last_stage_layers", "etp", "recompute_layers", "recompute_every"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         for name in BOOLEAN_FIELDS:
@@ -109,9 +111,13 @@ class Plan:
                 object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:
                 raise PlanError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.recompute_layers is not None and self.recompute != "full":
-            raise PlanError(f"recompute_layers: {self.recompute_layers} needs recompute 'full' (Megatron-LM's block "
-                            f"method), got {self.recompute!r}")
+        for name in ("recompute_layers", "recompute_every"):
+            if getattr(self, name) is not None and self.recompute != "full":
+                raise PlanError(f"{name}: {getattr(self, name)} needs recompute 'full' (the layers it picks are "
+                                f"recomputed whole), got {self.recompute!r}")
+        if self.recompute_layers is not None and self.recompute_every is not None:
+            raise PlanError("recompute_every: give recompute_layers (the first N of a chunk) or recompute_every "
+                            "(every N-th), not both")
         if self.recompute == "selective-op" and self.framework != "pytorch":
             raise PlanError("recompute: 'selective-op' is torchtitan's op-level selective AC and needs framework "
                             f"'pytorch' (got {self.framework!r}); Megatron's own is 'selective'")
@@ -149,6 +155,22 @@ class Plan:
             raise PlanError(
                 f"global_batch: the interleaved schedule needs micro-batches ({self.num_microbatches}) "
                 f"to be a multiple of pp ({self.pp})")
+
+    @property
+    def partial_recompute(self) -> bool:
+        """Only some layers recomputed (``recompute_layers`` or ``recompute_every``)."""
+        return self.recompute_layers is not None or self.recompute_every is not None
+
+    def layer_recomputed(self, chunk_first_layer: int, layer: int) -> bool:
+        """Whether ``layer`` of the chunk starting at ``chunk_first_layer`` runs the plan's
+        recomputation: every layer, the chunk's first ``recompute_layers``, or every
+        ``recompute_every``-th of it."""
+        i = layer - chunk_first_layer
+        if self.recompute_layers is not None:
+            return i < self.recompute_layers
+        if self.recompute_every is not None:
+            return (i + 1) % self.recompute_every == 0
+        return True
 
     @property
     def world_size(self) -> int:

@@ -489,11 +489,10 @@ class TrainingWorkload:
         return 6.0 * (m - 1) / m
 
     def layer_recompute(self, chunk: Chunk, layer: int) -> str:
-        """The recomputation policy of ``layer`` in ``chunk``: the plan's, or with
-        ``recompute_layers`` N for the chunk's first N layers only and none for the rest
-        (Megatron-LM's ``--recompute-method block``, per virtual pipeline chunk)."""
-        n = self.plan.recompute_layers
-        return self.plan.recompute if n is None or layer - chunk.first_layer < n else "none"
+        """The recomputation policy of ``layer`` in ``chunk``: the plan's where it picks the layer
+        (``Plan.layer_recomputed``: every layer, or Megatron's first N, or torchtitan's every N-th),
+        none elsewhere."""
+        return self.plan.recompute if self.plan.layer_recomputed(chunk.first_layer, layer) else "none"
 
     def phases(self, forward: list[Op], policy: str | None = None) -> dict[str, list[Op]]:
         """F, R (recomputation), B and W op lists for a forward list under ``policy`` (the plan's

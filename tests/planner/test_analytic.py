@@ -48,11 +48,14 @@ PLANS = [
     Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=64, seq_len=4096, recompute="full", recompute_layers=3,
          schedule="interleaved", vpp=2),
     Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full", recompute_layers=10),
+    # torchtitan's layer policy: every third layer of each chunk
+    Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full", recompute_every=3),
 ]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"tp{p.tp}pp{p.pp}dp{p.dp}cp{p.cp}z{p.zero}-{p.schedule}"
-                         + (f"-rl{p.recompute_layers}" if p.recompute_layers else ""))
+                         + (f"-rl{p.recompute_layers}" if p.recompute_layers else "")
+                         + (f"-re{p.recompute_every}" if p.recompute_every else ""))
 def test_memory_is_exact_and_time_close(plan):
     cluster = CLUSTER if plan.world_size == 16 else build_cluster("h100-sxm", None, 1, plan.world_size)
     am = AnalyticModel(MODEL, cluster)

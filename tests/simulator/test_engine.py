@@ -419,3 +419,21 @@ def test_recomputing_the_first_layers_of_each_chunk_lies_between_none_and_full()
     assert times == sorted(times) and len(set(times)) == len(times)
     # the peak falls until another stage's (the output layer's logits) is the larger
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[1] > peaks[2]
+
+
+def test_every_nth_layer_recomputed_costs_what_as_many_first_layers_do():
+    """torchtitan's layer policy (every N-th block) recomputes as many identical layers as
+    Megatron's block method with the same count: the same step time and memory; every layer is
+    full recomputation."""
+    model = load_model("llama3-8b")
+    cluster = build_cluster("h100-sxm", None, 1, 8)
+    base = Plan(tp=2, pp=4, micro_batch=1, global_batch=8, seq_len=4096, recompute="full")  # 8 layers a stage
+
+    def run(plan):
+        out = TrainingSimulation(TrainingWorkload(model, plan), cluster).run()
+        res = build_result(out, model=model, plan=plan, cluster=cluster, calibrated=None)
+        return res.step_time_s, res.peak_memory_bytes
+
+    assert run(base.replace(recompute_every=1)) == run(base)
+    every_2, first_4 = run(base.replace(recompute_every=2)), run(base.replace(recompute_layers=4))
+    assert every_2[0] == pytest.approx(first_4[0], rel=1e-9) and every_2[1] == pytest.approx(first_4[1], rel=1e-9)

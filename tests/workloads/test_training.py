@@ -283,6 +283,17 @@ def test_op_sac_recomputes_less_than_full():
     assert 0 < rerun_flops("selective-op") < rerun_flops("full")
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(recompute_layers=2), "recompute_layers: 2 needs recompute 'full'"),
+    (dict(recompute_every=2, recompute="selective"), "recompute_every: 2 needs recompute 'full'"),
+    (dict(recompute_every=2, recompute_layers=2, recompute="full"), "recompute_every: give recompute_layers"),
+    (dict(recompute_every=0, recompute="full"), "recompute_every"),
+])
+def test_partial_recomputation_fields_are_checked(fields, message):
+    with pytest.raises(PlanError, match=message):
+        Plan(**fields)
+
+
 def test_op_sac_is_pytorch_only():
     with pytest.raises(PlanError, match="recompute: 'selective-op'.*framework 'pytorch'"):
         Plan(recompute="selective-op")
