@@ -60,8 +60,8 @@ from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, gemm_
 F, FC, B, BC, BI, W, WC, FLOPS, RFLOPS, SAVED, DENSE, EXPERT = range(12)
 TENSOR = slice(12, 16)  # PhaseCost.tensor of F + B: seconds and FLOPs of GEMMs and of attention
 COLUMNS = 16
-#: the pieces a chunk is counted in: layers under the plan's recomputation, and (with
-#: ``recompute_layers``) the layers past the first N of a chunk, which are not recomputed
+#: the pieces a chunk is counted in: layers under the plan's recomputation, and (under a partial
+#: recomputation, ``Plan.layer_recomputed``) the layers it leaves out, which keep their activations
 _PIECES = ("embedding", "dense", "moe", "head", "dense-kept", "moe-kept")
 
 
@@ -221,10 +221,12 @@ class AnalyticModel:
         split = split_layers(model.num_layers, stages, plan.first_stage_layers, plan.last_stage_layers)
         counts, chunks, start = np.zeros((stages, len(_PIECES))), [], 0
         for vs, n in enumerate(split):
-            rerun = [plan.layer_recomputed(start, i) for i in range(start, start + n)]
-            moe = sum(model.is_moe_layer(i) and r for i, r in zip(range(start, start + n), rerun))
-            moe_kept = sum(model.is_moe_layer(i) and not r for i, r in zip(range(start, start + n), rerun))
+            layers = range(start, start + n)
+            rerun = [plan.layer_recomputed(start, i) for i in layers]
+            is_moe = [model.is_moe and model.is_moe_layer(i) for i in layers]
             k = sum(rerun)  # layers recomputed
+            moe = sum(m and r for m, r in zip(is_moe, rerun))
+            moe_kept = sum(is_moe) - moe
             chunk = Chunk(vs, vs % plan.pp, start, n, vs == 0, vs == stages - 1)
             counts[vs] = (chunk.has_embedding, k - moe, moe, chunk.has_head, n - k - moe_kept, moe_kept)
             chunks.append(chunk)
