@@ -253,8 +253,9 @@ def _print_table(frame, summary: dict[str, Any]) -> None:
             v = rec[c]
             if c == "schedule" and rec["vpp"] > 1:
                 v = f"{v} v={rec['vpp']}"
-            if c == "recompute" and rec.get("recompute_layers") is not None and rec["recompute_layers"] == rec["recompute_layers"]:
-                v = f"{v} {int(rec['recompute_layers'])}/chunk"  # Megatron's block method: the first N layers
+            layers = rec.get("recompute_layers")
+            if c == "recompute" and layers is not None and not math.isnan(layers):  # NaN: every layer
+                v = f"{v} {int(layers)}/chunk"  # Megatron's block method: the first N layers
             cells.append(_fmt(c, v))
         table.add_row(*cells)
     console = Console(width=220)

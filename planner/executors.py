@@ -96,8 +96,8 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     """Exact memory, then the analytic estimate, for each plan.  Returns one dict per plan with
     either the metrics or ``pruned`` (the reason).  With ``prune_dominated``, a plan is dropped
     when the same plan with less recomputation fits (it is slower at the same memory ceiling).
-    With ``partial_recompute``, a plan that fits with full recomputation is replaced by the one
-    recomputing the fewest layers per chunk that still fits (returned as ``plan``)."""
+    Each estimate carries the ``plan`` it is of: with ``partial_recompute``, a plan that fits with
+    full recomputation is replaced by the one recomputing the fewest layers per chunk that fits."""
     am = _analytic(model, cluster)
     out: list[dict[str, Any] | None] = [None] * len(plans)
     fitting: dict[tuple, list[str]] = {}
@@ -126,12 +126,9 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
             continue
         fitting.setdefault(sibling, []).append(plan.recompute)
         if partial_recompute and plan.recompute == "full" and not plan.partial_recompute:
-            partial = _fewest_recomputed_layers(am, plan, memory_limit if memory_limit is not None else math.inf)
-            if partial is not None:
-                plan, mem = partial
-                out[i] = {**_metrics(am.estimate(plan, mem)), "plan": plan}
-                continue
-        out[i] = _metrics(am.estimate(plan, mem))
+            limit = memory_limit if memory_limit is not None else math.inf
+            plan, mem = _fewest_recomputed_layers(am, plan, limit) or (plan, mem)
+        out[i] = {**_metrics(am.estimate(plan, mem)), "plan": plan}
     return out  # type: ignore[return-value]
 
 

@@ -313,7 +313,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
                 if "pruned" in r:
                     pruned.append(Pruned(t.hardware, cluster_.num_gpus, _plan_fields(plan), r["pruned"]))
                     continue
-                rows.append(_row(t, r.pop("plan", plan), r, "analytic", tokens))
+                rows.append(_row(t, r.pop("plan"), r, "analytic", tokens))
         estimated = len(rows)
         key_col, larger = OBJECTIVES[objective]
         if objective == "cost":

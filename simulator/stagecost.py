@@ -248,9 +248,9 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCos
         if chunk.has_head:
             parts.append((workload.head, "none"))
         # group identical (list, policy) pairs so that each is costed and summed once
-        counts: dict[tuple[int, str], tuple[list[Op], str, int]] = {}
+        counts: dict[tuple[int, str], list] = {}
         for ops, policy in parts:
-            counts[(id(ops), policy)] = (ops, policy, counts.get((id(ops), policy), (ops, policy, 0))[2] + 1)
+            counts.setdefault((id(ops), policy), [ops, policy, 0])[2] += 1
         for ops, policy, times in counts.values():
             for name, cost in phases_of(ops, policy).items():
                 total[name].add(cost, times)

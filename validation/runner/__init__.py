@@ -151,7 +151,7 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
         elif s in ("bigsteps", "cudnnsteps", "sacsteps"):
             from plansim.validation.runner import steps
 
-            rows = {"bigsteps": steps.run_big, "cudnnsteps": steps.run_cudnn, "sacsteps": steps.run_sac}[s](dev, quick, log)
+            rows = steps.run_cases(steps.SINGLE_GPU_SUITES[s](quick), steps.run_single, dev, quick, log)
         elif s == "transfers":
             from plansim.validation.runner import transfers
 

@@ -60,19 +60,11 @@ def big_cases(quick: bool) -> list[dict]:
             for mb, seq, rc in ((1, 4096, "full"), (2, 4096, "full"), (1, 8192, "full"), (1, 4096, "none"))]
 
 
-def run_big(device: torch.device, quick: bool, log=print) -> list[dict]:
-    return run_cases(big_cases(quick), run_single, device, quick, log)
-
-
 def cudnn_cases(quick: bool) -> list[dict]:
     """Suite ``cudnnsteps``: the ``steps`` suite's single-GPU cases and ``bigsteps``' whole
     Llama-3-8B with SDPA on cuDNN's fused attention (case ids end ``-cudnn``)."""
     cases = single_cases(quick) + ([] if quick else big_cases(False))
     return [dict(c, case_id=f"{c['case_id']}-cudnn", attention="cudnn") for c in cases]
-
-
-def run_cudnn(device: torch.device, quick: bool, log=print) -> list[dict]:
-    return run_cases(cudnn_cases(quick), run_single, device, quick, log)
 
 
 def sac_cases(quick: bool) -> list[dict]:
@@ -86,8 +78,8 @@ def sac_cases(quick: bool) -> list[dict]:
                for mb, seq in ((1, 4096), (2, 4096), (1, 8192))])
 
 
-def run_sac(device: torch.device, quick: bool, log=print) -> list[dict]:
-    return run_cases(sac_cases(quick), run_single, device, quick, log)
+#: the suites of single-GPU steps beside ``steps``: suite -> its cases (``run_single`` runs each)
+SINGLE_GPU_SUITES = {"bigsteps": big_cases, "cudnnsteps": cudnn_cases, "sacsteps": sac_cases}
 
 
 def dist_cases(quick: bool, n: int = 2) -> list[dict]:
