@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from plansim.simulator.files import write_atomically
-from plansim.workloads.plan import FRAMEWORKS, PRECISIONS, PlanError
+from plansim.workloads.plan import CROSS_ENTROPY, FRAMEWORKS, PRECISIONS, PlanError
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
@@ -81,6 +81,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--framework", choices=FRAMEWORKS, default="megatron",
                    help="megatron (default) | pytorch: eager modules, FSDP-style gradients, torchtitan's "
                         "op-level selective recomputation searched too")
+    p.add_argument("--cross-entropy", choices=CROSS_ENTROPY, default="unfused",
+                   help="the loss kernel every plan uses: unfused (fp32 logits, default) | fused (one kernel on the "
+                        "16-bit logits: less memory, so more plans fit)")
     p.add_argument("--partial-recompute", action="store_true",
                    help="where only full recomputation fits, search the fewest recomputed layers per pipeline "
                         "chunk that fit (Megatron's --recompute-method block --recompute-num-layers)")
@@ -136,6 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
+                   cross_entropy=args.cross_entropy,
                    space=SearchSpace(partial_recompute=args.partial_recompute))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were

@@ -46,7 +46,7 @@ def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None =
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    from plansim.workloads.plan import ATTENTION, PRECISIONS, RECOMPUTE, SCHEDULES
+    from plansim.workloads.plan import ATTENTION, CROSS_ENTROPY, PRECISIONS, RECOMPUTE, SCHEDULES
     p.add_argument("--plan", help="YAML/JSON file with plan fields (flags override it)")
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
@@ -68,6 +68,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="flash: FlashAttention-2 (PyTorch SDPA); cudnn: cuDNN fused attention (Transformer Engine, "
                         "the default with --framework megatron); unfused: Megatron 2021")
     p.add_argument("--cp-comm", choices=("ring", "allgather"), help="context parallelism: ring attention or K/V all-gather")
+    p.add_argument("--cross-entropy", choices=CROSS_ENTROPY,
+                   help="unfused: the loss on fp32 logits (default); fused: one kernel on the 16-bit logits "
+                        "(flash-attn's xentropy, llm-foundry's fused_crossentropy)")
     p.add_argument("--ddp", choices=("megatron", "torch"), help="data-parallel wrapper (torch: PyTorch DDP's bucket copy)")
     p.add_argument("--framework", choices=("megatron", "pytorch"),
                    help="megatron: fused kernels, persistent grad buffer (default); pytorch: eager modules")
@@ -85,7 +88,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     from plansim.api import load_plan
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
     for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
-                 "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "ddp",
+                 "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "cross_entropy", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "first_stage_layers", "last_stage_layers"):
         value = getattr(args, name)

@@ -627,7 +627,9 @@ class TrainingSimulation:
         Layers: one hidden- or FFN-wide tensor in flight forward, two (output and input
         gradient) backward, plus one layer's activations while it is recomputed.  The loss,
         per logit: bf16 logits, their fp32 copy and the fp32 softmax forward (2 + 4 + 4
-        bytes); the softmax, its gradient and the bf16 gradient backward (4 + 4 + 2)."""
+        bytes); the softmax, its gradient and the bf16 gradient backward (4 + 4 + 2).  A fused
+        loss (``Plan.cross_entropy``) holds the bf16 logits forward and adds their bf16 gradient
+        backward (2; 2 + 2)."""
         plan, model = self.plan, self.workload.model
         tokens = plan.micro_batch * plan.seq_len // plan.cp
         wide = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES / plan.tp
@@ -636,7 +638,11 @@ class TrainingSimulation:
             out += sum(op.saved_bytes for op in self.workload.dense_layer)
         if c.chunk.has_head:
             logits = tokens * local_vocab(model, plan)
-            out = max(out, logits * (ACT_BYTES + 4 + 4))
+            if plan.cross_entropy == "fused":
+                per_logit = ACT_BYTES if phase == "F" else 2 * ACT_BYTES
+            else:
+                per_logit = ACT_BYTES + 4 + 4
+            out = max(out, logits * per_logit)
         if plan.zero >= 3 and c.chunk.num_layers:
             out += 2 * c.params * 2.0 / c.chunk.num_layers  # gathered layer and the prefetched next
         return out

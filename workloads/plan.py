@@ -20,6 +20,8 @@ ATTENTION = (*FUSED_ATTENTION, "unfused")
 FRAMEWORKS = ("megatron", "pytorch")
 DDP_IMPLS = ("megatron", "torch")
 CP_COMMS = ("ring", "allgather")
+CROSS_ENTROPY = ("unfused", "fused")  # unfused: the framework's own loss on fp32 logits; fused: one kernel on the
+#   16-bit logits (flash-attn's xentropy, llm-foundry's default fused_crossentropy)
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -86,6 +88,10 @@ class Plan:
     #   fitted cuDNN rates (A100, MI300X, Ascend, B200) "cudnn" is priced as that device's fused attention
     tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
     #   (Megatron-LM since 2021, Megatron-Core); None: on for framework "megatron", off for "pytorch"
+    cross_entropy: str = "unfused"  # "unfused": the logits upcast to fp32 and a softmax's worth of passes
+    #   (Megatron's vocab_parallel_cross_entropy, eager PyTorch's log_softmax + nll_loss); "fused": one kernel
+    #   reads the 16-bit logits and keeps them for backward, which writes a 16-bit gradient (flash-attn's
+    #   xentropy: llm-foundry's default loss_fn fused_crossentropy); no fp32 copy of the logits
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
     #   modules (separate q/k/v and gate/up GEMMs, unfused RoPE and SwiGLU), gradients allocated in
     #   backward and freed by zero_grad(set_to_none=True), DDP bucket buffers
@@ -106,7 +112,7 @@ class Plan:
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                               ("framework", FRAMEWORKS), ("attention", ATTENTION),
-                              ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS)):
+                              ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS), ("cross_entropy", CROSS_ENTROPY)):
             if name == "attention" and self.attention is None:  # the framework's own, once it is known good
                 object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:

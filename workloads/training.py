@@ -339,9 +339,23 @@ def embedding_ops(model: ModelSpec, plan: Plan) -> list[Op]:
 #: write 4), sum (read 4), divide into the softmax it keeps (read 4, write 4): 38; backward
 #: multiplies the softmax by the loss gradient in place (read 4, write 4) and casts it back
 #: (read 4, write 2): 14.  Eager PyTorch: upcast and log_softmax (read 4, write 4) forward;
-#: nll_loss backward, log_softmax backward and the cast apart (22) backward.
+#: nll_loss backward, log_softmax backward and the cast apart (22) backward.  Both keep an fp32
+#: softmax (4 bytes per logit) for backward.
 _CE_FORWARD_BYTES = {"megatron": 38.0, "pytorch": 14.0}
 _CE_BACKWARD_BYTES = {"megatron": 14.0, "pytorch": 22.0}
+#: The fused kernel (``Plan.cross_entropy = "fused"``, flash-attn's xentropy: forward
+#: ``xentropy_cuda_lib.forward(logits, labels)`` saves the logits, an fp32 log-sum-exp per row and the
+#: labels; backward writes a new gradient the logits' dtype) reads the 16-bit logits once forward
+#: and once backward, and writes their gradient: 2 and 4 bytes per logit, 2 kept.
+_FUSED_CE_BYTES = (2.0, 4.0, float(ACT_BYTES))
+
+
+def loss_bytes_per_logit(plan: Plan) -> tuple[float, float, float]:
+    """HBM bytes per logit of the loss forward and backward, and the bytes per logit it keeps for
+    backward (``Plan.cross_entropy``)."""
+    if plan.cross_entropy == "fused":
+        return _FUSED_CE_BYTES
+    return _CE_FORWARD_BYTES[plan.framework], _CE_BACKWARD_BYTES[plan.framework], 4.0
 
 
 #: Megatron pads the vocabulary to a multiple of this × tp (``--make-vocab-size-divisible-by``,
@@ -360,21 +374,24 @@ def local_vocab(model: ModelSpec, plan: Plan) -> int:
 
 
 def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
-    """Final norm, vocabulary-parallel logits GEMM and fp32 cross-entropy (Megatron's
-    ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth of passes)."""
+    """Final norm, vocabulary-parallel logits GEMM and the cross-entropy: by default on fp32
+    logits (Megatron's ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth
+    of passes), or one fused kernel on the 16-bit logits (``Plan.cross_entropy``)."""
     t, e, h = plan.tp, ACT_BYTES, model.hidden
     tokens = plan.micro_batch * plan.seq_len // plan.cp
     sp = plan.tp > 1 and plan.sequence_parallel
     tok_sp = tokens / t if sp else tokens
     vocab_local = local_vocab(model, plan)
     logits = tokens * vocab_local
+    fwd, bwd, kept = loss_bytes_per_logit(plan)
+    fused = plan.cross_entropy == "fused"  # its fp32 log-sum-exp per token is kept too
     return [
         _norm("final_norm", model, tok_sp),
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype="bf16", has_weight=True,
            saved_bytes=tokens * h * e),
-        Op("cross_entropy", "memory", bytes=logits * _CE_FORWARD_BYTES[plan.framework], saved_bytes=logits * 4,
-           bwd_bytes_factor=_CE_BACKWARD_BYTES[plan.framework] / _CE_FORWARD_BYTES[plan.framework]),
+        Op("cross_entropy", "memory", bytes=logits * fwd, saved_bytes=logits * kept + (tokens * 4 if fused else 0),
+           bwd_bytes_factor=bwd / fwd),
     ]
 
 

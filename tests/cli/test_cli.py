@@ -236,6 +236,23 @@ def test_simulate_plan_file_and_flags_override_it(capsys, files):
     assert (plan["tp"], plan["pp"], plan["dp"], plan["recompute"]) == (2, 1, 4, "selective")
 
 
+def test_cross_entropy_flag_reaches_the_plan_and_the_search(capsys):
+    """``--cross-entropy fused`` (flash-attn's xentropy) is a plan field for simulate and a fixed
+    field of every plan for search; the fused loss holds less, so peak memory drops."""
+    peaks = {}
+    for loss in ("unfused", "fused"):
+        assert main(["simulate", *SMALL, "--global-batch", "16", "--micro-batch", "2", "--zero", "3", "--cross-entropy", loss,
+                     "--format", "json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["plan"]["cross_entropy"] == loss
+        peaks[loss] = out["peak_memory_bytes"]
+    assert peaks["fused"] < peaks["unfused"]
+    assert main(["search", *SMALL, "--global-batch", "16", "--cross-entropy", "fused", "--top", "2",
+                 "--format", "json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["plans"]
+    assert "cross-entropy" in _bad(capsys, ["simulate", *SMALL, "--cross-entropy", "liger"])
+
+
 def test_simulate_table_is_readable(capsys):
     assert main(["simulate", *SMALL, "--tp", "8"]) == 0
     out = capsys.readouterr().out

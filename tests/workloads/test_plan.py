@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from plansim.workloads.model_io import load_model
-from plansim.workloads.plan import ATTENTION, PRECISIONS, RECOMPUTE, SCHEDULES, Plan, PlanError
+from plansim.workloads.plan import ATTENTION, CROSS_ENTROPY, PRECISIONS, RECOMPUTE, SCHEDULES, Plan, PlanError
 from plansim.workloads.training import TrainingWorkload, check_plan_fits_model
 
 
@@ -46,7 +46,7 @@ def test_sizes_must_be_positive_integers(field, value):
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("recompute", "some", RECOMPUTE), ("schedule", "pipedream", SCHEDULES),
-    ("precision", "fp4", PRECISIONS), ("attention", "sparse", ATTENTION)])
+    ("precision", "fp4", PRECISIONS), ("attention", "sparse", ATTENTION), ("cross_entropy", "liger", CROSS_ENTROPY)])
 def test_choices_name_the_allowed_values(field, value, allowed):
     with pytest.raises(PlanError) as err:
         Plan(**{field: value})

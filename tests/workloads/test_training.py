@@ -491,3 +491,22 @@ def test_fused_attention_defaults_to_what_each_framework_runs():
         Plan(framework="jax")  # the bad field is named, not the attention it would have defaulted
     ops = TrainingWorkload(_gpt(), Plan(seq_len=1024)).dense_layer
     assert next(op for op in ops if op.kind == "attention").impl == "cudnn"
+
+
+@pytest.mark.parametrize("framework", ["megatron", "pytorch"])
+def test_fused_loss_keeps_the_16bit_logits_and_moves_fewer_bytes(framework):
+    """flash-attn's xentropy (``cross_entropy="fused"``) keeps the bf16 logits and an fp32
+    log-sum-exp per token, and moves 2 bytes per logit forward and 4 backward; the unfused loss
+    keeps an fp32 softmax (4 bytes per logit) and moves more both ways."""
+    model = _gpt(vocab=50257)
+    plan = Plan(micro_batch=2, global_batch=2, seq_len=1024, framework=framework)
+    tokens, vocab = 2 * 1024, local_vocab(model, plan)
+    unfused = next(op for op in TrainingWorkload(model, plan).head if op.name == "cross_entropy")
+    fused = next(op for op in TrainingWorkload(model, plan.replace(cross_entropy="fused")).head
+                 if op.name == "cross_entropy")
+    assert unfused.saved_bytes == pytest.approx(4 * tokens * vocab, rel=REL)
+    assert fused.saved_bytes == pytest.approx(2 * tokens * vocab + 4 * tokens, rel=REL)
+    assert fused.bytes == pytest.approx(2 * tokens * vocab, rel=REL)
+    assert fused.bytes * fused.bwd_bytes_factor == pytest.approx(4 * tokens * vocab, rel=REL)
+    assert unfused.bytes > fused.bytes
+    assert unfused.bytes * unfused.bwd_bytes_factor > fused.bytes * fused.bwd_bytes_factor
