@@ -37,6 +37,11 @@ TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
 #: the unsharded parameters (``foreach_all_gather_copy_out``: ``split_with_sizes_copy`` on the
 #: compute stream), a read and a write of 2 bytes per parameter after every all-gather
 FSDP2_COPY_OUT_BYTES_PER_PARAM = 4.0
+#: ... and before every reduce-scatter packs the module's unsharded 16-bit gradients into one
+#: buffer of the reduce dtype (``foreach_reduce_scatter_copy_in``, ``torch._chunk_cat``), which the
+#: compute stream waits for before it frees them: 2 bytes read per parameter (plus the reduce
+#: dtype's bytes written, added where it is known)
+FSDP2_COPY_IN_READ_BYTES_PER_PARAM = 2.0
 
 
 def bucket_params(plan) -> float:
@@ -427,6 +432,25 @@ class TrainingSimulation:
             yield rest_done
             rank.stats.comm_exposed_s += env.now - wait_start
 
+        fsdp2_reducing: dict[tuple[int, str], PhaseCost] = {}
+
+        def reducing_cost(c: ChunkCost, phase: str) -> PhaseCost:
+            """The phase that finishes a chunk's weight gradients under FSDP2, whose compute stream
+            also packs each layer's gradients for its reduce-scatter (the copy-in, a layer's share
+            at the end of each layer's part); other ZeRO-3 implementations reduce in place."""
+            cost = c.phases[phase]
+            if plan.ddp != "torch":
+                return cost
+            key = (c.chunk.index, phase)
+            if key not in fsdp2_reducing:
+                copy_s = float(memory_bound_time((FSDP2_COPY_IN_READ_BYTES_PER_PARAM + grad_b) * c.params,
+                                                 cluster.device))
+                total = PhaseCost()
+                total.add(cost)
+                total.add(PhaseCost(compute_s=copy_s, ops=[("fsdp reduce-scatter copy-in", copy_s, "compute")]))
+                fsdp2_reducing[key] = total
+            return fsdp2_reducing[key]
+
         def fsdp_reduction(rank: _Rank, c: ChunkCost, label: str):
             """(layers, launcher) for the phase that finishes the chunk's weight gradients: each
             layer's reduce-scatter is queued on the data-parallel stream as its part ends."""
@@ -538,6 +562,8 @@ class TrainingSimulation:
                     if not split_w and final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
                     if plan.zero >= 3 and plan.dp * plan.cp > 1:
+                        if not split_w:
+                            cost = reducing_cost(c, "B")
                         yield from zero3_phase(rank, c, cost, label, with_reduce=not split_w)
                     else:
                         yield from self._run_phase(env, rank, cost, label, segments, launch)
@@ -557,12 +583,13 @@ class TrainingSimulation:
                         if not plan.overlap_p2p:
                             yield from blocking(rank, send)
                 else:  # W
-                    segments, launch = (1, None)
+                    segments, launch, cost = 1, None, c.phases["W"]
                     if plan.zero >= 3 and plan.dp * plan.cp > 1:  # FSDP reduces every micro-batch's gradients
                         segments, launch = fsdp_reduction(rank, c, label)
+                        cost = reducing_cost(c, "W")
                     elif final_backward[vs] == mb and plan.overlap_grad_reduce:
                         segments, launch = grad_reduction(rank, c)
-                    yield from self._run_phase(env, rank, c.phases["W"], label, segments, launch)
+                    yield from self._run_phase(env, rank, cost, label, segments, launch)
                     if launch is not None:
                         yield from torch_ddp_copy(rank, c, "copy-in")
                     mem.free(env.now, (c.saved_bytes - (offloadable(c) if offload_acts else 0.0)) * 0.5)

@@ -459,3 +459,31 @@ def test_fused_loss_lowers_the_head_stages_peak_by_its_working_memory():
     # the peak is the head's backward: kept (4 vs 2 + the log-sum-exp) plus working memory (10 vs 4)
     assert peak["unfused"] - peak["fused"] == pytest.approx((4 + 10 - 2 - 4) * logits - 4 * 8 * 2048, rel=REL)
     assert results["fused"].step_time_s < results["unfused"].step_time_s
+
+
+@pytest.mark.parametrize("fp32_grads", [False, True])
+def test_fsdp2_packs_each_micro_batchs_gradients_for_its_reduce_scatter(fp32_grads):
+    """FSDP2 (ZeRO-3 under ``ddp="torch"``) copies every micro-batch's unsharded 16-bit gradients
+    into the reduce-scatter buffer on the compute stream (``foreach_reduce_scatter_copy_in``):
+    2 bytes read and the reduce dtype's bytes written per parameter, each backward.  ZeRO-3 in
+    Megatron-Core's buffer reduces in place."""
+    from plansim.simulator.costs.compute import memory_bound_time
+    model = load_model("tinyllama-1.1b")
+    cluster = build_cluster("h200", None, 1, 2)
+    plan = Plan(dp=2, zero=3, micro_batch=2, global_batch=8, seq_len=2048, framework="pytorch",
+                fp32_grads=fp32_grads)
+    runs = {}
+    for ddp in ("megatron", "torch"):
+        sim = TrainingSimulation(TrainingWorkload(model, plan.replace(ddp=ddp)), cluster, record_trace=True,
+                                 trace_detail="op")
+        sim.contention = 0.0  # no slowdown from the gathers beside the compute: kernels at their own time
+        runs[ddp] = (sim, sim.run())
+    sim, out = runs["torch"]
+    copies = [e for e in sim.events if e.name == "fsdp reduce-scatter copy-in"]
+    params = sum(c.params for c in out.chunk_costs)
+    per_param = 2.0 + (4.0 if fp32_grads else 2.0)
+    assert len(copies) == plan.num_microbatches
+    for e in copies:
+        assert e.duration_s == pytest.approx(float(memory_bound_time(per_param * params, sim.cluster.device)), rel=1e-6)
+    assert not any("copy" in e.name for e in runs["megatron"][0].events)
+    assert out.step_time_s > runs["megatron"][1].step_time_s
