@@ -29,7 +29,7 @@ from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype, local_vocab
+from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype, local_vocab, loss_bytes
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
 TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
@@ -652,11 +652,8 @@ class TrainingSimulation:
         """Working memory live during a chunk's phase on top of what is kept.
 
         Layers: one hidden- or FFN-wide tensor in flight forward, two (output and input
-        gradient) backward, plus one layer's activations while it is recomputed.  The loss,
-        per logit: bf16 logits, their fp32 copy and the fp32 softmax forward (2 + 4 + 4
-        bytes); the softmax, its gradient and the bf16 gradient backward (4 + 4 + 2).  A fused
-        loss (``Plan.cross_entropy``) holds the bf16 logits forward and adds their bf16 gradient
-        backward (2; 2 + 2)."""
+        gradient) backward, plus one layer's activations while it is recomputed; at the head,
+        the loss's own working memory (``loss_bytes``) where it is larger."""
         plan, model = self.plan, self.workload.model
         tokens = plan.micro_batch * plan.seq_len // plan.cp
         wide = tokens * max(model.ffn_hidden, model.hidden) * ACT_BYTES / plan.tp
@@ -664,12 +661,8 @@ class TrainingSimulation:
         if phase == "B" and plan.recompute in ("full", "selective-op") and c.chunk.num_layers:
             out += sum(op.saved_bytes for op in self.workload.dense_layer)
         if c.chunk.has_head:
-            logits = tokens * local_vocab(model, plan)
-            if plan.cross_entropy == "fused":
-                per_logit = ACT_BYTES if phase == "F" else 2 * ACT_BYTES
-            else:
-                per_logit = ACT_BYTES + 4 + 4
-            out = max(out, logits * per_logit)
+            loss = loss_bytes(plan)
+            out = max(out, tokens * local_vocab(model, plan) * (loss.working_f if phase == "F" else loss.working_b))
         if plan.zero >= 3 and c.chunk.num_layers:
             out += 2 * c.params * 2.0 / c.chunk.num_layers  # gathered layer and the prefetched next
         return out

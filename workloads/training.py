@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.ops import NORM_BACKWARD_PASSES, NORM_PASSES, Op, backward_ops, norm_bytes, op_sac_saved, recompute_ops
@@ -332,30 +333,43 @@ def embedding_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     return ops
 
 
-#: HBM bytes per logit of the fp32 cross-entropy, forward and backward.  Megatron-LM's
-#: ``vocab_parallel_cross_entropy`` (mpu/cross_entropy.py, 2021; tensor_parallel/cross_entropy.py
-#: in Megatron-Core without --cross-entropy-loss-fusion) runs one kernel per step on the fp32
-#: logits: the upcast (read 2, write 4), max (read 4), subtract (read 4, write 4), exp (read 4,
-#: write 4), sum (read 4), divide into the softmax it keeps (read 4, write 4): 38; backward
-#: multiplies the softmax by the loss gradient in place (read 4, write 4) and casts it back
-#: (read 4, write 2): 14.  Eager PyTorch: upcast and log_softmax (read 4, write 4) forward;
-#: nll_loss backward, log_softmax backward and the cast apart (22) backward.  Both keep an fp32
-#: softmax (4 bytes per logit) for backward.
-_CE_FORWARD_BYTES = {"megatron": 38.0, "pytorch": 14.0}
-_CE_BACKWARD_BYTES = {"megatron": 14.0, "pytorch": 22.0}
+class LossBytes(NamedTuple):
+    """Bytes of the cross-entropy per logit (per token where named): HBM traffic forward and
+    backward, what it keeps for backward, and the working memory live while it runs forward and
+    backward (the engine's transient, beside the rest of the head)."""
+
+    forward: float
+    backward: float
+    kept: float
+    kept_per_token: float
+    working_f: float
+    working_b: float
+
+
+#: The unfused loss on fp32 logits.  Megatron-LM's ``vocab_parallel_cross_entropy``
+#: (mpu/cross_entropy.py, 2021; tensor_parallel/cross_entropy.py in Megatron-Core without
+#: --cross-entropy-loss-fusion) runs one kernel per step on the fp32 logits: the upcast (read 2,
+#: write 4), max (read 4), subtract (read 4, write 4), exp (read 4, write 4), sum (read 4), divide
+#: into the softmax it keeps (read 4, write 4): 38; backward multiplies the softmax by the loss
+#: gradient in place (read 4, write 4) and casts it back (read 4, write 2): 14.  Eager PyTorch:
+#: upcast and log_softmax (read 4, write 4) forward; nll_loss backward, log_softmax backward and
+#: the cast apart (22) backward.  Both keep an fp32 softmax (4); working memory: the bf16 logits,
+#: their fp32 copy and the fp32 softmax forward (2 + 4 + 4), the softmax, its gradient and the bf16
+#: gradient backward (4 + 4 + 2).
+_UNFUSED_LOSS = {"megatron": LossBytes(38.0, 14.0, 4.0, 0.0, ACT_BYTES + 4 + 4, 4 + 4 + ACT_BYTES),
+                 "pytorch": LossBytes(14.0, 22.0, 4.0, 0.0, ACT_BYTES + 4 + 4, 4 + 4 + ACT_BYTES)}
 #: The fused kernel (``Plan.cross_entropy = "fused"``, flash-attn's xentropy: forward
 #: ``xentropy_cuda_lib.forward(logits, labels)`` saves the logits, an fp32 log-sum-exp per row and the
 #: labels; backward writes a new gradient the logits' dtype) reads the 16-bit logits once forward
-#: and once backward, and writes their gradient: 2 and 4 bytes per logit, 2 kept.
-_FUSED_CE_BYTES = (2.0, 4.0, float(ACT_BYTES))
+#: and once backward, and writes their gradient: 2 and 4 bytes per logit, the logits (2) and the
+#: log-sum-exp (4 per token) kept; it holds the logits forward and adds their gradient backward.
+_FUSED_LOSS = LossBytes(2.0, 4.0, ACT_BYTES, 4.0, ACT_BYTES, 2 * ACT_BYTES)
 
 
-def loss_bytes_per_logit(plan: Plan) -> tuple[float, float, float]:
-    """HBM bytes per logit of the loss forward and backward, and the bytes per logit it keeps for
-    backward (``Plan.cross_entropy``)."""
-    if plan.cross_entropy == "fused":
-        return _FUSED_CE_BYTES
-    return _CE_FORWARD_BYTES[plan.framework], _CE_BACKWARD_BYTES[plan.framework], 4.0
+def loss_bytes(plan: Plan) -> LossBytes:
+    """The cross-entropy's bytes under ``plan`` (``Plan.cross_entropy``, and the framework's
+    unfused loss)."""
+    return _FUSED_LOSS if plan.cross_entropy == "fused" else _UNFUSED_LOSS[plan.framework]
 
 
 #: Megatron pads the vocabulary to a multiple of this × tp (``--make-vocab-size-divisible-by``,
@@ -383,15 +397,14 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     tok_sp = tokens / t if sp else tokens
     vocab_local = local_vocab(model, plan)
     logits = tokens * vocab_local
-    fwd, bwd, kept = loss_bytes_per_logit(plan)
-    fused = plan.cross_entropy == "fused"  # its fp32 log-sum-exp per token is kept too
+    loss = loss_bytes(plan)
     return [
         _norm("final_norm", model, tok_sp),
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype="bf16", has_weight=True,
            saved_bytes=tokens * h * e),
-        Op("cross_entropy", "memory", bytes=logits * fwd, saved_bytes=logits * kept + (tokens * 4 if fused else 0),
-           bwd_bytes_factor=bwd / fwd),
+        Op("cross_entropy", "memory", bytes=logits * loss.forward,
+           saved_bytes=logits * loss.kept + tokens * loss.kept_per_token, bwd_bytes_factor=loss.backward / loss.forward),
     ]
 
 
