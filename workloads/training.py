@@ -403,8 +403,8 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
         _tp_comm("head.allgather", tokens * h * e, plan, "all_gather"),
         Op("logits", "gemm", gemm=(tokens, vocab_local, h), dtype="bf16", has_weight=True,
            saved_bytes=tokens * h * e),
-        Op("cross_entropy", "memory", bytes=logits * loss.forward,
-           saved_bytes=logits * loss.kept + tokens * loss.kept_per_token, bwd_bytes_factor=loss.backward / loss.forward),
+        Op("cross_entropy", "memory", bytes=logits * loss.forward, bwd_bytes_factor=loss.backward / loss.forward,
+           saved_bytes=logits * loss.kept + tokens * loss.kept_per_token),
     ]
 
 
