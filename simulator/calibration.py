@@ -77,12 +77,17 @@ def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
     return _with_fields(link, fields, path, data, f"links.{link.name}")
 
 
-#: what a die's own kernels set (GEMM and attention rates and shapes): a device with the same die and
-#: clocks but other memory (``same_die_as``, e.g. the A100 40GB) borrows these from the other's
-#: calibrated profile, and nothing that depends on its memory, board power or host
+#: what a die's own kernels set (GEMM, fp8 GEMM, attention and norm-kernel rates and shapes, the fixed
+#: cost per kernel) and what it draws (idle, per kind of work, its burst limit, the clock exponent): a
+#: device with the same die and clocks but other memory (``same_die_as``: the A100 40GB, the H100 96GB
+#: HBM2e) borrows these from the other's calibrated profile; its HBM bandwidth and board power limit
+#: are its own.  The draws are the approximation: idle and HBM-bound draw were measured with the
+#: other part's memory
 DIE_PARAMETERS = ("achievable_gemm_fraction", "gemm_k_overhead", "unaligned_gemm_fraction", "attention_fraction",
                   "attention_bwd_ratio", "attention_fwd_cta_overhead", "attention_bwd_cta_overhead",
-                  "attention_head_dim_half")
+                  "attention_head_dim_half", "cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio",
+                  "norm_bandwidth_fraction", "kernel_launch_s", "idle_power_w", "burst_power_w", "tensor_power_w",
+                  "tensor_static_fraction", "memory_power_w", "power_clock_exponent")
 
 
 def _built_in_profile(device: Device) -> tuple[Path, dict, str] | None:

@@ -157,6 +157,7 @@ class Device(_Profile):
     # the power-limited clock (simulator/costs/power.py), watts above idle at the maximum clock;
     # None: the device is not throttled
     power_limit_w: PositiveFloat | None = None  # board power limit (datasheet TDP), held on average
+    max_power_limit_w: PositiveFloat | None = None  # highest limit an operator may set, where the default is lower
     burst_power_w: PositiveFloat | None = None  # what a short burst of tensor work is held to
     idle_power_w: PositiveFloat | None = None  # drawn with nothing running
     tensor_power_w: PositiveFloat | None = None  # a large GEMM's draw
@@ -181,6 +182,9 @@ class Device(_Profile):
                 value = getattr(self, name)
                 if value is not None and value <= self.idle_power_w:
                     raise ValueError(f"{name}: {value} W must exceed idle_power_w ({self.idle_power_w} W)")
+        if self.max_power_limit_w is not None and (self.power_limit_w is None
+                                                   or self.max_power_limit_w < self.power_limit_w):
+            raise ValueError("max_power_limit_w: needs a power_limit_w no larger than it")
         return self
 
     def flops(self, dtype: str) -> float:

@@ -173,9 +173,10 @@ class PowerModel:
 
 def with_power_limit(cluster, watts: float | None):
     """``cluster`` with its GPUs' board power limit set to ``watts`` (``nvidia-smi -pl``, a power
-    cap an operator sets); None leaves the datasheet limit.  Raises ProfileError for a limit at or
-    below the device's idle draw, or above its board limit, which ``nvidia-smi -pl`` refuses too (a
-    what-if board takes a device profile with a higher ``power_limit_w``)."""
+    cap an operator sets); None leaves the profile's default limit.  Raises ProfileError for a limit
+    at or below the device's idle draw, or above its board limit (``max_power_limit_w`` where the
+    default is lower, else ``power_limit_w``), which ``nvidia-smi -pl`` refuses too (a what-if board
+    takes a device profile with a higher limit)."""
     if watts is None:
         return cluster
     if isinstance(watts, bool) or not watts > 0:
@@ -183,8 +184,9 @@ def with_power_limit(cluster, watts: float | None):
     device = cluster.device
     if device.idle_power_w is not None and watts <= device.idle_power_w:
         raise ProfileError(f"power_limit: {watts:g} W must exceed {device.name}'s idle draw ({device.idle_power_w:g} W)")
-    if device.power_limit_w is not None and watts > device.power_limit_w:
-        raise ProfileError(f"power_limit: {watts:g} W exceeds {device.name}'s board limit ({device.power_limit_w:g} W)")
+    board = device.max_power_limit_w or device.power_limit_w
+    if board is not None and watts > board:
+        raise ProfileError(f"power_limit: {watts:g} W exceeds {device.name}'s board limit ({board:g} W)")
     return cluster.model_copy(update={"device": device.model_copy(update={"power_limit_w": float(watts)})})
 
 

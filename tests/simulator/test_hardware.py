@@ -234,3 +234,22 @@ def test_a_device_of_the_same_die_borrows_its_kernel_rates_not_its_memory():
     steps = {name: simulate("llama3-8b", name, plan=plan, nodes=1, gpus_per_node=8).step_time_s
              for name in ("a100-40gb", "a100-80gb")}
     assert steps["a100-40gb"] >= steps["a100-80gb"]
+
+
+def test_the_h100_96gb_borrows_its_die_and_draws_but_keeps_its_hbm_and_default_limit():
+    """torchtitan's Grand Teton H100 is the SXM5 die with six HBM2e stacks at 2.4 TB/s and a 500 W
+    default limit: the H100 80GB's calibrated kernel rates and power draws apply, its own memory
+    and limit stay, so at 500 W a step takes longer than on the 700 W, 3.35 TB/s part."""
+    from plansim.api import simulate
+    from plansim.simulator.calibration import DIE_PARAMETERS, apply_calibration
+    h100, _ = apply_calibration(hw.load_device("h100-sxm"))
+    big, source = apply_calibration(hw.load_device("h100-sxm-96gb"))
+    assert "same die as h100-sxm" in source
+    for name in DIE_PARAMETERS:
+        assert getattr(big, name) == getattr(h100, name), name
+    assert big.achievable_hbm_bw_Bps < h100.achievable_hbm_bw_Bps and big.hbm_bytes > h100.hbm_bytes
+    assert (big.power_limit_w, big.max_power_limit_w) == (500, 700)
+    plan = dict(zero=3, ddp="torch", framework="pytorch", micro_batch=1, global_batch=8, seq_len=8192)
+    steps = {name: simulate("llama3-8b", name, plan=plan, nodes=1, gpus_per_node=8).step_time_s
+             for name in ("h100-sxm-96gb", "h100-sxm")}
+    assert steps["h100-sxm-96gb"] > steps["h100-sxm"]

@@ -127,6 +127,16 @@ def test_a_power_limit_above_the_board_limit_is_refused():
         simulate("llama3-8b", "h100-sxm", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=5000)
 
 
+def test_a_board_shipped_below_its_tdp_may_be_raised_to_it():
+    """The Grand Teton H100 runs at 500 W by default and takes up to its 700 W TDP: a raised limit
+    speeds its step, and one past the TDP is refused."""
+    low = simulate("llama3-8b", "h100-sxm-96gb", plan=PLAN, nodes=1, gpus_per_node=1)
+    high = simulate("llama3-8b", "h100-sxm-96gb", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=700)
+    assert high.sm_clock > low.sm_clock and high.step_time_s < low.step_time_s
+    with pytest.raises(ProfileError, match=r"power_limit: 701 W exceeds h100-sxm-96gb's board limit \(700 W\)"):
+        simulate("llama3-8b", "h100-sxm-96gb", plan=PLAN, nodes=1, gpus_per_node=1, power_limit_w=701)
+
+
 def test_a_step_held_at_the_limit_draws_the_limit_and_its_energy_adds_up():
     cluster, _ = resolve_cluster("h200", None, nodes=1, gpus_per_node=1)
     for limit in (400.0, 700.0):

@@ -62,3 +62,11 @@ def test_llm_foundry_runs_with_their_fused_loss_mostly_fit_as_they_ran(runs):
     foundry = table["stack"].str.startswith("llm-foundry")
     assert (table.loc[foundry, "cross_entropy"] == "fused").all() and foundry.sum() == 216
     assert (~runs.loc[foundry.to_numpy(), "fits"]).sum() <= 9
+
+
+def test_torchtitan_h100_runs_fit_on_the_96_gb_part_they_ran_on(runs):
+    """torchtitan's long-context runs reported 83.9-84.5 GiB in use: more than an H100 80GB holds,
+    within the Grand Teton H100's 96 GB (``h100-sxm-96gb``), where every one of its H100 runs fits."""
+    titan = runs[runs["stack"].str.startswith("torchtitan") & runs["hardware"].str.startswith("h100")]
+    assert len(titan) == 9 and (titan["hardware"] == "h100-sxm-96gb").all()
+    assert titan["fits"].all(), titan[["model", "gpus", "seq_len", "fits"]]
