@@ -119,17 +119,22 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
 OUT_SUFFIXES, PLOT_SUFFIXES = (".parquet", ".csv"), (".png", ".pdf", ".svg")
 
 
-def _check_file_names(args: argparse.Namespace) -> None:
-    """Refuse an --out or --plot name of an unknown kind before the search runs."""
-    for flag, path, suffixes in (("out", args.out, OUT_SUFFIXES), ("plot", args.plot, PLOT_SUFFIXES)):
-        if path and Path(path).suffix.lower() not in suffixes:
-            raise PlanError(f"{flag}: {path!r} must end in {', '.join(suffixes)}")
+def check_output_path(flag: str, path: str | None, suffixes: tuple[str, ...] | None = None) -> None:
+    """Refuse an output file of an unknown kind (``suffixes``; None: any), or in a folder that
+    does not exist, before the work runs (not after it, with its result lost)."""
+    if not path:
+        return
+    if suffixes is not None and Path(path).suffix.lower() not in suffixes:
+        raise PlanError(f"{flag}: {path!r} must end in {', '.join(suffixes)}")
+    if not Path(path).resolve().parent.is_dir():
+        raise PlanError(f"{flag}: cannot write {path!r}: folder {str(Path(path).parent)!r} does not exist")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from plansim.planner.search import explain, search
     from plansim.planner.space import SearchSpace
-    _check_file_names(args)
+    check_output_path("out", args.out, OUT_SUFFIXES)
+    check_output_path("plot", args.plot, PLOT_SUFFIXES)
     frame = search(args.model, args.hardware, args.cluster, gpus=args.gpus, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,
                    power_limit_w=args.power_limit, global_batch=args.global_batch,

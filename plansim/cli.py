@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from plansim.planner.cli_commands import add_power_limit_arg, positive_int
+from plansim.planner.cli_commands import add_power_limit_arg, check_output_path, positive_int
 
 EXIT_BAD_INPUT = 2
 
@@ -142,6 +142,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from plansim.simulator.units import format_bytes
     if args.trace_detail and not args.trace:
         raise UserError("--trace-detail: needs --trace OUT.json (it sets what the trace holds)")
+    check_output_path("trace", args.trace)
     fields = _plan_fields(args) or dict(DEFAULT_PLAN)
     result = simulate(args.model, args.hardware, args.cluster, fields, nodes=args.nodes,
                       gpus_per_node=args.gpus_per_node, nics_per_node=args.nics_per_node, nic_gbps=args.nic_gbps,

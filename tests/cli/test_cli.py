@@ -152,6 +152,8 @@ def test_unreadable_hardware_file(capsys, files):
     (["simulate", "--model", "gpt3-175b", "--tp", "8", "--seq-len", "4096"], ["seq_len", "4096", "2048 learned"]),
     (["simulate", "--precision", "fp8", "--hardware", "a100-80gb"], ["precision", "fp8", "a100-80gb"]),
     (["search", "--model", "tinyllama-1.1b", "--global-batch", "8", "--plot", "plans.txt"], ["plot", ".png"]),
+    (["search", "--model", "tinyllama-1.1b", "--global-batch", "8", "--out", "/no/such/folder/plans.csv"],
+     ["out", "/no/such/folder", "does not exist"]),
 ])
 def test_other_bad_input(capsys, argv, words):
     line = _bad(capsys, argv)
@@ -189,7 +191,7 @@ def test_a_one_device_cluster_without_a_network_simulates(capsys):
 def test_an_output_that_cannot_be_written_is_a_clean_error(capsys, tmp_path):
     missing = str(tmp_path / "no-such-dir" / "trace.json")
     line = _bad(capsys, ["simulate", *SMALL, "--trace", missing])
-    assert missing in line and "No such file" in line
+    assert line.startswith("error: trace:") and missing in line and "does not exist" in line
 
 
 def test_a_failed_write_leaves_the_existing_file_intact(tmp_path):
