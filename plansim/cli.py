@@ -80,6 +80,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap-p2p", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--tp-backward-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="TP backward collectives beside the gradient GEMMs (default: on with --framework megatron)")
+    p.add_argument("--tp-comm-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="every sequence-parallel TP collective pipelined with its GEMM, forward and backward "
+                        "(Megatron-Core --tp-comm-overlap, torchtitan AsyncTP; default off)")
     p.add_argument("--offload", action="append", default=[], metavar="WHAT=TIER",
                    help="e.g. optimizer=cpu (params|grads|optimizer|activations = gpu|cpu|nvme|cxl)")
 
@@ -90,7 +93,8 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
                  "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "cross_entropy", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
-                 "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "first_stage_layers", "last_stage_layers"):
+                 "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "tp_comm_overlap", "first_stage_layers",
+                 "last_stage_layers"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

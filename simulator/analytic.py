@@ -413,12 +413,34 @@ class AnalyticModel:
                          - m * r_max)
         t_pipe = m * r_max + bubble
 
-        # ZeRO-1/2 parameter all-gather, launched at t = 0 and overlapped with the first forwards
+        # ZeRO-1/2 parameter all-gather (overlap_param_gather), as the engine: interleaved, each
+        # rank's gathers start with the step and its first forward waits for them; otherwise each
+        # chunk's first layer is gathered from t = 0 and the rest layer by layer beside the chunk's
+        # first forward, the first micro-batch carrying the first p chunks' waits down the pipeline
+        # and a rank's later chunks adding theirs to its own step
         start_delay = 0.0
-        if plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce:
+        if plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce and plan.schedule == "interleaved":
             arrival = np.concatenate(([0.0], np.cumsum(f[:p])[:-1]))
-            gathers = np.array([self._collective("all_gather", params[r] * 2.0, grad_group) for r in range(p)])
+            gathers = np.zeros(p)
+            for i, chunk in enumerate(layout.chunks[:p]):
+                layers = max(1, chunk.num_layers)
+                gathers[i] = layers * self._collective("all_gather", params[i] * 2.0 / layers, grad_group)
             start_delay = max(0.0, float((gathers - arrival).max()))
+        elif plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce:
+            waits = np.zeros(n_chunks)
+            arrival = 0.0
+            for i, chunk in enumerate(layout.chunks):
+                layers = max(1, chunk.num_layers)
+                g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
+                rest = (layers - 1) * g.time_s
+                hidden = min(rest, costs[i, F])
+                rest_rate = g.payload_bytes / g.time_s if g.time_s > 0 else 0.0
+                waits[i] = (max(0.0, g.time_s - (arrival if i < p else np.inf)) + max(0.0, rest - costs[i, F])
+                            + contention_s(cluster.device, hidden, hidden * rest_rate))
+                if i < p:
+                    arrival += f[i] + waits[i]
+            later = np.bincount(ranks[p:], weights=waits[p:], minlength=p)
+            start_delay = float(waits[:p].sum()) + float(later.max())
 
         params_r = np.bincount(ranks, weights=params, minlength=p)
         offsets = np.zeros(p) if split_w else np.concatenate(([0.0], np.cumsum(b[:p])[:-1]))

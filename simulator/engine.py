@@ -381,30 +381,57 @@ class TrainingSimulation:
                         rank.pending.append(done)
             return n_buckets, launch
 
-        # ZeRO-1/2 all-gather updated parameters; overlapped with the next forward (Megatron's
-        # overlap_param_gather) when gradient reduction is overlapped, else exposed at the end.
+        # ZeRO-1/2 all-gather updated parameters: exposed after the optimizer step, or, when
+        # gradient reduction is overlapped, beside the next step's first forward of each chunk
+        # (Megatron's overlap_param_gather, below)
         def param_gather_cost(chunk: ChunkCost) -> CollectiveCost | None:
             if plan.zero not in (1, 2) or plan.dp * plan.cp == 1:
                 return None
             return collective_cost("all_gather", chunk.params * 2.0, self.grad_group, cluster)
 
-        def fsdp_unit(chunk: ChunkCost, op: str, bytes_per_param: float) -> tuple[int, CollectiveCost]:
-            """FSDP and ZeRO-3 gather and reduce a chunk layer by layer, one NCCL call per layer
-            (FSDP2's per-block units; ZeRO-3's per-module fetch): the layer count and one call's cost,
-            its protocol and latency chosen for a layer's bytes."""
+        def layer_unit(chunk: ChunkCost, op: str, bytes_per_param: float) -> tuple[int, CollectiveCost]:
+            """Gathers and reductions that go layer by layer, one NCCL call per layer (FSDP2's
+            per-block units, ZeRO-3's per-module fetch, the distributed optimizer's buckets): the
+            layer count and one call's cost, its protocol and latency chosen for a layer's bytes."""
             layers = max(1, chunk.chunk.num_layers)
             return layers, collective_cost(op, chunk.params * bytes_per_param / layers, self.grad_group, cluster)
 
-        chunk_gathered = {}
-        for rank in ranks:
+        # Megatron-Core's overlap_param_gather, queued on each rank's gather stream at the step's
+        # start.  Under the interleaved schedule each chunk's whole gather is started ahead of its
+        # first forward (param_sync_func: the first chunk at once on every stage, each next one as
+        # the chunk before it starts), which waits for it.  Otherwise the forward pre-hooks chain
+        # the buckets: the first starts with the step (zero_grad), each next one when the forward
+        # reaches the bucket before it, so the rest of a chunk's gather runs layer by layer beside
+        # its first forward (DistributedOptimizer._finish_param_sync_helper, core_v0.8.0).
+        gather_started: dict[int, tuple[simpy.Event, CollectiveCost | None]] = {}
+        if plan.zero in (1, 2) and plan.dp * plan.cp > 1 and plan.overlap_grad_reduce:
             for c in self.costs:
-                if c.chunk.rank != rank.index:
-                    continue
-                cost = param_gather_cost(c)
-                if cost is not None and plan.overlap_grad_reduce:
-                    ev = env.event()
-                    self._collective_async(env, rank, rank.gather_stream, cost, f"param gather chunk{c.chunk.index}", ev)
-                    chunk_gathered[c.chunk.index] = ev
+                layers, gather = layer_unit(c, "all_gather", 2.0)
+                if plan.schedule == "interleaved" or layers == 1:
+                    ahead, rest = gather.scaled(layers), None
+                else:
+                    ahead, rest = gather, gather.scaled(layers - 1)
+                ev = env.event()
+                rank = ranks[c.chunk.rank]
+                self._collective_async(env, rank, rank.gather_stream, ahead, f"param gather chunk{c.chunk.index}", ev)
+                gather_started[c.chunk.index] = (ev, rest)
+
+        def gathered_forward(rank: _Rank, c: ChunkCost, label: str):
+            """A chunk's first forward of the step under overlap_param_gather: what was started
+            ahead awaited, the rest of the chunk's gather beside the forward."""
+            ahead, rest = gather_started.pop(c.chunk.index)
+            wait = env.now
+            yield ahead
+            rank.stats.comm_exposed_s += env.now - wait
+            rest_done = env.event()
+            if rest is not None:
+                self._collective_async(env, rank, rank.gather_stream, rest, f"param gather {label}", rest_done)
+            else:
+                rest_done.succeed()
+            yield from self._run_phase(env, rank, c.phases["F"], label)
+            wait = env.now
+            yield rest_done
+            rank.stats.comm_exposed_s += env.now - wait
 
         transient_f = {c.chunk.index: self._transient(c, "F") for c in self.costs}
         transient_b = {c.chunk.index: self._transient(c, "B") for c in self.costs}
@@ -413,7 +440,7 @@ class TrainingSimulation:
             """FSDP: each layer's parameters all-gathered, the first layer's call exposed and the
             others prefetched beside the chunk's compute.  Backward reduce-scatters each layer's
             gradients as its backward finishes, beside the layers still to run."""
-            layers, gather = fsdp_unit(c, "all_gather", 2.0)
+            layers, gather = layer_unit(c, "all_gather", 2.0)
             wait_start = env.now
             yield from self._flow(env, rank, gather)
             rest_done = env.event()
@@ -454,7 +481,7 @@ class TrainingSimulation:
         def fsdp_reduction(rank: _Rank, c: ChunkCost, label: str):
             """(layers, launcher) for the phase that finishes the chunk's weight gradients: each
             layer's reduce-scatter is queued on the data-parallel stream as its part ends."""
-            layers, reduce = fsdp_unit(c, "reduce_scatter", grad_b)
+            layers, reduce = layer_unit(c, "reduce_scatter", grad_b)
 
             def launch(_layer: int):
                 done = env.event()
@@ -531,14 +558,12 @@ class TrainingSimulation:
                         wait = env.now
                         yield act_ready[(mb, vs)]
                         self._trace(rank, f"wait act mb{mb}", "bubble", wait, env.now)
-                    if vs in chunk_gathered:
-                        wait = env.now
-                        yield chunk_gathered.pop(vs)
-                        rank.stats.comm_exposed_s += env.now - wait
                     if offload_acts:  # layer by layer as the forward produces them
                         env.process(offload_activations(rank, c, label, offload_done((mb, vs))))
                     if plan.zero >= 3 and plan.dp * plan.cp > 1:
                         yield from zero3_phase(rank, c, c.phases["F"], label, with_reduce=False)
+                    elif vs in gather_started:
+                        yield from gathered_forward(rank, c, label)
                     else:
                         yield from self._run_phase(env, rank, c.phases["F"], label)
                     mem.allocate(env.now, c.saved_bytes - (offloadable(c) if offload_acts else 0.0), transient_f[vs])

@@ -32,7 +32,7 @@ class PlanError(ValueError):
 
 INTEGER_FIELDS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp")
 BOOLEAN_FIELDS = ("sequence_parallel", "overlap_grad_reduce", "overlap_p2p", "grad_accumulation_fusion",
-                  "fp32_grads", "tp_backward_overlap")
+                  "fp32_grads", "tp_backward_overlap", "tp_comm_overlap")
 #: the switches whose None means "the default for the other fields" (set in ``__post_init__``)
 DEFAULTED_SWITCHES = ("sequence_parallel", "grad_accumulation_fusion", "tp_backward_overlap")
 #: what each framework's fused attention runs by default (Plan.attention None)
@@ -88,6 +88,9 @@ class Plan:
     #   fitted cuDNN rates (A100, MI300X, Ascend, B200) "cudnn" is priced as that device's fused attention
     tp_backward_overlap: bool | None = None  # TP backward collectives beside the weight-/input-gradient GEMMs
     #   (Megatron-LM since 2021, Megatron-Core); None: on for framework "megatron", off for "pytorch"
+    tp_comm_overlap: bool = False  # every sequence-parallel TP collective pipelined with the GEMM it feeds or
+    #   drains, forward and backward: Megatron-Core's --tp-comm-overlap (Transformer Engine userbuffers),
+    #   torchtitan's AsyncTP; only what outlasts the GEMM shows
     cross_entropy: str = "unfused"  # "unfused": the logits upcast to fp32 and a softmax's worth of passes
     #   (Megatron's vocab_parallel_cross_entropy, eager PyTorch's log_softmax + nll_loss); "fused": one kernel
     #   reads the 16-bit logits and keeps them for backward, which writes a 16-bit gradient (flash-attn's
@@ -133,6 +136,9 @@ class Plan:
             object.__setattr__(self, "grad_accumulation_fusion", self.framework == "megatron")
         if self.tp_backward_overlap is None:
             object.__setattr__(self, "tp_backward_overlap", self.framework == "megatron")
+        if self.tp_comm_overlap and self.tp > 1 and not self.sequence_parallel:
+            raise PlanError("tp_comm_overlap: needs sequence_parallel (it overlaps the all-gathers and "
+                            "reduce-scatters that sequence parallelism runs)")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
         if self.schedule in ("interleaved", "zero-bubble") and self.pp == 1:

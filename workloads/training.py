@@ -58,26 +58,31 @@ def _with_fp8_casts(ops: list[Op]) -> list[Op]:
     return out
 
 
-def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, column_gemm: str = "") -> Op:
-    """The TP collective after a row-parallel GEMM or before a column-parallel one.
+def _tp_comm(name: str, nbytes: float, plan: Plan, sequence_parallel_op: str, gemm: str = "") -> Op:
+    """The TP collective after a row-parallel GEMM or before a column-parallel one (``gemm``).
 
     Megatron's g (after a row-parallel GEMM) all-reduces forward and does nothing backward; its f
     (before a column-parallel GEMM) does nothing forward and all-reduces the input gradient
     backward.  With sequence parallelism g is a reduce-scatter and f an all-gather, each with the
     other as its backward.  With ``plan.tp_backward_overlap`` f's backward collective runs beside the
-    weight-gradient GEMM of ``column_gemm`` (Megatron-LM's asynchronous TP all-reduce, 2021 on,
-    and its reduce-scatter under sequence parallelism).
+    weight-gradient GEMM of its column-parallel GEMM (Megatron-LM's asynchronous TP all-reduce,
+    2021 on, and its reduce-scatter under sequence parallelism).  With ``plan.tp_comm_overlap``
+    (userbuffers, AsyncTP) the rest are pipelined with their GEMM too: f's all-gather with the
+    column-parallel GEMM it feeds, g's reduce-scatter with the row-parallel GEMM it drains, and
+    g's backward all-gather with that GEMM's input gradient.
     """
     if plan.tp == 1:
         return Op(name, "collective", collective="none", group="tp")
+    pipelined = gemm if plan.tp_comm_overlap and plan.sequence_parallel else ""
     if sequence_parallel_op == "all_gather":  # f
-        beside = f"{column_gemm}.wgrad" if column_gemm and plan.tp_backward_overlap else ""
+        beside = f"{gemm}.wgrad" if gemm and (plan.tp_backward_overlap or pipelined) else ""
         forward = "all_gather" if plan.sequence_parallel else "none"
         backward = "reduce_scatter" if plan.sequence_parallel else "all_reduce"
         return Op(name, "collective", collective=forward, bwd_collective=backward, group="tp", comm_bytes=nbytes,
-                  bwd_hidden_by=beside)
+                  hidden_by=pipelined, bwd_hidden_by=beside)
     if plan.sequence_parallel:  # g
-        return Op(name, "collective", collective="reduce_scatter", group="tp", comm_bytes=nbytes)
+        return Op(name, "collective", collective="reduce_scatter", group="tp", comm_bytes=nbytes,
+                  hidden_by=pipelined, bwd_hidden_by=f"{pipelined}.dgrad" if pipelined else "")
     return Op(name, "collective", collective="all_reduce", bwd_collective="none", group="tp", comm_bytes=nbytes)
 
 
@@ -165,7 +170,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
 
     ops: list[Op] = [
         _norm("norm1", model, tok_sp, readers=3 if eager else 1),
-        _tp_comm("attn.allgather", full, plan, "all_gather", column_gemm="q" if eager else "qkv"),
+        _tp_comm("attn.allgather", full, plan, "all_gather", gemm="q" if eager else "qkv"),
     ]
     qkv_bias = (model.bias or model.qkv_bias)
     if eager:  # three projections sharing one saved input
@@ -231,7 +236,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
                       recompute_selective=True))
     ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
                   saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
-    ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter"))
+    ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter", gemm="proj"))
     ops.append(_residual("residual1", tok_sp * h, drop, eager))
     ops.append(_norm("norm2", model, tok_sp, readers=2 if (eager and model.mlp == "swiglu" and not moe) else 1))
     if moe:
@@ -253,7 +258,7 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     eager_swiglu = model.mlp == "swiglu" and plan.framework == "pytorch"
     if tp_comms:
         ops.append(_tp_comm(f"{prefix}.allgather", full, plan, "all_gather",
-                            column_gemm=f"{prefix}.gate" if eager_swiglu else f"{prefix}.up"))
+                            gemm=f"{prefix}.gate" if eager_swiglu else f"{prefix}.up"))
     saved_in = tokens * h * e if saved_input is None else saved_input
     if eager_swiglu:
         # gate and up projections apart; silu(gate) then ·up: saves gate, silu(gate) and up
@@ -277,7 +282,7 @@ def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: floa
     ops.append(Op(f"{prefix}.down", "gemm", gemm=(int(tokens), h, int(f)), dtype=dtype, has_weight=True,
                   saved_bytes=tokens * f * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
     if tp_comms:
-        ops.append(_tp_comm(f"{prefix}.reduce", full, plan, "reduce_scatter"))
+        ops.append(_tp_comm(f"{prefix}.reduce", full, plan, "reduce_scatter", gemm=f"{prefix}.down"))
     return ops
 
 

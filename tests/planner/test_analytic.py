@@ -53,13 +53,18 @@ PLANS = [
     # the fused loss (the last stage's peak is its backward, where the loss's working memory counts)
     Plan(tp=2, pp=2, dp=4, micro_batch=2, global_batch=64, seq_len=4096, cross_entropy="fused"),
     Plan(tp=1, pp=1, dp=16, micro_batch=1, global_batch=64, seq_len=4096, zero=3, cross_entropy="fused"),
+    # userbuffers TP overlap; the distributed optimizer's parameter gather beside the first forward
+    Plan(tp=8, pp=1, dp=2, micro_batch=1, global_batch=64, seq_len=4096, zero=1, tp_comm_overlap=True),
+    Plan(tp=4, pp=2, dp=2, micro_batch=2, global_batch=64, seq_len=4096, zero=1, tp_comm_overlap=True,
+         fp32_grads=True),
 ]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"tp{p.tp}pp{p.pp}dp{p.dp}cp{p.cp}z{p.zero}-{p.schedule}"
                          + (f"-rl{p.recompute_layers}" if p.recompute_layers else "")
                          + (f"-re{p.recompute_every}" if p.recompute_every else "")
-                         + ("-fusedloss" if p.cross_entropy == "fused" else ""))
+                         + ("-fusedloss" if p.cross_entropy == "fused" else "")
+                         + ("-tpoverlap" if p.tp_comm_overlap else ""))
 def test_memory_is_exact_and_time_close(plan):
     cluster = CLUSTER if plan.world_size == 16 else build_cluster("h100-sxm", None, 1, plan.world_size)
     am = AnalyticModel(MODEL, cluster)

@@ -259,6 +259,58 @@ def test_tp_backward_overlap_hides_backward_collectives_behind_gemms(sp):
     assert hidden.time_breakdown["exposed_communication"] >= 0.4 * inline.time_breakdown["exposed_communication"]
 
 
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_tp_comm_overlap_pipelines_every_collective_with_its_gemm(recompute):
+    """Userbuffers / AsyncTP: beyond the backward pairs, each all-gather runs beside the
+    column-parallel GEMM it feeds, each reduce-scatter beside the row-parallel GEMM it drains, and
+    the reduce-scatter's backward all-gather beside that GEMM's input gradient.  The bytes on the
+    links are the same; exposed TP communication falls, and of what it hides the device's overlap
+    contention comes back as slower GEMMs, so the step gains (1 − contention) of it."""
+    plan = Plan(tp=8, global_batch=2, micro_batch=1, seq_len=8192, recompute=recompute)
+    out_on, on = _run("llama3-8b", plan.replace(tp_comm_overlap=True))
+    out_off, off = _run("llama3-8b", plan)
+    assert sum(link.bytes_offered for link in out_on.links) == pytest.approx(
+        sum(link.bytes_offered for link in out_off.links), rel=1e-12)
+    kappa = overlap_contention(build_cluster("h100-sxm", nodes=1, gpus_per_node=8).device)
+    less_comm = off.time_breakdown["exposed_communication"] - on.time_breakdown["exposed_communication"]
+    more_compute = on.time_breakdown["compute"] - off.time_breakdown["compute"]
+    assert less_comm > 0.4 * off.time_breakdown["exposed_communication"]  # the head's and embedding's stay
+    assert more_compute == pytest.approx(kappa * less_comm, rel=1e-3)
+    assert off.step_time_s - on.step_time_s == pytest.approx((1 - kappa) * less_comm, rel=1e-3)
+
+
+def test_tp_comm_overlap_needs_sequence_parallelism():
+    from plansim.workloads.plan import PlanError
+    with pytest.raises(PlanError, match="tp_comm_overlap: needs sequence_parallel"):
+        Plan(tp=2, sequence_parallel=False, tp_comm_overlap=True)
+    assert Plan(tp=1, tp_comm_overlap=True).tp_comm_overlap  # nothing to overlap, nothing wrong
+
+
+def test_overlapped_parameter_gather_runs_layer_by_layer_beside_the_first_forward():
+    """Megatron-Core's overlap_param_gather without interleaving: the first bucket's all-gather
+    starts with the step and each next one as the forward reaches the bucket before it.  With a
+    forward longer than the gathers, one step waits about one layer's gather for parameters,
+    not the whole model's; under the interleaved schedule each chunk's whole gather is started
+    ahead and awaited before its first forward."""
+    from plansim.simulator.costs.collectives import collective_cost
+
+    plan = Plan(dp=16, zero=1, micro_batch=4, global_batch=64, seq_len=4096)
+    output, result = _run("llama3-8b", plan, nodes=16, gpn=1, trace=True)
+    chunk = output.chunk_costs[0]
+    layers = chunk.chunk.num_layers
+    sim = TrainingSimulation(TrainingWorkload(load_model("llama3-8b"), plan),
+                             build_cluster("h100-sxm", nodes=16, gpus_per_node=1))
+    per_layer = collective_cost("all_gather", chunk.params * 2.0 / layers, sim.grad_group, sim.cluster).time_s
+    gathers = [e for e in output.events if e.rank == 0 and e.name.startswith("param gather")]
+    assert len(gathers) == 2  # the first layer's from the step's start, the others beside the forward
+    assert sum(e.duration_s for e in gathers) == pytest.approx(layers * per_layer, rel=1e-9)
+    forward = chunk.phases["F"].compute_s
+    assert (layers - 1) * per_layer < forward  # the premise: the forward can hide the rest
+    reduce_wait = next(e for e in output.events if e.rank == 0 and e.name == "wait grad reduction").duration_s
+    gather_wait = result.time_breakdown["exposed_communication"] - reduce_wait
+    assert per_layer * (1 - 1e-9) <= gather_wait <= 2 * per_layer
+
+
 def test_tp_backward_overlap_is_off_when_zero_bubble_defers_weight_gradients():
     """ZB-H1 runs weight gradients later, so nothing is beside the input-gradient all-reduces
     (without SP there is no re-gather, whose partner, the input-gradient GEMM, stays)."""
