@@ -416,6 +416,19 @@ class TrainingSimulation:
                 self._collective_async(env, rank, rank.gather_stream, ahead, f"param gather chunk{c.chunk.index}", ev)
                 gather_started[c.chunk.index] = (ev, rest)
 
+        def beside_gather(rank: _Rank, rest: CollectiveCost | None, name: str, work):
+            """Run ``work`` (the compute that follows a chunk's first gathered layer) with the rest
+            of the chunk's parameter gather on the gather stream beside it, then wait for that."""
+            rest_done = env.event()
+            if rest is not None:
+                self._collective_async(env, rank, rank.gather_stream, rest, name, rest_done)
+            else:
+                rest_done.succeed()
+            yield from work
+            wait = env.now
+            yield rest_done
+            rank.stats.comm_exposed_s += env.now - wait
+
         def gathered_forward(rank: _Rank, c: ChunkCost, label: str):
             """A chunk's first forward of the step under overlap_param_gather: what was started
             ahead awaited, the rest of the chunk's gather beside the forward."""
@@ -423,15 +436,7 @@ class TrainingSimulation:
             wait = env.now
             yield ahead
             rank.stats.comm_exposed_s += env.now - wait
-            rest_done = env.event()
-            if rest is not None:
-                self._collective_async(env, rank, rank.gather_stream, rest, f"param gather {label}", rest_done)
-            else:
-                rest_done.succeed()
-            yield from self._run_phase(env, rank, c.phases["F"], label)
-            wait = env.now
-            yield rest_done
-            rank.stats.comm_exposed_s += env.now - wait
+            yield from beside_gather(rank, rest, f"param gather {label}", self._run_phase(env, rank, c.phases["F"], label))
 
         transient_f = {c.chunk.index: self._transient(c, "F") for c in self.costs}
         transient_b = {c.chunk.index: self._transient(c, "B") for c in self.costs}
@@ -443,21 +448,16 @@ class TrainingSimulation:
             layers, gather = layer_unit(c, "all_gather", 2.0)
             wait_start = env.now
             yield from self._flow(env, rank, gather)
-            rest_done = env.event()
-            if layers > 1:
-                self._collective_async(env, rank, rank.gather_stream, gather.scaled(layers - 1),
-                                       f"fsdp gather {label}", rest_done)
-            else:
-                rest_done.succeed()
             rank.stats.comm_exposed_s += env.now - wait_start
-            if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters
-                yield from self._memory_pass(env, rank, FSDP2_COPY_OUT_BYTES_PER_PARAM * c.params,
-                                             f"fsdp copy-out {label}")
-            segments, launch = fsdp_reduction(rank, c, label) if with_reduce else (1, None)
-            yield from self._run_phase(env, rank, phase_cost, label, segments, launch)
-            wait_start = env.now
-            yield rest_done
-            rank.stats.comm_exposed_s += env.now - wait_start
+
+            def work():
+                if plan.ddp == "torch":  # FSDP2 copies the gathered buffer out into the parameters
+                    yield from self._memory_pass(env, rank, FSDP2_COPY_OUT_BYTES_PER_PARAM * c.params,
+                                                 f"fsdp copy-out {label}")
+                segments, launch = fsdp_reduction(rank, c, label) if with_reduce else (1, None)
+                yield from self._run_phase(env, rank, phase_cost, label, segments, launch)
+            yield from beside_gather(rank, gather.scaled(layers - 1) if layers > 1 else None, f"fsdp gather {label}",
+                                     work())
 
         fsdp2_reducing: dict[tuple[int, str], PhaseCost] = {}
 
