@@ -148,6 +148,16 @@ _LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule
 _COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
 
 
+def _rest_of_gather(device, layer_gather, layers: int, beside_s: float) -> float:
+    """What the rest of a chunk's layer-by-layer parameter gather (``layers`` − 1 calls of
+    ``layer_gather``) adds to ``beside_s`` of compute it runs beside, as the engine runs it: the
+    part that outlasts the compute, plus the contention of the part the compute hides."""
+    rest = (layers - 1) * layer_gather.time_s
+    hidden = min(rest, beside_s)
+    rate = layer_gather.payload_bytes / layer_gather.time_s if layer_gather.time_s > 0 else 0.0
+    return max(0.0, rest - beside_s) + contention_s(device, hidden, hidden * rate)
+
+
 def _microbatches_matter(plan: Plan) -> bool:
     """Unfused accumulation into 16-bit gradients skips the first micro-batch
     (TrainingWorkload.accumulate_bytes_per_weight), so its cost depends on their number."""
@@ -385,15 +395,9 @@ class AnalyticModel:
             for i, chunk in enumerate(layout.chunks):
                 layers = max(1, chunk.num_layers)
                 g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
-                first, rest = g.time_s, (layers - 1) * g.time_s
                 beside_b = costs[i, BI] if split_w else costs[i, B]
-                # exposed remainder, plus the engine's contention for the part hidden by compute
-                rest_rate = g.payload_bytes / g.time_s if g.time_s > 0 else 0.0
-                hid_f, hid_b = min(rest, costs[i, F]), min(rest, beside_b)
-                exposed_f = (first + max(0.0, rest - costs[i, F])
-                             + contention_s(cluster.device, hid_f, hid_f * rest_rate))
-                exposed_b = (first + max(0.0, rest - beside_b)
-                             + contention_s(cluster.device, hid_b, hid_b * rest_rate))
+                exposed_f = g.time_s + _rest_of_gather(cluster.device, g, layers, costs[i, F])
+                exposed_b = g.time_s + _rest_of_gather(cluster.device, g, layers, beside_b)
                 z3[i] = exposed_f + exposed_b
                 f[i] += exposed_f
                 b[i] += exposed_b
@@ -432,11 +436,8 @@ class AnalyticModel:
             for i, chunk in enumerate(layout.chunks):
                 layers = max(1, chunk.num_layers)
                 g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
-                rest = (layers - 1) * g.time_s
-                hidden = min(rest, costs[i, F])
-                rest_rate = g.payload_bytes / g.time_s if g.time_s > 0 else 0.0
-                waits[i] = (max(0.0, g.time_s - (arrival if i < p else np.inf)) + max(0.0, rest - costs[i, F])
-                            + contention_s(cluster.device, hidden, hidden * rest_rate))
+                waits[i] = (max(0.0, g.time_s - (arrival if i < p else np.inf))
+                            + _rest_of_gather(cluster.device, g, layers, costs[i, F]))
                 if i < p:
                     arrival += f[i] + waits[i]
             later = np.bincount(ranks[p:], weights=waits[p:], minlength=p)
