@@ -148,16 +148,6 @@ _LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule
 _COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
 
 
-def _rest_of_gather(device, layer_gather, layers: int, beside_s: float) -> float:
-    """What the rest of a chunk's layer-by-layer parameter gather (``layers`` − 1 calls of
-    ``layer_gather``) adds to ``beside_s`` of compute it runs beside, as the engine runs it: the
-    part that outlasts the compute, plus the contention of the part the compute hides."""
-    rest = (layers - 1) * layer_gather.time_s
-    hidden = min(rest, beside_s)
-    rate = layer_gather.payload_bytes / layer_gather.time_s if layer_gather.time_s > 0 else 0.0
-    return max(0.0, rest - beside_s) + contention_s(device, hidden, hidden * rate)
-
-
 def _microbatches_matter(plan: Plan) -> bool:
     """Unfused accumulation into 16-bit gradients skips the first micro-batch
     (TrainingWorkload.accumulate_bytes_per_weight), so its cost depends on their number."""
@@ -292,6 +282,26 @@ class AnalyticModel:
     def _collective(self, op: str, nbytes: float, group: Group) -> float:
         return self._collective_cost(op, nbytes, group).time_s
 
+    def _layer_gather(self, chunk_params: float, layers: int, group: Group) -> tuple[float, float]:
+        """A layer-by-layer parameter gather of a chunk: one layer's call (seconds), and the
+        compute seconds lost per second it runs hidden beside compute (``contention_s``, which
+        is linear in the overlap at a fixed rate)."""
+        key = ("layer gather", chunk_params, layers, group)
+        hit = self._memo.get(key)
+        if hit is None:
+            g = self._collective_cost("all_gather", chunk_params * 2.0 / layers, group)
+            t = g.time_s
+            hit = self._memo[key] = (t, contention_s(self.cluster.device, 1.0, g.payload_bytes / t) if t > 0 else 0.0)
+        return hit
+
+    def _rest_of_gather(self, chunk_params: float, layers: int, group: Group, beside_s: float) -> float:
+        """What the rest of a chunk's layer-by-layer parameter gather (``layers`` − 1 calls) adds
+        to ``beside_s`` of compute it runs beside, as the engine runs it: the part that outlasts
+        the compute, plus the contention of the part the compute hides."""
+        t, lost_per_s = self._layer_gather(chunk_params, layers, group)
+        rest = (layers - 1) * t
+        return max(0.0, rest - beside_s) + lost_per_s * min(rest, beside_s)
+
     # --- memory -------------------------------------------------------------------------------
     def memory(self, plan: Plan, workload: TrainingWorkload, layout: Layout, costs: np.ndarray) -> Memory:
         """Peak bytes per pipeline rank, exactly as the engine's MemoryTimeline records them for
@@ -394,10 +404,10 @@ class AnalyticModel:
         if plan.zero >= 3 and n_dp > 1:  # FSDP: a call per layer, the first exposed, the rest prefetched
             for i, chunk in enumerate(layout.chunks):
                 layers = max(1, chunk.num_layers)
-                g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
+                first = self._layer_gather(params[i], layers, grad_group)[0]
                 beside_b = costs[i, BI] if split_w else costs[i, B]
-                exposed_f = g.time_s + _rest_of_gather(cluster.device, g, layers, costs[i, F])
-                exposed_b = g.time_s + _rest_of_gather(cluster.device, g, layers, beside_b)
+                exposed_f = first + self._rest_of_gather(params[i], layers, grad_group, costs[i, F])
+                exposed_b = first + self._rest_of_gather(params[i], layers, grad_group, beside_b)
                 z3[i] = exposed_f + exposed_b
                 f[i] += exposed_f
                 b[i] += exposed_b
@@ -435,9 +445,9 @@ class AnalyticModel:
             arrival = 0.0
             for i, chunk in enumerate(layout.chunks):
                 layers = max(1, chunk.num_layers)
-                g = self._collective_cost("all_gather", params[i] * 2.0 / layers, grad_group)
-                waits[i] = (max(0.0, g.time_s - (arrival if i < p else np.inf))
-                            + _rest_of_gather(cluster.device, g, layers, costs[i, F]))
+                first = self._layer_gather(params[i], layers, grad_group)[0]
+                waits[i] = (max(0.0, first - (arrival if i < p else np.inf))
+                            + self._rest_of_gather(params[i], layers, grad_group, costs[i, F]))
                 if i < p:
                     arrival += f[i] + waits[i]
             later = np.bincount(ranks[p:], weights=waits[p:], minlength=p)
