@@ -17,7 +17,7 @@ s·b·h·(34 + 5·a·s/h) bytes, divided by t with sequence parallelism.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -46,14 +46,22 @@ def gemm_dtype(plan: Plan) -> str:
 FP8_CAST_BYTES = 4.0
 
 
-def _with_fp8_casts(ops: list[Op]) -> list[Op]:
-    """``ops`` with the cast of each fp8 linear GEMM's operands before it (FP8_CAST_BYTES)."""
+def _with_fp8_casts(ops: list[Op], plan: Plan) -> list[Op]:
+    """``ops`` with the cast of each fp8 linear GEMM's operands before it (FP8_CAST_BYTES).
+
+    Transformer Engine (``framework="megatron"``) keeps the quantized input of an fp8 linear
+    layer for its weight gradient, 1 byte per element, not the 16-bit one
+    (``transformer_engine/pytorch/module/linear.py``: the input's column-wise fp8 data is saved
+    and its row-wise data discarded; ``save_original_input`` is off by default).  torchao's float8
+    training, eager PyTorch's, keeps the 16-bit input."""
     out: list[Op] = []
     for op in ops:
         if op.kind == "gemm" and op.dtype == "fp8" and op.has_weight:
             m, n, k = op.gemm
             out.append(Op(f"{op.name}.fp8_cast", "memory", bytes=FP8_CAST_BYTES * m * k, bwd_bytes_factor=n / k,
                           recompute_selective=op.recompute_selective))
+            if plan.framework == "megatron":
+                op = replace(op, saved_bytes=op.saved_bytes / ACT_BYTES)
         out.append(op)
     return out
 
@@ -199,12 +207,14 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
                       comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
     if plan.attention != "unfused":
-        # saves Q, K, V and the log-sum-exp; eager code also keeps the output, which it
-        # transposes into a contiguous copy for the output projection
+        # saves Q, K, V and the log-sum-exp; its output, which its backward reads too, is the
+        # output projection's saved input, except where that projection keeps a copy of its own:
+        # eager code's contiguous transpose, Transformer Engine's fp8 (_with_fp8_casts)
+        keeps_output = eager or gemm_dtype(plan) == "fp8"
         ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
                       impl=plan.attention,
                       saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4
-                      + (tokens * q_cols * e if eager else 0.0),
+                      + (tokens * q_cols * e if keeps_output else 0.0),
                       recompute_selective=True))
         if eager:
             ops.append(Op("attention.transpose", "memory", bytes=2 * tokens * q_cols * e, bwd_bytes_factor=1.0))
@@ -244,7 +254,7 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     else:
         ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
     ops.append(_residual("residual2", tok_sp * h, drop, eager))
-    return _with_fp8_casts(ops)
+    return _with_fp8_casts(ops, plan)
 
 
 def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,

@@ -510,3 +510,26 @@ def test_fused_loss_keeps_the_16bit_logits_and_moves_fewer_bytes(framework):
     assert fused.bytes * fused.bwd_bytes_factor == pytest.approx(4 * tokens * vocab, rel=REL)
     assert unfused.bytes > fused.bytes
     assert unfused.bytes * unfused.bwd_bytes_factor > fused.bytes * fused.bwd_bytes_factor
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_transformer_engine_fp8_keeps_the_quantized_input_of_each_linear_layer(tp):
+    """Transformer Engine saves an fp8 linear layer's quantized input (1 byte per element) for
+    its weight gradient; flash attention's backward still reads its 16-bit output, which the
+    output projection no longer holds, so attention keeps it.  torchao's float8 (eager
+    PyTorch) keeps the 16-bit inputs."""
+    from plansim.workloads.training import layer_forward_ops
+    model = load_model("llama3-8b")
+    plan = Plan(tp=tp, micro_batch=1, global_batch=1, seq_len=4096)
+    for framework in ("megatron", "pytorch"):
+        plan16 = plan.replace(framework=framework)
+        saved16 = {op.name: op.saved_bytes for op in layer_forward_ops(model, plan16, moe=False)}
+        saved8 = {op.name: op.saved_bytes for op in layer_forward_ops(model, plan16.replace(precision="fp8"), moe=False)}
+        linear = [n for n in saved16 if n in ("qkv", "q", "proj", "mlp.up", "mlp.gate", "mlp.down") and saved16[n]]
+        assert len(linear) >= 4
+        if framework == "megatron":
+            for name in linear:
+                assert saved8[name] == pytest.approx(saved16[name] / 2, rel=1e-12)
+            assert saved8["attention"] == pytest.approx(saved16["attention"] + saved16["proj"], rel=1e-12)
+        else:
+            assert {n: b for n, b in saved8.items() if not n.endswith(".fp8_cast")} == saved16
