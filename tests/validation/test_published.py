@@ -71,7 +71,7 @@ def test_torchtitan_h100_runs_fit_on_the_96_gb_part_they_ran_on(runs):
     """torchtitan's long-context runs reported 83.9-84.5 GiB in use: more than an H100 80GB holds,
     within the Grand Teton H100's 96 GB (``h100-sxm-96gb``), where every one of its H100 runs fits."""
     titan = runs[runs["stack"].str.startswith("torchtitan") & runs["hardware"].str.startswith("h100")]
-    assert len(titan) == 9 and (titan["hardware"] == "h100-sxm-96gb").all()
+    assert len(titan) == 10 and (titan["hardware"] == "h100-sxm-96gb").all()
     assert titan["fits"].all(), titan[["model", "gpus", "seq_len", "fits"]]
 
 
@@ -82,3 +82,18 @@ def test_every_nvidia_fp8_run_fits_as_it_ran(runs):
     nvidia = runs[runs["stack"].str.startswith(("NeMo", "Megatron-Bridge"))]
     assert len(nvidia) >= 30
     assert nvidia["fits"].all(), nvidia.loc[~nvidia["fits"], ["stack", "model", "gpus"]]
+
+
+def test_async_tp_speeds_torchtitans_70b_run_about_as_measured(runs):
+    """torchtitan's Llama 3 70B on 256 H100s (FSDP 32 × TP 8) ran at 829 tokens/s per GPU and at
+    876 with AsyncTP (+5.7 %).  Modelled as ``tp_comm_overlap``, the same pair must speed up by
+    between half and twice that gain (it is +3.5 %: half of what overlap hides comes back as
+    slower GEMMs, the contention measured for NCCL beside GEMMs)."""
+    table = load_published_runs()
+    pair = runs[((table["model"] == "llama3-70b") & table["stack"].str.startswith("torchtitan")
+                 & (table["hardware"] == "h100-sxm-96gb")).to_numpy()]
+    overlap = table.loc[pair.index, "tp_comm_overlap"].eq(True).to_numpy()
+    assert len(pair) == 2 and overlap.sum() == 1
+    published = pair["published"][overlap].iloc[0] / pair["published"][~overlap].iloc[0] - 1
+    predicted = pair["predicted"][overlap].iloc[0] / pair["predicted"][~overlap].iloc[0] - 1
+    assert published / 2 <= predicted <= 2 * published, (predicted, published)
