@@ -25,7 +25,8 @@ from plansim.workloads.models import ModelSpec
 from plansim.workloads.ops import NORM_BACKWARD_PASSES, NORM_PASSES, Op, backward_ops, norm_bytes, op_sac_saved, recompute_ops
 from plansim.workloads.plan import Plan, PlanError
 
-ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 only changes GEMM inputs)
+ACT_BYTES = 2  # activations are 16-bit in every precision mode (fp8 changes GEMM inputs: _with_fp8_casts)
+FP8_BYTES = 1
 
 
 def gemm_dtype(plan: Plan) -> str:
@@ -61,7 +62,7 @@ def _with_fp8_casts(ops: list[Op], plan: Plan) -> list[Op]:
             out.append(Op(f"{op.name}.fp8_cast", "memory", bytes=FP8_CAST_BYTES * m * k, bwd_bytes_factor=n / k,
                           recompute_selective=op.recompute_selective))
             if plan.framework == "megatron":
-                op = replace(op, saved_bytes=op.saved_bytes / ACT_BYTES)
+                op = replace(op, saved_bytes=op.saved_bytes * FP8_BYTES / ACT_BYTES)
         out.append(op)
     return out
 
