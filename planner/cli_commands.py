@@ -84,6 +84,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--cross-entropy", choices=CROSS_ENTROPY, default="unfused",
                    help="the loss kernel every plan uses: unfused (fp32 logits, default) | fused (one kernel on the "
                         "16-bit logits: less memory, so more plans fit)")
+    p.add_argument("--fp32-grads", action="store_true",
+                   help="every plan accumulates and reduces gradients in fp32 (Megatron-LM's bf16 default, "
+                        "NeMo's and Megatron-Bridge's grad_reduce_in_fp32): 18 bytes per parameter")
     p.add_argument("--tp-comm-overlap", action="store_true",
                    help="every plan pipelines its sequence-parallel TP collectives with their GEMMs (Megatron-Core "
                         "--tp-comm-overlap, torchtitan AsyncTP)")
@@ -147,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
-                   cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap,
+                   cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
                    space=SearchSpace(partial_recompute=args.partial_recompute))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were

@@ -374,3 +374,14 @@ def test_op_prices_cudnn_attention_and_split_accumulating_fp8_gemms(capsys):
     assert op(*attention, "--attention", "cudnn") < 0.6 * op(*attention)
     gemm = ["--kind", "gemm", "--m", "8192", "--n", "8192", "--k", "8192", "--dtype", "fp8"]
     assert op(*gemm) < op(*gemm, "--split-accumulate") < 1.15 * op(*gemm)
+
+
+@pytest.mark.parametrize("flag, field", [("--tp-comm-overlap", "tp_comm_overlap"), ("--fp32-grads", "fp32_grads")])
+def test_overlap_and_gradient_flags_reach_every_searched_plan(capsys, flag, field):
+    """``search --tp-comm-overlap`` / ``--fp32-grads`` fix the field in every plan ranked, and
+    ``simulate`` takes the same switch as a plan flag."""
+    assert main(["search", *SMALL, "--global-batch", "16", flag, "--top", "3", "--format", "json", "--no-progress"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert plans and all(p["plan"][field] is True for p in plans)
+    assert main(["simulate", *SMALL, "--tp", "2", "--global-batch", "8", flag, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"][field] is True
