@@ -64,12 +64,14 @@ def cases(draw):
     if schedule == "interleaved":
         m = pp * draw(st.integers(1, 2))
     offload = draw(st.sampled_from([{}, {}, {}, {"optimizer": "cpu"}, {"optimizer": "nvme"}, {"activations": "cpu"}]))
+    sequence_parallel = draw(st.booleans())
     try:
         plan = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=draw(st.sampled_from([None, 1])),
                     zero=draw(st.integers(0, 3)), micro_batch=mb,
                     global_batch=dp * mb * m, seq_len=draw(st.sampled_from([128, 256, 512])),
                     recompute=draw(st.sampled_from(["none", "selective", "full"])),
-                    sequence_parallel=draw(st.booleans()), schedule=schedule, vpp=vpp,
+                    sequence_parallel=sequence_parallel, schedule=schedule, vpp=vpp,
+                    tp_comm_overlap=draw(st.booleans()) and (sequence_parallel or tp == 1),
                     precision=draw(st.sampled_from(["bf16-mixed", "bf16-pure", "fp8"])),
                     offload=offload, overlap_grad_reduce=draw(st.booleans()), fp32_grads=draw(st.booleans()),
                     attention=draw(st.sampled_from(["flash", "unfused"])),
@@ -186,6 +188,28 @@ def _assert_not_slower(workload, cluster, faster_cluster) -> None:
 def test_more_bandwidth_never_makes_a_step_slower(case, factor):
     workload, cluster = case
     _assert_not_slower(workload, cluster, _scaled(cluster, factor))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=cases())
+def test_overlapping_tp_collectives_never_makes_a_step_slower_or_moves_other_bytes(case):
+    """Pipelining the TP collectives with their GEMMs hides at most what they take, and what it
+    hides costs back only part of its time as contention: never a slower step, and the links
+    carry the same bytes.  Within 0.1 %: a collective moved beside its GEMM shares the link with
+    the other streams' flows that it used to wait for (up to 1.5e-4 later, half a microsecond, in
+    these millisecond steps), and under a power cap the contention charged as compute draws power
+    where the wait it replaces drew the idle draw, so the clock falls (a model capped at 150 W:
+    1.4e-4 later)."""
+    workload, cluster = case
+    plan = workload.plan
+    assume(plan.tp > 1 and plan.sequence_parallel)
+    inline = TrainingWorkload(workload.model, plan.replace(tp_comm_overlap=False))
+    pipelined = TrainingWorkload(workload.model, plan.replace(tp_comm_overlap=True))
+    out_inline, slow = _run(inline, cluster, trace=False)
+    out_pipelined, fast = _run(pipelined, cluster, trace=False)
+    assert fast.step_time_s <= slow.step_time_s * (1 + 1e-3)
+    assert sum(link.bytes_offered for link in out_pipelined.links) == pytest.approx(
+        sum(link.bytes_offered for link in out_inline.links), rel=1e-9)
 
 
 def _faster_device(cluster, factor: float):
