@@ -433,25 +433,23 @@ class AnalyticModel:
         # first forward, the first micro-batch carrying the first p chunks' waits down the pipeline
         # and a rank's later chunks adding theirs to its own step
         start_delay = 0.0
-        if plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce and plan.schedule == "interleaved":
-            arrival = np.concatenate(([0.0], np.cumsum(f[:p])[:-1]))
-            gathers = np.zeros(p)
-            for i, chunk in enumerate(layout.chunks[:p]):
-                layers = max(1, chunk.num_layers)
-                gathers[i] = layers * self._collective("all_gather", params[i] * 2.0 / layers, grad_group)
-            start_delay = max(0.0, float((gathers - arrival).max()))
-        elif plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce:
-            waits = np.zeros(n_chunks)
-            arrival = 0.0
-            for i, chunk in enumerate(layout.chunks):
-                layers = max(1, chunk.num_layers)
-                first = self._layer_gather(params[i], layers, grad_group)[0]
-                waits[i] = (max(0.0, first - (arrival if i < p else np.inf))
-                            + self._rest_of_gather(params[i], layers, grad_group, costs[i, F]))
-                if i < p:
-                    arrival += f[i] + waits[i]
-            later = np.bincount(ranks[p:], weights=waits[p:], minlength=p)
-            start_delay = float(waits[:p].sum()) + float(later.max())
+        if plan.zero in (1, 2) and n_dp > 1 and plan.overlap_grad_reduce:
+            gathers = [(max(1, c.num_layers), self._layer_gather(params[i], max(1, c.num_layers), grad_group)[0])
+                       for i, c in enumerate(layout.chunks)]
+            if plan.schedule == "interleaved":
+                arrival = np.concatenate(([0.0], np.cumsum(f[:p])[:-1]))
+                whole = np.array([layers * t for layers, t in gathers[:p]])
+                start_delay = max(0.0, float((whole - arrival).max()))
+            else:
+                waits = np.zeros(n_chunks)
+                arrival = 0.0
+                for i, (layers, first) in enumerate(gathers):
+                    waits[i] = (max(0.0, first - (arrival if i < p else np.inf))
+                                + self._rest_of_gather(params[i], layers, grad_group, costs[i, F]))
+                    if i < p:
+                        arrival += f[i] + waits[i]
+                later = np.bincount(ranks[p:], weights=waits[p:], minlength=p)
+                start_delay = float(waits[:p].sum()) + float(later.max())
 
         params_r = np.bincount(ranks, weights=params, minlength=p)
         offsets = np.zeros(p) if split_w else np.concatenate(([0.0], np.cumsum(b[:p])[:-1]))
