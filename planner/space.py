@@ -7,13 +7,19 @@ prunes the whole subtree at once, and every pruned subtree is kept as a :class:`
 with its reason and the number of plans it stood for.  The rules are Megatron-LM's and the
 core's (:func:`~plansim.workloads.training.check_plan_fits_model`, :class:`Plan` validation):
 heads % tp, kv-heads and tp divide one another, tp inside one NVLink domain (a node) unless
-asked otherwise, seq % cp, experts % ep and ep | dp·cp, layers over pp·vpp (interleaving needs
-an even split; plain pipelines may take the remainder off the first and last stages),
+asked otherwise, seq % cp, experts % ep and ep | dp·cp, layers over pp·vpp (plain pipelines
+may take the remainder off the first and last stages; interleaving splits evenly, or, as
+Megatron-Core's ``account_for_embedding_in_pipeline_split`` / ``account_for_loss_in_pipeline_split``
+do, counts the embedding and the loss as a layer each, so the first and last virtual stages run one
+layer fewer: Llama 3 405B's 126 layers over 8 × 8 virtual stages),
 gpus = tp·pp·dp·cp, and the global batch a multiple of dp·micro-batch (with ``max_global_batch``
 each plan takes the largest such multiple not above it, as Calculon does).
 
 Constraints (``tp<=8``, ``pp=1``, ``schedule!=zero-bubble``, ``max-memory=70GiB``) are parsed
-here; the plan-field ones prune during enumeration, ``max-memory`` when memory is known.
+here; the plan-field ones prune during enumeration, ``max-memory`` when memory is known.  A
+constraint that pins a dimension (``cp=16``, ``micro-batch=32``, ``vpp=24``) also brings that
+value into the space where the defaults stop short of it: a user who names a layout is asking
+for it to be tried.
 """
 from __future__ import annotations
 
@@ -102,7 +108,9 @@ class SearchSpace:
 
     tp: tuple[int, ...] | None = None
     pp: tuple[int, ...] | None = None
-    cp: tuple[int, ...] | None = None  # default: 1, and powers of two up to 8 for seq ≥ 8192
+    #: default: 1, and for seq ≥ 8192 powers of two up to 8, or up to seq / 8192 for longer
+    #: sequences (Llama 3 405B trained its 128k context with cp 16)
+    cp: tuple[int, ...] | None = None
     ep: tuple[int, ...] | None = None
     #: MoE with tp > 1: also try whole experts with ep over tp·cp·dp (Megatron-Core's parallel folding)
     expert_folding: bool = True
@@ -189,7 +197,11 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
         return None
 
     tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
-    cps = space.cp or ([d for d in _pow2_upto(8)] if seq_len >= 8192 else [1])
+    pinned = _pinned_values(plan_constraints)
+    cps = space.cp or (_pow2_upto(max(8, seq_len // 8192)) if seq_len >= 8192 else [1])
+    cps = sorted(set(cps) | pinned.get("cp", set()))
+    micro_batches = sorted(set(space.micro_batch) | pinned.get("micro_batch", set()))
+    max_vpp = max([space.max_vpp, *pinned.get("vpp", ())])
     for tp in tps:
         f_tp = {"tp": tp}
         if n % tp:
@@ -230,9 +242,9 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                         prune(f_ep, f"ep: {ep} must divide {'tp·cp·dp' if folded else 'dp·cp'} = {ranks} and the "
                                     f"{model.num_experts} experts")
                         continue
-                    for mb in space.micro_batch:
+                    for mb in micro_batches:
                         f_mb = dict(f_ep, micro_batch=mb)
-                        yield_base = list(_schedules(model, pp, space))
+                        yield_base = list(_schedules(model, pp, space, max_vpp))
                         subtree = sum(len(_zeros(space, dp, cp)) * len(recomputes) for _ in yield_base)
                         if global_batch is not None:
                             if global_batch % (dp * mb):
@@ -303,19 +315,33 @@ def _zeros(space: SearchSpace, dp: int, cp: int) -> tuple[int, ...]:
     return space.zero if dp * cp > 1 else (0,)
 
 
-def _schedules(model: ModelSpec, pp: int, space: SearchSpace) -> Iterator[tuple[str, int]]:
+def _pinned_values(constraints: list[Constraint]) -> dict[str, set[int]]:
+    """Values that equality constraints name for integer plan fields (``cp=16`` → {"cp": {16}})."""
+    out: dict[str, set[int]] = {}
+    for c in constraints:
+        if c.op in ("=", "==") and c.key in INT_KEYS:
+            out.setdefault(c.key, set()).add(c.value)
+    return out
+
+
+def _schedules(model: ModelSpec, pp: int, space: SearchSpace, max_vpp: int) -> Iterator[tuple[str, int]]:
     """(schedule, vpp) pairs: one for pp = 1 (schedules coincide), else each allowed schedule;
-    interleaving (from ``space.interleaved_min_pp`` on) with every vpp ≥ 2 that splits the layers
-    evenly over pp·vpp chunks."""
+    interleaving (from ``space.interleaved_min_pp`` on) with every vpp ≥ 2 whose pp·vpp chunks
+    split the layers evenly or, unless ``space.even_layers``, with the first and/or last chunk one
+    layer short (Megatron-Core's embedding and loss counted as layers; :func:`split_layers`
+    takes the shortfall off the first and last virtual stages)."""
     if pp == 1:
         yield "1f1b", 1
         return
+    shortfalls = (0,) if space.even_layers else (0, 1, 2)
     for name in space.schedules:
         if name == "interleaved":
             if pp < space.interleaved_min_pp:
                 continue
-            for vpp in range(2, space.max_vpp + 1):
-                if model.num_layers % (pp * vpp) == 0:
+            for vpp in range(2, max_vpp + 1):
+                chunks = pp * vpp
+                if any((model.num_layers + d) % chunks == 0 and (model.num_layers + d) // chunks > (d > 0)
+                       for d in shortfalls):
                     yield name, vpp
         else:
             yield name, 1
@@ -328,8 +354,9 @@ def check_constraints_satisfiable(enums: list[tuple[str, int, Enumeration]], con
             continue
         hit = [p for _, _, e in enums for p in e.pruned if p.reason == f"constraint: {c.text}"]
         if hit and not any(e.plans for _, _, e in enums):
-            values = sorted({str(p.fields.get(c.key, p.num_gpus if c.key == 'num_gpus' else p.hardware))
-                             for p in hit if c.key in p.fields or c.key in ('num_gpus', 'hardware')})
+            found = {p.fields.get(c.key, p.num_gpus if c.key == 'num_gpus' else p.hardware)
+                     for p in hit if c.key in p.fields or c.key in ('num_gpus', 'hardware')}
+            values = [str(v) for v in sorted(found, key=lambda v: (isinstance(v, str), v))]
             raise PlanError(f"constraint: {c.text!r} excludes every plan; {c.key} can be "
                             f"{', '.join(values) or 'nothing else'} here")
 

@@ -7,7 +7,7 @@ from plansim.planner.space import Constraint, SearchSpace, enumerate_plans, pars
 from plansim.simulator.hardware import build_cluster
 from plansim.workloads.model_io import load_model
 from plansim.workloads.plan import PlanError
-from plansim.workloads.training import check_plan_fits_model
+from plansim.workloads.training import TrainingWorkload, check_plan_fits_model
 
 MODEL = load_model("llama3-8b")
 CLUSTER = build_cluster("h100-sxm", None, 2, 8)
@@ -21,7 +21,7 @@ def test_plans_are_well_formed_and_cover_the_gpus():
         assert p.tp <= 8 and MODEL.num_heads % p.tp == 0
         assert p.global_batch == 64 and p.global_batch % (p.dp * p.micro_batch) == 0
         if p.schedule == "interleaved":
-            assert MODEL.num_layers % (p.pp * p.vpp) == 0 and p.num_microbatches % p.pp == 0
+            assert -MODEL.num_layers % (p.pp * p.vpp) <= 2 and p.num_microbatches % p.pp == 0
         check_plan_fits_model(MODEL, p)
     assert e.explored == len(e.plans) + sum(x.count for x in e.pruned)
 
@@ -85,3 +85,38 @@ def test_bad_constraints_are_one_line_plan_errors(text):
     with pytest.raises(PlanError) as exc:
         Constraint.parse(text)
     assert "\n" not in str(exc.value) and str(exc.value).startswith("constraint:")
+
+
+def test_interleaving_counts_embedding_and_loss_as_layers():
+    """Llama 3 405B's 126 layers split evenly over no pp·vpp; Megatron-Core's recipes interleave
+    them anyway, the first and last virtual stages one layer short (its
+    ``account_for_embedding_in_pipeline_split`` / ``account_for_loss_in_pipeline_split``).  The
+    search tries those splits (vpp 2 and 4 on 16 stages: 128 = 16·2·4 = 16·4·2; not vpp 8, whose
+    first chunk would be empty) unless asked for even splits only."""
+    model = load_model("llama3-405b")
+    cluster = build_cluster("h100-sxm", None, 256, 8)
+    cons = parse_constraints(["tp=8", "pp=16", "cp=1", "micro-batch=1", "zero=1", "recompute=none"])
+
+    def vpps(space):
+        plans = enumerate_plans(model, cluster, space, seq_len=8192, global_batch=2048, constraints=cons).plans
+        return sorted(p.vpp for p in plans if p.schedule == "interleaved")
+
+    assert vpps(SearchSpace()) == [2, 4]
+    assert vpps(SearchSpace(even_layers=True)) == []
+    plan = next(p for p in enumerate_plans(model, cluster, SearchSpace(), seq_len=8192, global_batch=2048,
+                                           constraints=cons).plans if p.vpp == 4)
+    counts = [c.num_layers for c in TrainingWorkload(model, plan).chunks]
+    assert counts[0] == counts[-1] == 1 and set(counts[1:-1]) == {2} and sum(counts) == 126
+
+
+def test_pinned_constraints_widen_the_space():
+    """``cp=16`` and ``micro-batch=32`` name values the default space stops short of (cp up to 8 at
+    8k tokens, micro-batches up to 16): the search tries them rather than calling the constraint
+    impossible.  Longer sequences widen the default cp range (up to seq / 8192)."""
+    cons = parse_constraints(["cp=16", "micro-batch=32", "tp=1", "pp=1"])
+    cluster = build_cluster("h100-sxm", None, 4, 8)
+    e = enumerate_plans(MODEL, cluster, SearchSpace(), seq_len=8192, global_batch=64, constraints=cons)
+    assert e.plans and {(p.cp, p.micro_batch) for p in e.plans} == {(16, 32)}
+    wide = enumerate_plans(MODEL, cluster, SearchSpace(), seq_len=262144, global_batch=2,
+                           constraints=parse_constraints(["tp=1", "pp=1"]))
+    assert max(p.cp for p in wide.plans) == 32
