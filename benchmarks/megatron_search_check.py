@@ -37,9 +37,9 @@ from plansim.workloads.plan import Plan
 
 #: what the authors' Megatron-LM (6985e58) could run: no distributed optimizer, and its asserts:
 #: layers divisible by pp (model/transformer.py), the interleaved schedule only with pp > 2
-#: (arguments.py) and micro-batches a multiple of pp (schedules.py; the space checks that always)
+#: (arguments.py) and micro-batches a multiple of pp under interleaving (schedules.py; no groups)
 MEGATRON_2021 = SearchSpace(recompute=("full",), schedules=("1f1b", "interleaved"), zero=(0,), even_layers=True,
-                            interleaved_min_pp=3)
+                            interleaved_min_pp=3, microbatch_groups=False)
 # fixed for every plan, as run_table_1.sh ran them: validation/megatron.py's TABLE1_SETUP (fp16 with
 # fp16 gradients, no sequence parallelism, unfused attention, no gradient-accumulation fusion,
 # synchronous pipeline sends, TP all-reduces in line); and either DDP implementation of the script

@@ -268,6 +268,9 @@ def _print_table(frame, summary: dict[str, Any]) -> None:
             v = rec[c]
             if c == "schedule" and rec["vpp"] > 1:
                 v = f"{v} v={rec['vpp']}"
+                group = rec.get("microbatch_group")
+                if group is not None and not math.isnan(group):  # NaN: groups of pp
+                    v = f"{v} N={int(group)}"
             layers = rec.get("recompute_layers")
             if c == "recompute" and layers is not None and not math.isnan(layers):  # NaN: every layer
                 v = f"{v} {int(layers)}/chunk"  # Megatron's block method: the first N layers

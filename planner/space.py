@@ -13,7 +13,8 @@ Megatron-Core's ``account_for_embedding_in_pipeline_split`` / ``account_for_loss
 do, counts the embedding and the loss as a layer each, so the first and last virtual stages run one
 layer fewer: Llama 3 405B's 126 layers over 8 × 8 virtual stages),
 gpus = tp·pp·dp·cp, and the global batch a multiple of dp·micro-batch (with ``max_global_batch``
-each plan takes the largest such multiple not above it, as Calculon does).
+each plan takes the largest such multiple not above it, as Calculon does).  Interleaving takes
+micro-batch counts that pp does not divide in groups (:func:`smallest_microbatch_group`).
 
 Constraints (``tp<=8``, ``pp=1``, ``schedule!=zero-bubble``, ``max-memory=70GiB``) are parsed
 here; the plan-field ones prune during enumeration, ``max-memory`` when memory is known.  A
@@ -126,6 +127,10 @@ class SearchSpace:
     #: from March 2021 (182841f7df) until May 2024 (3ee489d9ea, "Enable virtual pipelining ... at
     #: PP=2"); set 3 to search as the Megatron-LM of those years could run
     interleaved_min_pp: int = 2
+    #: interleaving where the micro-batches are not a multiple of pp, in groups of the smallest N
+    #: Megatron-Core accepts (``microbatch_group``; its --microbatch-group-size-per-virtual-pipeline-
+    #: stage, 2024 on); False: only multiples of pp, as Megatron-LM required before
+    microbatch_groups: bool = True
     #: a plan that fits only with full recomputation is searched with the fewest layers per chunk
     #: recomputed that fit (Megatron-LM's --recompute-method block --recompute-num-layers N); off by
     #: default: the bisection costs ~0.4 s in the Llama 3 70B / 512 H100 search, and no plan in its
@@ -271,7 +276,10 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                             f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
                             zeros = _zeros(space, dp, cp)
                             count = len(zeros) * len(recomputes)
-                            if schedule == "interleaved" and m % pp:
+                            group = smallest_microbatch_group(m, pp) if space.microbatch_groups else None
+                            if schedule == "interleaved" and m % pp and group is not None:
+                                f_s["microbatch_group"] = group
+                            elif schedule == "interleaved" and m % pp:
                                 if max_global_batch is not None and m >= pp:
                                     m = (m // pp) * pp
                                     gbs = m * dp * mb
@@ -313,6 +321,13 @@ def _expert_layouts(model: ModelSpec, space: SearchSpace, tp: int, cp: int, dp: 
 
 def _zeros(space: SearchSpace, dp: int, cp: int) -> tuple[int, ...]:
     return space.zero if dp * cp > 1 else (0,)
+
+
+def smallest_microbatch_group(m: int, pp: int) -> int | None:
+    """The smallest interleaving group Megatron-Core accepts for ``m`` micro-batches on ``pp``
+    stages (pp ≤ N ≤ m, the last group empty or at least pp); None where m < pp.  The smallest
+    keeps the fewest micro-batches in flight."""
+    return next((n for n in range(pp, m + 1) if m % n == 0 or m % n >= pp), None)
 
 
 def _pinned_values(constraints: list[Constraint]) -> dict[str, set[int]]:

@@ -51,6 +51,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
         p.add_argument(f"--{name}", type=positive_int)
+    p.add_argument("--microbatch-group", type=positive_int, metavar="N",
+                   help="interleaved schedule: micro-batches run through one virtual stage before the next "
+                        "(Megatron-Core's --microbatch-group-size-per-virtual-pipeline-stage; default pp)")
     p.add_argument("--etp", type=positive_int,
                    help="expert tensor parallelism: tp (default) or 1, Megatron-Core's MoE parallel folding "
                         "(whole experts; ep may then span tp·cp·dp)")
@@ -94,7 +97,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
                  "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "cross_entropy", "ddp",
                  "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "tp_comm_overlap", "first_stage_layers",
-                 "last_stage_layers"):
+                 "last_stage_layers", "microbatch_group"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -166,7 +169,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("model / hardware", f"{result.model} on {result.num_gpus}× {result.hardware} ({result.cluster})"),
         ("plan", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} cp={p['cp']} ep={p['ep']} {etp}zero={p['zero']} "
                  f"mb={p['micro_batch']} gbs={p['global_batch']} seq={p['seq_len']} recompute={p['recompute']}{layers} "
-                 f"schedule={p['schedule']} vpp={p['vpp']} {p['precision']}"),
+                 f"schedule={p['schedule']} vpp={p['vpp']}"
+                 + ("" if p.get("microbatch_group") is None else f" microbatch_group={p['microbatch_group']}")
+                 + f" {p['precision']}"),
         ("step time", f"{result.step_time_s:.4f} s"),
         ("tokens/s (cluster)", f"{result.tokens_per_s:,.0f}"),
         ("MFU / HFU", f"{result.mfu:.1%} / {result.hfu:.1%}"),

@@ -186,7 +186,7 @@ class AnalyticModel:
         m = plan.num_microbatches if _microbatches_matter(plan) else 1
         base = plan.replace(pp=1, vpp=1, schedule="1f1b", dp=plan.ep, global_batch=plan.ep * plan.micro_batch * m,
                             zero=0, first_stage_layers=None, last_stage_layers=None, offload={}, recompute_layers=None,
-                            recompute_every=None)
+                            recompute_every=None, microbatch_group=None)
         workload = TrainingWorkload(self.model, base)
         matrix = np.zeros((len(_PIECES), COLUMNS))
         rows, chunks = [0], [Chunk(0, 0, 0, 0, True, False)]
@@ -311,7 +311,9 @@ class AnalyticModel:
         p = plan.pp
         dense_r = np.bincount(layout.ranks, weights=costs[:, DENSE], minlength=p)
         expert_r = np.bincount(layout.ranks, weights=costs[:, EXPERT], minlength=p)
-        m_eff = plan.num_microbatches if plan.schedule == "gpipe" else min(plan.num_microbatches, 2 * p)
+        m = plan.num_microbatches
+        group = plan.microbatch_group or p  # the interleaved schedule's; 1F1B and ZB-H1 settle from 2p as well
+        m_eff = m if plan.schedule == "gpipe" else min(m, 2 * group + m % group)
         params = costs[:, DENSE] + costs[:, EXPERT]
         lkey = _layer_key(plan)
         tkey = ("transients", id(layout), lkey, plan.zero >= 3)
@@ -325,7 +327,7 @@ class AnalyticModel:
         t_f, t_b = hit
         # every rank's candidate peaks at once: its observations' activations plus the working
         # memory of the phase observed; each rank's peak is the largest of its own rows
-        matrix, kind, stage, starts = _all_observations(plan.schedule, p, m_eff, plan.vpp)
+        matrix, kind, stage, starts = _all_observations(plan.schedule, p, m_eff, plan.vpp, plan.microbatch_group)
         act = matrix @ costs[:, SAVED] / 2.0
         total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
         best = np.maximum.reduceat(total, starts)
@@ -582,12 +584,12 @@ class AnalyticModel:
 
 
 @lru_cache(maxsize=1024)
-def _all_observations(schedule: str, p: int, m: int, v: int) -> tuple[np.ndarray, ...]:
+def _all_observations(schedule: str, p: int, m: int, v: int, group: int | None) -> tuple[np.ndarray, ...]:
     """``_observations`` of every rank stacked: (observations × virtual stages matrix, kind and
     virtual stage per observation, the first row of each rank)."""
     blocks, kinds, stages, starts, rows = [], [], [], [], 0
     for rank in range(p):
-        local, matrix, kind, stage = _observations(schedule, p, m, v, rank)
+        local, matrix, kind, stage = _observations(schedule, p, m, v, group, rank)
         block = np.zeros((len(matrix), p * v))
         block[:, local] = matrix
         starts.append(rows)
@@ -599,7 +601,7 @@ def _all_observations(schedule: str, p: int, m: int, v: int) -> tuple[np.ndarray
 
 
 @lru_cache(maxsize=8192)
-def _observations(schedule: str, p: int, m: int, v: int, rank: int) -> tuple[np.ndarray, ...]:
+def _observations(schedule: str, p: int, m: int, v: int, group: int | None, rank: int) -> tuple[np.ndarray, ...]:
     """The memory observations of one rank that can be its peak, in the engine's order.
 
     The engine observes memory after a forward allocates (with the forward's working memory),
@@ -610,9 +612,10 @@ def _observations(schedule: str, p: int, m: int, v: int, rank: int) -> tuple[np.
     non-negative.  Returns (local chunks, observations × local chunks matrix, kind per observation
     (0 F, 1 B, 2 W), virtual stage per observation).
     From m = 2p on, the maximal states no longer change with m (1F1B, interleaved, ZB-H1), so
-    callers pass min(m, 2p).
+    callers pass min(m, 2p); with interleaved groups of N micro-batches, min(m, 2N + m mod N)
+    (checked exhaustively for p ≤ 6, v ≤ 4, N ≤ 3p, m ≤ 6N in tests/simulator/test_schedules.py).
     """
-    order = build_schedule(schedule, p, m, v)[rank]
+    order = build_schedule(schedule, p, m, v, group)[rank]
     split_w = schedule == "zero-bubble"
     local = tuple(sorted({vs for _, _, vs in order}))
     pos = {vs: i for i, vs in enumerate(local)}

@@ -306,7 +306,7 @@ class TrainingSimulation:
         plan, cluster = self.plan, self.cluster
         p = plan.pp
         ranks = [_Rank(env, i, cluster) for i in range(p)]
-        schedule = build_schedule(plan.schedule, p, plan.num_microbatches, plan.vpp)
+        schedule = build_schedule(plan.schedule, p, plan.num_microbatches, plan.vpp, plan.microbatch_group)
         last_vs = len(self.costs) - 1
         act_ready = {}
         grad_ready = {}

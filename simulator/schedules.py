@@ -9,8 +9,9 @@ in order, waiting for activations and gradients from neighbouring stages.
 * 1F1B (PipeDream-Flush; Narayanan et al. SC'21 §2.2.1): rank i warms up with p − i − 1
   forwards, then alternates one forward and one backward, then drains.
 * Interleaved 1F1B (SC'21 §2.2.2; Megatron-LM ``schedules.py``): each rank holds v chunks;
-  warm-up of (p − i − 1)·2 + (v − 1)·p virtual micro-batches; groups of p micro-batches move
-  through the chunks in turn.
+  groups of N micro-batches (N = p unless Megatron-Core's
+  ``microbatch_group_size_per_vp_stage`` sets it, p ≤ N ≤ m) move through the chunks in turn, the
+  last group taking the remainder; warm-up of (p − i − 1)·2 + (v − 1)·N virtual micro-batches.
 * Zero-bubble ZB-H1 (Qi et al., ICLR 2024, §2.1): 1F1B whose backward is split into B and W;
   rank i starts its W passes i backwards late, so that every rank holds as many micro-batches
   as rank 0 (1F1B's peak) and the late W passes fill the drain.
@@ -36,23 +37,29 @@ def one_f_one_b(p: int, m: int) -> list[list[Item]]:
     return ranks
 
 
-def interleaved(p: int, m: int, v: int) -> list[list[Item]]:
-    """Megatron's interleaved schedule; needs m to be a multiple of p (checked by Plan)."""
+def interleaved(p: int, m: int, v: int, group: int | None = None) -> list[list[Item]]:
+    """Megatron's interleaved schedule, micro-batches in groups of ``group`` (default p; the
+    Plan checks p ≤ group ≤ m and that a last, smaller group has at least p): Megatron-Core's
+    ``get_schedule_table``, whose order every rank walks forward from its first chunk and
+    backward from its last."""
+    n = group or p
+    table: list[tuple[int, int]] = []  # (micro-batch, local chunk) per virtual micro-batch
+    for start in range(0, m, n):
+        end = m if start + n >= m else start + n
+        table += [(mb, chunk) for chunk in range(v) for mb in range(start, end)]
     total = m * v
 
     def forward_item(k: int, i: int) -> Item:
-        chunk = (k // p) % v
-        mb = (k // (p * v)) * p + k % p
+        mb, chunk = table[k]
         return ("F", mb, chunk * p + i)
 
     def backward_item(k: int, i: int) -> Item:
-        chunk = v - 1 - (k // p) % v
-        mb = (k // (p * v)) * p + k % p
-        return ("B", mb, chunk * p + i)
+        mb, chunk = table[k]
+        return ("B", mb, (v - 1 - chunk) * p + i)
 
     ranks = []
     for i in range(p):
-        warmup = min((p - i - 1) * 2 + (v - 1) * p, total)
+        warmup = min((p - i - 1) * 2 + (v - 1) * n, total)
         order = [forward_item(k, i) for k in range(warmup)]
         for k in range(total - warmup):
             order += [forward_item(warmup + k, i), backward_item(k, i)]
@@ -90,14 +97,15 @@ def zero_bubble_h1(p: int, m: int) -> list[list[Item]]:
     return ranks
 
 
-def build_schedule(name: str, p: int, m: int, v: int = 1) -> list[list[Item]]:
-    """Per-rank order for schedule ``name`` (Plan.schedule)."""
+def build_schedule(name: str, p: int, m: int, v: int = 1, group: int | None = None) -> list[list[Item]]:
+    """Per-rank order for schedule ``name`` (Plan.schedule); ``group``: the interleaved
+    schedule's micro-batch group (Plan.microbatch_group)."""
     if name == "gpipe":
         return gpipe(p, m)
     if name == "1f1b":
         return one_f_one_b(p, m)
     if name == "interleaved":
-        return interleaved(p, m, v) if v > 1 else one_f_one_b(p, m)
+        return interleaved(p, m, v, group) if v > 1 else one_f_one_b(p, m)
     if name == "zero-bubble":
         return zero_bubble_h1(p, m)
     raise ValueError(f"schedule: {name!r} is not one of gpipe, 1f1b, interleaved, zero-bubble")

@@ -69,6 +69,9 @@ class Plan:
     sequence_parallel: bool | None = None  # None: on whenever tp > 1 (Megatron-Core default)
     schedule: str = "1f1b"
     vpp: int = 1  # virtual pipeline stages per rank (interleaved schedule)
+    microbatch_group: int | None = None  # interleaved: micro-batches that run through one chunk before the
+    #   next (Megatron-Core's --microbatch-group-size-per-virtual-pipeline-stage, pp ≤ N ≤ micro-batches);
+    #   None: pp, which needs the micro-batches to be a multiple of pp
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     precision: str = "bf16-mixed"
@@ -102,7 +105,8 @@ class Plan:
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:
             check_positive_int(name, getattr(self, name))
-        for name in ("first_stage_layers", "last_stage_layers", "etp", "recompute_layers", "recompute_every"):
+        for name in ("first_stage_layers", "last_stage_layers", "etp", "recompute_layers", "recompute_every",
+                     "microbatch_group"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         for name in BOOLEAN_FIELDS:
@@ -163,10 +167,28 @@ class Plan:
                 raise PlanError(f"offload: {what!r} is not one of {', '.join(OFFLOADABLE)}")
             if tier not in TIERS:
                 raise PlanError(f"offload.{what}: {tier!r} is not one of {', '.join(TIERS)}")
-        if self.schedule == "interleaved" and self.pp > 1 and self.num_microbatches % self.pp:
-            raise PlanError(
-                f"global_batch: the interleaved schedule needs micro-batches ({self.num_microbatches}) "
-                f"to be a multiple of pp ({self.pp})")
+        self._check_microbatch_group()
+
+    def _check_microbatch_group(self) -> None:
+        """Megatron-Core's rules for the interleaved schedule's micro-batch groups: pp ≤ N ≤ m,
+        and a last, smaller group of at least pp (a shorter one would stall the pipeline)."""
+        m, n = self.num_microbatches, self.microbatch_group
+        interleaving = self.schedule == "interleaved" and self.pp > 1 and self.vpp > 1
+        if n is None:
+            if interleaving and m % self.pp:
+                raise PlanError(
+                    f"global_batch: the interleaved schedule needs micro-batches ({m}) to be a multiple of pp "
+                    f"({self.pp}), or a microbatch_group between pp and {m} that leaves a last group of 0 or at "
+                    f"least pp")
+            return
+        if not interleaving:
+            raise PlanError("microbatch_group: applies to the interleaved schedule only (schedule interleaved, "
+                            "pp > 1, vpp > 1)")
+        if not self.pp <= n <= m:
+            raise PlanError(f"microbatch_group: {n} must be between pp ({self.pp}) and the micro-batches ({m})")
+        if 0 < m % n < self.pp:
+            raise PlanError(f"microbatch_group: {n} leaves a last group of {m % n} micro-batches, fewer than pp "
+                            f"({self.pp}); pick one that divides {m} or leaves at least {self.pp}")
 
     @property
     def partial_recompute(self) -> bool:

@@ -48,6 +48,12 @@ PLANS = [
     Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=64, seq_len=4096, recompute="full", recompute_layers=3,
          schedule="interleaved", vpp=2),
     Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full", recompute_layers=10),
+    # interleaving in groups: 10 micro-batches on 4 stages as one group (Megatron-Core's
+    # microbatch_group_size_per_vp_stage), and 12 in groups of 6 (more in flight than groups of 4)
+    Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=20, seq_len=4096, schedule="interleaved", vpp=2,
+         microbatch_group=10),
+    Plan(tp=2, pp=4, dp=2, micro_batch=1, global_batch=24, seq_len=4096, schedule="interleaved", vpp=2,
+         microbatch_group=6),
     # torchtitan's layer policy: every third layer of each chunk
     Plan(tp=1, pp=3, dp=5, micro_batch=1, global_batch=60, seq_len=4096, recompute="full", recompute_every=3),
     # the fused loss (the last stage's peak is its backward, where the loss's working memory counts)
@@ -64,7 +70,8 @@ PLANS = [
                          + (f"-rl{p.recompute_layers}" if p.recompute_layers else "")
                          + (f"-re{p.recompute_every}" if p.recompute_every else "")
                          + ("-fusedloss" if p.cross_entropy == "fused" else "")
-                         + ("-tpoverlap" if p.tp_comm_overlap else ""))
+                         + ("-tpoverlap" if p.tp_comm_overlap else "")
+                         + (f"-group{p.microbatch_group}" if p.microbatch_group else ""))
 def test_memory_is_exact_and_time_close(plan):
     cluster = CLUSTER if plan.world_size == 16 else build_cluster("h100-sxm", None, 1, plan.world_size)
     am = AnalyticModel(MODEL, cluster)

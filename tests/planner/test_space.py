@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from plansim.planner.space import Constraint, SearchSpace, enumerate_plans, parse_constraints
+from plansim.planner.space import (Constraint, SearchSpace, enumerate_plans, parse_constraints,
+                                   smallest_microbatch_group)
 from plansim.simulator.hardware import build_cluster
 from plansim.workloads.model_io import load_model
 from plansim.workloads.plan import PlanError
@@ -21,7 +22,8 @@ def test_plans_are_well_formed_and_cover_the_gpus():
         assert p.tp <= 8 and MODEL.num_heads % p.tp == 0
         assert p.global_batch == 64 and p.global_batch % (p.dp * p.micro_batch) == 0
         if p.schedule == "interleaved":
-            assert -MODEL.num_layers % (p.pp * p.vpp) <= 2 and p.num_microbatches % p.pp == 0
+            assert -MODEL.num_layers % (p.pp * p.vpp) <= 2
+            assert p.num_microbatches % p.pp == 0 or p.microbatch_group is not None
         check_plan_fits_model(MODEL, p)
     assert e.explored == len(e.plans) + sum(x.count for x in e.pruned)
 
@@ -120,3 +122,18 @@ def test_pinned_constraints_widen_the_space():
     wide = enumerate_plans(MODEL, cluster, SearchSpace(), seq_len=262144, global_batch=2,
                            constraints=parse_constraints(["tp=1", "pp=1"]))
     assert max(p.cp for p in wide.plans) == 32
+
+
+def test_interleaving_in_micro_batch_groups():
+    """24 micro-batches on 16 stages: Megatron-LM before 2024 could not interleave them; Megatron-
+    Core groups them (N = 24, one group; 16 would leave a last group of 8 < 16).  The search takes
+    the smallest group, and with ``microbatch_groups=False`` prunes such plans with the reason."""
+    cluster = build_cluster("h100-sxm", None, 8, 8)
+    cons = parse_constraints(["tp=4", "pp=16", "micro-batch=1", "recompute=none", "schedule=interleaved"])
+    e = enumerate_plans(MODEL, cluster, SearchSpace(), seq_len=4096, global_batch=24, constraints=cons)
+    assert e.plans and {(p.num_microbatches, p.microbatch_group) for p in e.plans} == {(24, 24)}
+    off = enumerate_plans(MODEL, cluster, SearchSpace(microbatch_groups=False), seq_len=4096, global_batch=24,
+                          constraints=cons)
+    assert not off.plans and any("multiple of pp" in x.reason for x in off.pruned)
+    assert smallest_microbatch_group(10, 4) == 5 and smallest_microbatch_group(12, 4) == 4
+    assert smallest_microbatch_group(3, 4) is None

@@ -91,6 +91,52 @@ def test_interleaved_structure(p, groups, v):
     assert _runs_without_deadlock(sched, p, v)
 
 
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 6), v=st.integers(2, 4), extra=st.integers(0, 6), m=st.integers(2, 30))
+def test_grouped_interleaved_structure(p, v, extra, m):
+    """Megatron-Core's micro-batch groups (microbatch_group_size_per_vp_stage N, p ≤ N ≤ m, a
+    last group empty or of at least p): every pass once, no deadlock, and rank i warms up with
+    w = (p − i − 1)·2 + (v − 1)·N forwards, so its first backward follows the forward after them."""
+    n = p + extra
+    if not n <= m or 0 < m % n < p:
+        return
+    sched = interleaved(p, m, v, n)
+    _check_structure(sched, p, m, v, False)
+    assert _runs_without_deadlock(sched, p, v)
+    for i, order in enumerate(sched):
+        first_b = next(k for k, (ph, _, _) in enumerate(order) if ph == "B")
+        warmup = (p - i - 1) * 2 + (v - 1) * n
+        assert first_b == (warmup + 1 if warmup < m * v else m * v)
+    assert interleaved(p, p * 3, v, p) == interleaved(p, p * 3, v)  # N = p is the classic schedule
+
+
+def _peak_states(order) -> set:
+    """The maximal in-flight vectors (per local chunk) at each (phase, chunk) of one rank."""
+    local = sorted({vs for _, _, vs in order})
+    live, seen = dict.fromkeys(local, 0), {}
+    for ph, _, vs in order:
+        live[vs] += ph == "F"
+        seen.setdefault((ph, vs), set()).add(tuple(live[c] for c in local))
+        live[vs] -= ph == "B"
+    return {(key, a) for key, vecs in seen.items() for a in vecs
+            if not any(b != a and all(y >= x for x, y in zip(a, b)) for b in vecs)}
+
+
+def test_grouped_interleaving_settles_after_two_groups():
+    """The analytic memory replays min(m, 2N + m mod N) micro-batches of a grouped interleaved
+    schedule instead of m: the states that can be a rank's peak are the same (checked here over
+    every valid (p, v, N, m) with p ≤ 5, v ≤ 3, N ≤ 2p + 1, m ≤ 5N)."""
+    for p in range(2, 6):
+        for v in (2, 3):
+            for n in range(p, 2 * p + 2):
+                for m in range(2 * n + 1, 5 * n + 1):
+                    if 0 < m % n < p:
+                        continue
+                    short = 2 * n + m % n
+                    for full, cut in zip(interleaved(p, m, v, n), interleaved(p, short, v, n)):
+                        assert _peak_states(full) == _peak_states(cut), (p, v, n, m)
+
+
 @settings(max_examples=80, deadline=None)
 @given(p=st.integers(1, 8), m=st.integers(1, 24))
 def test_in_flight_micro_batches(p, m):

@@ -64,6 +64,11 @@ def test_choices_name_the_allowed_values(field, value, allowed):
     (dict(offload={"kv": "cpu"}), r"offload: 'kv' is not one of"),
     (dict(offload={"optimizer": "tape"}), r"offload.optimizer: 'tape' is not one of gpu, cpu, nvme, cxl"),
     (dict(pp=4, vpp=2, schedule="interleaved", global_batch=6), r"multiple of pp \(4\)"),
+    (dict(pp=4, microbatch_group=4, global_batch=8), r"microbatch_group: applies to the interleaved schedule"),
+    (dict(pp=4, vpp=2, schedule="interleaved", global_batch=6, microbatch_group=3), r"between pp \(4\) and"),
+    (dict(pp=4, vpp=2, schedule="interleaved", global_batch=6, microbatch_group=7), r"between pp \(4\) and .*\(6\)"),
+    (dict(pp=4, vpp=2, schedule="interleaved", global_batch=10, microbatch_group=4), r"last group of 2"),
+    (dict(pp=4, vpp=2, schedule="interleaved", global_batch=10, microbatch_group=0), r"microbatch_group: .*positive"),
 ])
 def test_inconsistent_plans_are_rejected_with_a_reason(kw, match):
     with pytest.raises(PlanError, match=match):
@@ -111,3 +116,21 @@ def test_microbatches_times_dp_times_mb_is_the_global_batch(tp, pp, dp, mb, m):
     assert p.world_size == tp * pp * dp
     w = TrainingWorkload(load_model("llama3-8b"), p)
     assert sum(c.num_layers for c in w.chunks) == 32
+
+
+def test_microbatch_groups_admit_what_megatron_core_admits():
+    """Megatron-Core's interleaved schedule (schedules.py, 2024 on): micro-batches in groups of
+    N, pp ≤ N ≤ m, the last group empty or of at least pp; 10 micro-batches on 4 stages run as
+    groups of 5, of 6 then 4, or one of 10, not of 4 (a last group of 2) or 7 (a last of 3)."""
+    ok = [n for n in range(1, 12) if _admits(pp=4, m=10, n=n)]
+    assert ok == [5, 6, 10]
+    # 12: groups 7 + 5 and 8 + 4 too; not 9, 10 or 11 (last groups of 3, 2, 1)
+    assert [n for n in range(1, 14) if _admits(pp=4, m=12, n=n)] == [4, 6, 7, 8, 12]
+
+
+def _admits(pp: int, m: int, n: int) -> bool:
+    try:
+        Plan(pp=pp, vpp=2, schedule="interleaved", global_batch=m, microbatch_group=n)
+    except PlanError:
+        return False
+    return True
