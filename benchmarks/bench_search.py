@@ -13,6 +13,7 @@ Every search is cold (caches cleared).  Results go to ``benchmarks/RESULTS.md`` 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -65,12 +66,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runs = []
     configs = [("local", 1), ("local", 2)]
-    try:
-        import ray  # noqa: F401
-        if not args.no_ray:
-            configs.append(("ray", 2))
-    except ImportError:
-        pass
+    if not args.no_ray and importlib.util.find_spec("ray") is not None:
+        configs.append(("ray", 2))
     for name, kw in CASES.items():
         for executor, workers in configs:
             r = run_case(kw, executor, workers)
@@ -80,7 +77,7 @@ def main(argv=None) -> int:
                   f"{r['explored']:,} explored, {r['memory_checked']:,} memory-checked, {r['estimated']:,} estimated "
                   f"({r['evaluated_per_s']:,.0f}/s), {r['simulated']} simulated; best {r['best']} "
                   f"MFU {r['best_mfu']:.1%}", flush=True)
-    if "ray" in {e for e, _ in configs}:
+    if ("ray", 2) in configs:
         import ray
         ray.shutdown()
     md = markdown(runs)
