@@ -164,8 +164,12 @@ def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str):
     """FLOPs a flash-attention kernel executes (not the MFU convention: causal skips tiles)."""
     fwd = 4.0 * np.asarray(batch, float) * heads * head_dim * np.asarray(seq_q, float) * seq_kv
     if causal:
-        # tiles on the diagonal are computed in full: about half plus one diagonal band
-        fwd = fwd * (0.5 + 64.0 / np.maximum(np.asarray(seq_kv, float), 128.0))
+        # the mask is aligned to the bottom right (FlashAttention's, as _flash_phase_time has it):
+        # seq_q queries against seq_kv ≥ seq_q keys see 1 − seq_q / (2·seq_kv) of the rectangle
+        # (a half at seq_q = seq_kv; nearly all of it for a context-parallel rank's last chunk
+        # against the whole sequence); tiles on the diagonal are computed in full: one band more
+        sq, skv = np.asarray(seq_q, float), np.maximum(np.asarray(seq_kv, float), 1.0)
+        fwd = fwd * (1.0 - np.minimum(sq, skv) / (2.0 * skv) + 64.0 / np.maximum(skv, 128.0))
     factor = {"forward": 1.0, "backward": 2.5, "both": 3.5}[phase]
     return fwd * factor
 

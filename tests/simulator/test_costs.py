@@ -221,6 +221,23 @@ def test_context_parallel_causal_attention_shares_the_work_evenly(cp):
     assert rank == pytest.approx(whole / cp, rel=0.02)
 
 
+@pytest.mark.parametrize("cp", [2, 4, 8, 16])
+def test_context_parallel_attention_counts_the_flops_its_time_runs(cp):
+    """A context-parallel rank's executed FLOPs (which the power model reads as its tensor
+    rate) add up to 1/cp of the whole causal sequence's, as its time does: its last chunk against
+    the whole sequence sees nearly the full rectangle under the bottom-right causal mask, not half
+    of it."""
+    s, local = 131072, 131072 // cp
+    whole = float(attention_flops(1, 16, 128, s, s, True, "both"))
+    chunk = local // 2
+    rank = float(attention_flops(1, 16, 128, chunk, chunk, True, "both")
+                 + attention_flops(1, 16, 128, local - chunk, s, True, "both"))
+    assert rank == pytest.approx(whole / cp, rel=0.02)
+    # a query block at the end of a long sequence: the whole rectangle but half a square
+    assert float(attention_flops(1, 1, 128, 128, s, True, "forward")) == pytest.approx(
+        4.0 * 128 * 128 * s * (1 - 128 / (2 * s)), rel=0.01)
+
+
 @pytest.mark.parametrize("name", DEVICES)
 def test_memory_bound_ops_never_beat_peak_bandwidth(name):
     device = load_device(name)
