@@ -19,7 +19,8 @@ from plansim.workloads.plan import CROSS_ENTROPY, FRAMEWORKS, PRECISIONS, PlanEr
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
-                 ("recompute", "recompute"), ("schedule", "schedule"), ("step_time_s", "step s"),
+                 ("recompute", "recompute"), ("schedule", "schedule"), ("optimizer_tier", "optimizer"),
+                 ("step_time_s", "step s"),
                  ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("sm_clock", "clock"), ("peak_memory_bytes", "peak mem"),
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
 
@@ -93,6 +94,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--partial-recompute", action="store_true",
                    help="where only full recomputation fits, search the fewest recomputed layers per pipeline "
                         "chunk that fit (Megatron's --recompute-method block --recompute-num-layers)")
+    p.add_argument("--offload-optimizer", default="gpu", metavar="TIERS",
+                   help="where the optimizer states may live, comma-separated: gpu (default), cpu (ZeRO-Offload's "
+                        "CPU Adam), nvme, cxl (ZeRO-Infinity, where the cluster has the tier); e.g. gpu,cpu")
     p.add_argument("--objective", default="throughput",
                    help="throughput | mfu | cost | time-to-train (default throughput)")
     p.add_argument("--tokens", type=_tokens, help="tokens to train on, for time-to-train (e.g. 15T)")
@@ -125,6 +129,16 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
 OUT_SUFFIXES, PLOT_SUFFIXES = (".parquet", ".csv"), (".png", ".pdf", ".svg")
 
 
+def parse_tiers(text: str) -> tuple[str, ...]:
+    """``--offload-optimizer gpu,cpu`` as a tuple of placements, each one Plan.offload allows."""
+    from plansim.workloads.plan import TIERS
+    tiers = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in tiers if t not in TIERS]
+    if bad or not tiers:
+        raise PlanError(f"offload-optimizer: {bad[0] if bad else text!r} is not one of {', '.join(TIERS)}")
+    return tiers
+
+
 def check_output_path(flag: str, path: str | None, suffixes: tuple[str, ...] | None = None) -> None:
     """Refuse an output file of an unknown kind (``suffixes``; None: any), or in a folder that
     does not exist, before the work runs (not after it, with its result lost)."""
@@ -151,7 +165,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
                    cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
-                   space=SearchSpace(partial_recompute=args.partial_recompute))
+                   space=SearchSpace(partial_recompute=args.partial_recompute,
+                                     optimizer_tiers=parse_tiers(args.offload_optimizer)))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were
         if args.format == "json":
@@ -258,7 +273,8 @@ def _print_table(frame, summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
     cols = [(c, h) for c, h in TABLE_COLUMNS
-            if c in frame.columns and not (c == "time_to_train_days" and frame[c].isna().all())]
+            if c in frame.columns and not (c == "time_to_train_days" and frame[c].isna().all())
+            and not (c == "optimizer_tier" and (frame[c] == "gpu").all())]
     table = Table(title=f"plansim search: top {len(frame)} by {summary['objective']}")
     for _, header in cols:
         table.add_column(header, justify="left" if header in ("hardware", "recompute", "schedule", "by") else "right")

@@ -58,6 +58,15 @@ def _metrics(est_or_result) -> dict[str, Any]:
 _RERUNS_LESS = {"none": (), "selective": ("none",), "selective-op": ("none",),
                 "full": ("none", "selective", "selective-op")}
 _RECOMPUTE_ORDER = {r: i for i, r in enumerate(_RERUNS_LESS)}
+#: optimizer placements that run no slower than each (the engine: CPU Adam after the gradients
+#: come down; from NVMe or CXL memory also the states' reads and writes beside it), for the
+#: same dominance as recomputation's: a plan is dropped where one of these fits
+_FASTER_TIERS = {"gpu": (), "cpu": ("gpu",), "nvme": ("gpu", "cpu"), "cxl": ("gpu", "cpu")}
+_TIER_ORDER = {t: i for i, t in enumerate(_FASTER_TIERS)}
+
+
+def _optimizer_tier(plan: Plan) -> str:
+    return plan.offload.get("optimizer", "gpu")
 
 
 def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
@@ -100,15 +109,20 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     full recomputation is replaced by the one recomputing the fewest layers per chunk that fits."""
     am = _analytic(model, cluster)
     out: list[dict[str, Any] | None] = [None] * len(plans)
-    fitting: dict[tuple, list[str]] = {}
-    order = sorted(range(len(plans)), key=lambda i: _RECOMPUTE_ORDER[plans[i].recompute])
+    fitting: dict[tuple, list[tuple[str, str]]] = {}
+    order = sorted(range(len(plans)), key=lambda i: (_RECOMPUTE_ORDER[plans[i].recompute],
+                                                     _TIER_ORDER[_optimizer_tier(plans[i])]))
     for i in order:
         plan = plans[i]
         sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.etp, plan.zero, plan.micro_batch, plan.global_batch,
-                   plan.schedule, plan.vpp)
-        lighter = [r for r in fitting.get(sibling, ()) if r in _RERUNS_LESS[plan.recompute]]
+                   plan.schedule, plan.vpp, plan.microbatch_group)
+        recompute, tier = plan.recompute, _optimizer_tier(plan)
+        lighter = [(r, t) for r, t in fitting.get(sibling, ())
+                   if (r == recompute or r in _RERUNS_LESS[recompute]) and (t == tier or t in _FASTER_TIERS[tier])]
         if prune_dominated and lighter:
-            out[i] = {"pruned": f"dominated: recompute={lighter[0]} fits with less recomputation"}
+            r, t = lighter[0]
+            out[i] = {"pruned": f"dominated: recompute={r} fits with less recomputation" if t == tier else
+                      f"dominated: recompute={r} with the optimizer on the {t} fits (offload only adds time)"}
             continue
         try:
             check_plan_on_cluster(plan, cluster)  # e.g. fp8 on a GPU without fp8 tensor cores
@@ -124,7 +138,7 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
             out[i] = {"pruned": f"constraint: peak memory {peak / 2**30:.1f} GiB > max-memory "
                                 f"{memory_limit / 2**30:.1f} GiB", "peak_memory_bytes": peak}
             continue
-        fitting.setdefault(sibling, []).append(plan.recompute)
+        fitting.setdefault(sibling, []).append((recompute, tier))
         if partial_recompute and plan.recompute == "full" and not plan.partial_recompute:
             limit = memory_limit if memory_limit is not None else math.inf
             plan, mem = _fewest_recomputed_layers(am, plan, limit) or (plan, mem)

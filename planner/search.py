@@ -51,7 +51,7 @@ PARETO_METRICS = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
                   "time-to-train": ("time_to_train_s", False), "step-time": ("step_time_s", False)}
 PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
                 "recompute_layers", "recompute_every",
-                "schedule", "vpp", "microbatch_group", "sequence_parallel", "precision")
+                "schedule", "vpp", "microbatch_group", "optimizer_tier", "sequence_parallel", "precision")
 ESTIMATE_TOLERANCE = 0.045  # how much faster than its estimate a plan may simulate (measured: at most 4.2 %)
 
 MAX_SIMULATED_FACTOR = 3  # near-ties stop being simulated after 3 × confirm plans
@@ -425,7 +425,8 @@ def _apply_sim(row: dict[str, Any], res: dict[str, Any], tokens) -> None:
 
 
 def _plan_fields(plan: Plan) -> dict[str, Any]:
-    return {k: plan.expert_tp if k == "etp" else getattr(plan, k) for k in PLAN_COLUMNS}
+    special = {"etp": plan.expert_tp, "optimizer_tier": plan.offload.get("optimizer", "gpu")}
+    return {k: special[k] if k in special else getattr(plan, k) for k in PLAN_COLUMNS}
 
 
 def _row(t: Target, plan: Plan, metrics: dict[str, Any], evaluated: str, tokens) -> dict[str, Any]:

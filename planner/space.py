@@ -120,6 +120,9 @@ class SearchSpace:
     recompute: tuple[str, ...] | None = None
     schedules: tuple[str, ...] = ("1f1b", "interleaved", "zero-bubble")
     zero: tuple[int, ...] = (0, 1, 2, 3)
+    #: where the optimizer states may live: "gpu", and the offload tiers to weigh against it
+    #: ("cpu": ZeRO-Offload's CPU Adam; "nvme"/"cxl": ZeRO-Infinity, where the cluster has them)
+    optimizer_tiers: tuple[str, ...] = ("gpu",)
     max_vpp: int = 16
     tp_within_node: bool = True
     even_layers: bool = False  # only plans whose layers split evenly over pp (uneven: Megatron-style)
@@ -202,6 +205,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
         return None
 
     tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
+    tiers_here = {"gpu", "cpu"} | {t.kind for t in cluster.storage}
     pinned = _pinned_values(plan_constraints)
     cps = space.cp or (_pow2_upto(max(8, seq_len // 8192)) if seq_len >= 8192 else [1])
     cps = sorted(set(cps) | pinned.get("cp", set()))
@@ -250,7 +254,8 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                     for mb in micro_batches:
                         f_mb = dict(f_ep, micro_batch=mb)
                         yield_base = list(_schedules(model, pp, space, max_vpp))
-                        subtree = sum(len(_zeros(space, dp, cp)) * len(recomputes) for _ in yield_base)
+                        per_zero = len(recomputes) * len(space.optimizer_tiers)
+                        subtree = sum(len(_zeros(space, dp, cp)) * per_zero for _ in yield_base)
                         if global_batch is not None:
                             if global_batch % (dp * mb):
                                 explored += subtree
@@ -275,7 +280,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                             m = gbs // (dp * mb)
                             f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
                             zeros = _zeros(space, dp, cp)
-                            count = len(zeros) * len(recomputes)
+                            count = len(zeros) * per_zero
                             group = smallest_microbatch_group(m, pp) if space.microbatch_groups else None
                             if schedule == "interleaved" and m % pp and group is not None:
                                 f_s["microbatch_group"] = group
@@ -291,19 +296,25 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                     continue
                             for zero in zeros:
                                 for recompute in recomputes:
-                                    explored += 1
-                                    fields = dict(f_s, zero=zero, recompute=recompute)
-                                    bad = violated(fields)
-                                    if bad is not None:
-                                        prune(fields, f"constraint: {bad.text}")
-                                        continue
-                                    try:
-                                        plan = Plan(**{**defaults, **fields, "seq_len": seq_len})
-                                        check_plan_fits_model(model, plan)
-                                    except PlanError as exc:
-                                        prune(fields, str(exc))
-                                        continue
-                                    plans.append(plan)
+                                    for tier in space.optimizer_tiers:
+                                        explored += 1
+                                        fields = dict(f_s, zero=zero, recompute=recompute)
+                                        if tier != "gpu":
+                                            fields["offload"] = {"optimizer": tier}
+                                        if tier not in tiers_here:
+                                            prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
+                                            continue
+                                        bad = violated(fields)
+                                        if bad is not None:
+                                            prune(fields, f"constraint: {bad.text}")
+                                            continue
+                                        try:
+                                            plan = Plan(**{**defaults, **fields, "seq_len": seq_len})
+                                            check_plan_fits_model(model, plan)
+                                        except PlanError as exc:
+                                            prune(fields, str(exc))
+                                            continue
+                                        plans.append(plan)
     return Enumeration(plans, pruned, len(plans) + sum(p.count for p in pruned))
 
 

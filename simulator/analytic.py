@@ -47,7 +47,7 @@ from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel, PowerState
 from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_plan_on_cluster
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
+from plansim.simulator.memory import offload_overflow, optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import Groups, cost_workload
 from plansim.simulator.units import remainder_s
@@ -352,18 +352,23 @@ class AnalyticModel:
         """Peak memory and the out-of-memory reason (None if it fits): the pruning test."""
         workload, layout, costs = self.chunk_costs(plan)
         mem = self.memory(plan, workload, layout, costs)
-        return mem, self._oom_reason(mem)
+        return mem, self._infeasible(plan, layout, costs, mem)
 
     def peak_memory(self, plan: Plan) -> tuple[float, str | None]:
         """(peak bytes, out-of-memory reason or None) without the time estimate."""
         mem, reason = self.memory_of(plan)
         return mem.peak, reason
 
-    def _oom_reason(self, mem: Memory) -> str | None:
+    def _infeasible(self, plan: Plan, layout: Layout, costs: np.ndarray, mem: Memory) -> str | None:
+        """Out of device memory (as the engine's result reports it), or of the host memory or
+        storage an offloaded optimizer needs (``offload_overflow``); None if the plan fits."""
         capacity = usable_memory_bytes(self.cluster.device.hbm_bytes)
-        if mem.peak <= capacity:
+        if mem.peak > capacity:
+            return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {mem.stage}"
+        if plan.offload.get("optimizer", "gpu") == "gpu":
             return None
-        return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {mem.stage}"
+        params = np.bincount(layout.ranks, weights=costs[:, DENSE] + costs[:, EXPERT], minlength=plan.pp)
+        return offload_overflow(plan, self.cluster, float(params.max()))
 
     # --- the estimate -------------------------------------------------------------------------
     def _step(self, plan: Plan) -> "_Step":
@@ -569,7 +574,7 @@ class AnalyticModel:
         states = mem.states
         peak = mem.peak
         capacity = usable_memory_bytes(cluster.device.hbm_bytes)
-        reason = self._oom_reason(mem)
+        reason = self._infeasible(plan, layout, costs, mem)
         return Estimate(
             plan=plan, step_time_s=step, tokens_per_s=tokens / step if step else 0.0, mfu=mfu, hfu=hfu,
             fits=reason is None, peak_memory_bytes=peak, device_memory_bytes=capacity,

@@ -10,18 +10,52 @@ ranks, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the parameters.  Offloaded 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from plansim.workloads.plan import Plan
+
+if TYPE_CHECKING:
+    from plansim.simulator.hardware import Cluster
 
 WORKSPACE_BYTES = 32 * 2**20  # cuBLAS workspace and small allocator slack
 CONTEXT_BYTES = 2**30  # CUDA context, NCCL buffers, library handles: outside the allocator (estimate)
 ALLOCATOR_RESERVE = 0.03  # caching-allocator rounding and fragmentation above max_memory_allocated (estimate)
+HOST_USABLE_FRACTION = 0.9  # of a node's DRAM, for pinned offloaded states (estimate)
 
 
 def usable_memory_bytes(hbm_bytes: float) -> float:
     """What ``max_memory_allocated`` may reach before an allocation fails: the device memory
     less the CUDA context and NCCL buffers, less the caching allocator's fragmentation."""
     return (hbm_bytes - CONTEXT_BYTES) * (1.0 - ALLOCATOR_RESERVE)
+
+
+def offload_overflow(plan: Plan, cluster: "Cluster", params_on_rank: float) -> str | None:
+    """Why a node cannot hold its GPUs' offloaded optimizer states where the plan puts them, or
+    None.  ZeRO-Offload keeps each GPU's shard of the fp32 states, and the gradients it brings down
+    for CPU Adam, in host DRAM (``HOST_USABLE_FRACTION`` of it: the rest is the OS's, the page
+    cache's and the data loaders'); ZeRO-Infinity keeps the states on the node's NVMe drives or
+    CXL memory (their capacity summed) and only the gradients in DRAM.  The shard is the
+    engine's (``params_on_rank`` over dp·cp from ZeRO-1 on) and every GPU of the node is taken to
+    hold the busiest pipeline stage's: an upper bound where a node spans stages."""
+    tier = plan.offload.get("optimizer", "gpu")
+    if tier == "gpu":
+        return None
+    _, grad_b, optim_b = bytes_per_param(plan)
+    shard = params_on_rank / (plan.dp * plan.cp if plan.zero >= 1 else 1)
+    gpus = cluster.gpus_per_node
+    dram = cluster.host.dram_bytes * HOST_USABLE_FRACTION
+    in_dram = gpus * shard * (grad_b + (optim_b if tier == "cpu" else 0.0))
+    if in_dram > dram:
+        what = "optimizer states and gradients" if tier == "cpu" else "gradients"
+        return (f"out of host memory: the {what} of {gpus} GPUs need {in_dram / 2**30:.0f} GiB > "
+                f"{dram / 2**30:.0f} GiB usable of {cluster.host.name}'s DRAM")
+    if tier != "cpu":
+        capacity = sum(t.capacity_bytes for t in cluster.storage if t.kind == tier)
+        states = gpus * shard * optim_b
+        if states > capacity:
+            return (f"out of {tier} capacity: the optimizer states of {gpus} GPUs need {states / 1e12:.2f} TB > "
+                    f"{capacity / 1e12:.2f} TB of the node's {tier}")
+    return None
 
 
 @dataclass(frozen=True)

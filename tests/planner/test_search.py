@@ -211,6 +211,20 @@ def test_cli_framework_and_partial_recompute(capsys):
     assert best["recompute"] == "full" and 1 <= best["recompute_layers"] < 22
 
 
+def test_cli_offload_optimizer_reaches_the_plans(capsys):
+    """``--offload-optimizer gpu,cpu`` weighs the CPU placement against the GPU's: TinyLlama on one
+    GPU under a 12 GiB cap fits only with its optimizer states on the host, and every plan shown
+    says so in its ``optimizer_tier`` and its plan."""
+    argv = ["search", "--model", "tinyllama-1.1b", "--hardware", "h100-sxm", "--gpus", "1", "--global-batch", "8",
+            "--seq-len", "2048", "--no-calibration", "--format", "json", "--constraint", "max-memory=12GiB"]
+    assert run(argv + ["--offload-optimizer", "gpu,cpu"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert plans and all(p["optimizer_tier"] == "cpu" and p["plan"]["offload"] == {"optimizer": "cpu"}
+                         for p in plans)
+    assert run(argv) == 1  # on the GPU alone nothing fits under the cap
+    assert "no plan fits" in capsys.readouterr().err
+
+
 def test_cli_csv(capsys):
     assert run(BASE + ["--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -218,7 +232,8 @@ def test_cli_csv(capsys):
 
 
 @pytest.mark.parametrize("extra", [["--objective", "speed"], ["--hardware", "h100-sxm,nope"],
-                                   ["--constraint", "tp=3"], ["--executor", "slurm"]])
+                                   ["--constraint", "tp=3"], ["--executor", "slurm"],
+                                   ["--offload-optimizer", "gpu,tape"]])
 def test_cli_bad_input_exit_2(extra, capsys):
     argv = list(BASE)
     if extra[0] == "--hardware":
@@ -290,3 +305,31 @@ def test_etp_is_a_constraint_key():
     frame = search("mixtral-8x7b", "h100-sxm", nodes=2, gpus_per_node=8, global_batch=64, seq_len=2048, top=None,
                    executor="inline", constraints=["etp=1", "tp=2"], calibrated=False, space=SMALL)
     assert not frame.empty and set(frame["etp"]) == {1} and set(frame["tp"]) == {2}
+
+
+def test_offloading_the_optimizer_keeps_the_exhaustive_winner():
+    """Llama 3 8B on 2 H100s: its 16 bytes per parameter leave no room for activations at 8k
+    tokens unless the optimizer goes to the host or the plan recomputes.  With ``optimizer_tiers``
+    gpu and cpu the search's winner is exhaustive event simulation's best over both placements,
+    offloaded plans whose on-GPU twin fits are dropped as dominated, and where nothing fits on the
+    GPU alone an offloaded plan does."""
+    model = load_model("llama3-8b")
+    space = SearchSpace(micro_batch=(1, 2), max_vpp=2, recompute=("none", "full"), optimizer_tiers=("gpu", "cpu"))
+    cluster = build_cluster("h100-sxm", None, 1, 2)
+    plans = enumerate_plans(model, cluster, space, seq_len=8192, global_batch=8).plans
+    results = [simulate_task(model, cluster, p) for p in plans]
+    best = max(r["tokens_per_s"] for r in results if r["fits"])
+    frame = search(model, hardware="h100-sxm", nodes=1, gpus_per_node=2, global_batch=8, seq_len=8192, top=None,
+                   executor="inline", calibrated=False, space=space, confirm=3, list_infeasible=True)
+    assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best, rel=1e-9)
+    assert set(frame["optimizer_tier"]) == {"gpu", "cpu"}
+    layout = ["tp", "pp", "dp", "zero", "micro_batch", "recompute", "schedule", "vpp"]
+    on_gpu = {tuple(r) for r in frame[frame["optimizer_tier"] == "gpu"][layout].itertuples(index=False)}
+    offloaded = {tuple(r) for r in frame[frame["optimizer_tier"] == "cpu"][layout].itertuples(index=False)}
+    assert on_gpu and offloaded and not on_gpu & offloaded  # an offloaded twin of a fitting plan is dominated
+    one = search(model, hardware="h100-sxm", nodes=1, gpus_per_node=1, global_batch=8, seq_len=8192,
+                 executor="inline", calibrated=False, space=space)
+    assert not one.empty and (one["optimizer_tier"] == "cpu").all()
+    gpu_only = search(model, hardware="h100-sxm", nodes=1, gpus_per_node=1, global_batch=8, seq_len=8192,
+                      executor="inline", calibrated=False, space=SearchSpace(micro_batch=(1, 2), max_vpp=2))
+    assert gpu_only.empty and "out of memory" in gpu_only.attrs["why_empty"]

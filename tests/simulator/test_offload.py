@@ -94,3 +94,37 @@ def test_offloaded_activations_are_all_accounted_for(schedule):
     for rank in out.ranks:
         assert rank.memory.activations == pytest.approx(0.0, abs=1.0)
         assert rank.memory.over_freed == 0.0
+
+
+def _small_host(cluster, dram_gib: float, nvme_tb: float | None = None):
+    update = {"host": cluster.host.model_copy(update={"dram_bytes": dram_gib * 2**30})}
+    if nvme_tb is not None:
+        update["storage"] = tuple(t.model_copy(update={"capacity_bytes": nvme_tb * 1e12}) for t in cluster.storage)
+    return cluster.model_copy(update=update)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_offloaded_states_must_fit_the_node(tier):
+    """An offloaded optimizer fits only where the node can hold it: ZeRO-Offload's fp32 states and
+    gradients in host DRAM (cpu), ZeRO-Infinity's states on the node's NVMe with the gradients in
+    DRAM (nvme).  The engine's result and the search's analytic memory give the same verdict."""
+    from plansim.simulator.analytic import AnalyticModel
+    plan = PIPELINE.replace(offload={"optimizer": tier})
+    spec = load_model("llama3-8b")
+    roomy = build_cluster("h100-sxm", nodes=1, gpus_per_node=plan.world_size)
+    out, res = _run(plan, roomy)
+    _, g_b, o_b = bytes_per_param(plan)
+    busiest = max(sum(c.params for c in out.chunk_costs if c.chunk.rank == r) for r in range(plan.pp))
+    per_node = roomy.gpus_per_node * busiest * (g_b + (o_b if tier == "cpu" else 0.0))
+    assert res.fits and res.infeasible_reason is None
+    tight = _small_host(roomy, dram_gib=per_node / 2**30 / 0.9 * 0.99)  # 1 % short of the usable 90 %
+    _, res_tight = _run(plan, tight)
+    assert not res_tight.fits and res_tight.infeasible_reason.startswith("out of host memory")
+    assert AnalyticModel(spec, tight).memory_of(plan)[1] == res_tight.infeasible_reason
+    assert AnalyticModel(spec, roomy).memory_of(plan)[1] is None
+    if tier == "nvme":
+        states = roomy.gpus_per_node * busiest * o_b
+        small_ssd = _small_host(roomy, dram_gib=roomy.host.dram_bytes / 2**30, nvme_tb=states / 1e12 * 0.99)
+        _, res_ssd = _run(plan, small_ssd)
+        assert not res_ssd.fits and res_ssd.infeasible_reason.startswith("out of nvme capacity")
+        assert AnalyticModel(spec, small_ssd).memory_of(plan)[1] == res_ssd.infeasible_reason
