@@ -61,8 +61,10 @@ def cases(draw):
     vpp = draw(st.sampled_from([2, 3])) if schedule == "interleaved" else 1
     mb = draw(st.integers(1, 2))
     m = draw(st.integers(1, 6))
-    if schedule == "interleaved":
-        m = pp * draw(st.integers(1, 2))
+    group = None
+    if schedule == "interleaved":  # multiples of pp, or Megatron-Core's micro-batch groups
+        m = pp * draw(st.integers(1, 2)) + draw(st.sampled_from([0, 0, pp // 2 + 1]))
+        group = draw(st.sampled_from([None, m])) if m % pp == 0 else m
     offload = draw(st.sampled_from([{}, {}, {}, {"optimizer": "cpu"}, {"optimizer": "nvme"}, {"activations": "cpu"}]))
     sequence_parallel = draw(st.booleans())
     try:
@@ -70,7 +72,7 @@ def cases(draw):
                     zero=draw(st.integers(0, 3)), micro_batch=mb,
                     global_batch=dp * mb * m, seq_len=draw(st.sampled_from([128, 256, 512])),
                     recompute=draw(st.sampled_from(["none", "selective", "full"])),
-                    sequence_parallel=sequence_parallel, schedule=schedule, vpp=vpp,
+                    sequence_parallel=sequence_parallel, schedule=schedule, vpp=vpp, microbatch_group=group,
                     tp_comm_overlap=draw(st.booleans()) and (sequence_parallel or tp == 1),
                     precision=draw(st.sampled_from(["bf16-mixed", "bf16-pure", "fp8"])),
                     offload=offload, overlap_grad_reduce=draw(st.booleans()), fp32_grads=draw(st.booleans()),
