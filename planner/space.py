@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import re
+from itertools import product
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -186,7 +187,6 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
     hw = hardware or cluster.device.name
     plans: list[Plan] = []
     pruned: list[Pruned] = []
-    explored = 0
     plan_constraints = [c for c in constraints if c.key not in MEMORY_KEYS]
     defaults = dict(space.plan_defaults)
     recomputes = space.recompute or tuple(r for r in RECOMPUTE if r != "selective-op"
@@ -254,11 +254,11 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                     for mb in micro_batches:
                         f_mb = dict(f_ep, micro_batch=mb)
                         yield_base = list(_schedules(model, pp, space, max_vpp))
-                        per_zero = len(recomputes) * len(space.optimizer_tiers)
-                        subtree = sum(len(_zeros(space, dp, cp)) * per_zero for _ in yield_base)
+                        zeros = _zeros(space, dp, cp)
+                        count = len(zeros) * len(recomputes) * len(space.optimizer_tiers)  # plans per schedule
+                        subtree = count * len(yield_base)
                         if global_batch is not None:
                             if global_batch % (dp * mb):
-                                explored += subtree
                                 prune(f_mb, f"global_batch: {global_batch} is not a multiple of dp·micro_batch = "
                                             f"{dp}·{mb}", subtree)
                                 continue
@@ -266,12 +266,10 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                         else:
                             gb = (max_global_batch // (dp * mb)) * dp * mb
                             if gb == 0:
-                                explored += subtree
                                 prune(f_mb, f"global_batch: max_global_batch {max_global_batch} is below dp·micro_batch = "
                                             f"{dp}·{mb}", subtree)
                                 continue
                         if (mb * seq_len // cp) % tp and tp > 1:
-                            explored += subtree
                             prune(f_mb, f"tp: {tp} must divide the tokens per micro-batch for sequence parallelism",
                                   subtree)
                             continue
@@ -279,8 +277,6 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                             gbs = gb
                             m = gbs // (dp * mb)
                             f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
-                            zeros = _zeros(space, dp, cp)
-                            count = len(zeros) * per_zero
                             group = smallest_microbatch_group(m, pp) if space.microbatch_groups else None
                             if schedule == "interleaved" and m % pp and group is not None:
                                 f_s["microbatch_group"] = group
@@ -290,31 +286,27 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                     gbs = m * dp * mb
                                     f_s["global_batch"] = gbs
                                 else:
-                                    explored += count
                                     prune(f_s, f"global_batch: the interleaved schedule needs micro-batches ({m}) "
                                                f"to be a multiple of pp ({pp})", count)
                                     continue
-                            for zero in zeros:
-                                for recompute in recomputes:
-                                    for tier in space.optimizer_tiers:
-                                        explored += 1
-                                        fields = dict(f_s, zero=zero, recompute=recompute)
-                                        if tier != "gpu":
-                                            fields["offload"] = {"optimizer": tier}
-                                        if tier not in tiers_here:
-                                            prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
-                                            continue
-                                        bad = violated(fields)
-                                        if bad is not None:
-                                            prune(fields, f"constraint: {bad.text}")
-                                            continue
-                                        try:
-                                            plan = Plan(**{**defaults, **fields, "seq_len": seq_len})
-                                            check_plan_fits_model(model, plan)
-                                        except PlanError as exc:
-                                            prune(fields, str(exc))
-                                            continue
-                                        plans.append(plan)
+                            for zero, recompute, tier in product(zeros, recomputes, space.optimizer_tiers):
+                                fields = dict(f_s, zero=zero, recompute=recompute)
+                                if tier != "gpu":
+                                    fields["offload"] = {"optimizer": tier}
+                                if tier not in tiers_here:
+                                    prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
+                                    continue
+                                bad = violated(fields)
+                                if bad is not None:
+                                    prune(fields, f"constraint: {bad.text}")
+                                    continue
+                                try:
+                                    plan = Plan(**{**defaults, **fields, "seq_len": seq_len})
+                                    check_plan_fits_model(model, plan)
+                                except PlanError as exc:
+                                    prune(fields, str(exc))
+                                    continue
+                                plans.append(plan)
     return Enumeration(plans, pruned, len(plans) + sum(p.count for p in pruned))
 
 
