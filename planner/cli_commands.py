@@ -94,6 +94,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--partial-recompute", action="store_true",
                    help="where only full recomputation fits, search the fewest recomputed layers per pipeline "
                         "chunk that fit (Megatron's --recompute-method block --recompute-num-layers)")
+    p.add_argument("--tp-across-nodes", action="store_true",
+                   help="let tensor parallelism span nodes, its collectives over the inter-node network (default: "
+                        "inside one NVLink domain; a constraint such as tp=16 also admits that degree)")
     p.add_argument("--offload-optimizer", default="gpu", metavar="TIERS",
                    help="where the optimizer states may live, comma-separated: gpu (default), cpu (ZeRO-Offload's "
                         "CPU Adam), nvme, cxl (ZeRO-Infinity, where the cluster has the tier); e.g. gpu,cpu")
@@ -166,7 +169,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
                    cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
                    space=SearchSpace(partial_recompute=args.partial_recompute,
-                                     optimizer_tiers=parse_tiers(args.offload_optimizer)))
+                                     optimizer_tiers=parse_tiers(args.offload_optimizer),
+                                     tp_within_node=not args.tp_across_nodes))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were
         if args.format == "json":

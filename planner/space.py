@@ -18,9 +18,9 @@ micro-batch counts that pp does not divide in groups (:func:`smallest_microbatch
 
 Constraints (``tp<=8``, ``pp=1``, ``schedule!=zero-bubble``, ``max-memory=70GiB``) are parsed
 here; the plan-field ones prune during enumeration, ``max-memory`` when memory is known.  A
-constraint that pins a dimension (``cp=16``, ``micro-batch=32``, ``vpp=24``) also brings that
-value into the space where the defaults stop short of it: a user who names a layout is asking
-for it to be tried.
+constraint that pins a dimension (``cp=16``, ``micro-batch=32``, ``vpp=24``, ``tp=16`` across
+two 8-GPU nodes) also brings that value into the space where the defaults stop short of it: a
+user who names a layout is asking for it to be tried.
 """
 from __future__ import annotations
 
@@ -204,9 +204,10 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                 return c
         return None
 
-    tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
     tiers_here = {"gpu", "cpu"} | {t.kind for t in cluster.storage}
     pinned = _pinned_values(plan_constraints)
+    tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
+    tps = sorted(set(tps) | pinned.get("tp", set()))
     cps = space.cp or (_pow2_upto(max(8, seq_len // 8192)) if seq_len >= 8192 else [1])
     cps = sorted(set(cps) | pinned.get("cp", set()))
     micro_batches = sorted(set(space.micro_batch) | pinned.get("micro_batch", set()))
@@ -216,7 +217,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
         if n % tp:
             prune(f_tp, f"tp: {tp} does not divide the {n} GPUs")
             continue
-        if space.tp_within_node and tp > gpn:
+        if space.tp_within_node and tp > gpn and tp not in pinned.get("tp", ()):
             prune(f_tp, f"tp: {tp} exceeds the {gpn} GPUs of one NVLink domain")
             continue
         if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):

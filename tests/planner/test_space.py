@@ -137,3 +137,17 @@ def test_interleaving_in_micro_batch_groups():
     assert not off.plans and any("multiple of pp" in x.reason for x in off.pruned)
     assert smallest_microbatch_group(10, 4) == 5 and smallest_microbatch_group(12, 4) == 4
     assert smallest_microbatch_group(3, 4) is None
+
+
+def test_tensor_parallelism_leaves_the_node_only_when_asked():
+    """TP stays inside one NVLink domain (8 GPUs here) unless the space allows more
+    (``tp_within_node=False``, the CLI's --tp-across-nodes) or a constraint names the degree."""
+    cluster = build_cluster("h100-sxm", None, 2, 8)
+
+    def tps(space, cons=()):
+        return {p.tp for p in enumerate_plans(MODEL, cluster, space, seq_len=4096, global_batch=64,
+                                              constraints=parse_constraints(list(cons))).plans}
+
+    assert max(tps(SearchSpace())) == 8
+    assert 16 in tps(SearchSpace(tp_within_node=False))
+    assert tps(SearchSpace(), ["tp=16"]) == {16}
