@@ -176,8 +176,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("tokens/s (cluster)", f"{result.tokens_per_s:,.0f}"),
         ("MFU / HFU", f"{result.mfu:.1%} / {result.hfu:.1%}"),
         ("peak memory", f"{format_bytes(result.peak_memory_bytes)} of {format_bytes(result.device_memory_bytes)}"
-                        f" ({'fits' if result.fits else 'DOES NOT FIT'})"),
+                        f" ({'fits' if result.peak_memory_bytes <= result.device_memory_bytes else 'DOES NOT FIT'})"),
     ]
+    if not result.fits:
+        rows.append(("infeasible", result.infeasible_reason))
     rows += [(f"  memory: {k}", format_bytes(v)) for k, v in result.memory_breakdown.items()]
     rows += [(f"  time: {k.replace('_', ' ')}", f"{v:.4f} s") for k, v in result.time_breakdown.items()]
     rows.append(("SM clock (power limit)", "not modelled for this device" if result.sm_clock is None else

@@ -294,6 +294,28 @@ def test_trace_with_offload_has_a_copy_stream(capsys, tmp_path):
     assert {"compute", "comm:tp", "copy"} <= cats
 
 
+def test_offloaded_states_that_overflow_the_host_are_reported(capsys, tmp_path):
+    """Llama-3-8B replicated on 8 GPUs (tp 1, dp 8, ZeRO 0) with its optimizer on the host: every
+    GPU's fp32 states and gradients of all 8B parameters (14 B each, 8 × 112 GB on the node)
+    overflow a 256 GiB host.  The result says so (fits false, the reason), and the table shows
+    the reason beside a device memory that fits."""
+    host = tmp_path / "small-host.yaml"
+    host.write_text("cpu: test\ncpu_cores: 32\ndram: 256 GiB\ndram_bw: 200 GB/s\ncpu_adam_params_per_s: 1.0e9\n"
+                    "sources: {cpu_cores: test, dram: test, dram_bw: test, cpu_adam_params_per_s: test}\n")
+    cluster = tmp_path / "small.yaml"
+    cluster.write_text(f"device: h100-sxm\nnodes: 1\ngpus_per_node: 8\nintra_node_link: nvlink4-nvswitch\n"
+                       f"host: {host}\nhost_link: pcie5-x16\nsources: {{nodes: test, gpus_per_node: test}}\n")
+    argv = ["simulate", "--model", "llama3-8b", "--cluster", str(cluster), "--zero", "0", "--recompute", "full",
+            "--offload", "optimizer=cpu", "--global-batch", "8", "--seq-len", "2048"]
+    assert main(argv + ["--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["infeasible_reason"].startswith("out of host memory")
+    assert out["peak_memory_bytes"] < 76 * 2**30
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "infeasible" in table and "out of host memory" in table and "(fits)" in table
+
+
 def test_trace_detail_op_lists_kernels(capsys, tmp_path):
     path = tmp_path / "trace.json"
     assert main(["simulate", *SMALL, "--tp", "8", "--trace", str(path), "--trace-detail", "op"]) == 0
