@@ -259,6 +259,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
                        price_table, power_limit_w)
     _check_price_names(price_table, targets)
     _check_some_target_runs(Plan(precision=space.plan_defaults.get("precision", "bf16-mixed")), targets)
+    _check_optimizer_tiers(space.optimizer_tiers, targets)
     if objective == "cost" or "cost" in pareto_metrics:
         if all(t.price is None for t in targets):
             names = sorted({t.cluster.device.name for t in targets})
@@ -357,6 +358,14 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
     if not rows:
         frame.attrs["why_empty"] = _why_empty(summary, pruned)
     return frame
+
+
+def _check_optimizer_tiers(tiers: Sequence[str], targets: list[Target]) -> None:
+    """One line, not an empty search, when no target cluster has any tier the optimizer may use."""
+    have = {"gpu", "cpu"} | {t.kind for target in targets for t in target.cluster.storage}
+    if not set(tiers) & have:
+        raise PlanError(f"offload-optimizer: no cluster searched has {' or '.join(tiers)}; they have "
+                        f"{', '.join(sorted(have))}")
 
 
 def _over_memory(row: dict[str, Any], memory_limit: float | None) -> str:

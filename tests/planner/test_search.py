@@ -233,7 +233,7 @@ def test_cli_csv(capsys):
 
 @pytest.mark.parametrize("extra", [["--objective", "speed"], ["--hardware", "h100-sxm,nope"],
                                    ["--constraint", "tp=3"], ["--executor", "slurm"],
-                                   ["--offload-optimizer", "gpu,tape"]])
+                                   ["--offload-optimizer", "gpu,tape"], ["--offload-optimizer", "cxl"]])
 def test_cli_bad_input_exit_2(extra, capsys):
     argv = list(BASE)
     if extra[0] == "--hardware":
