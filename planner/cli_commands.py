@@ -20,6 +20,7 @@ from plansim.workloads.plan import CROSS_ENTROPY, FRAMEWORKS, PRECISIONS, PlanEr
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
                  ("recompute", "recompute"), ("schedule", "schedule"), ("optimizer_tier", "optimizer"),
+                 ("activations_tier", "activations"),
                  ("step_time_s", "step s"),
                  ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("sm_clock", "clock"), ("peak_memory_bytes", "peak mem"),
                  ("cost_per_million_tokens_usd", "$/Mtok"), ("time_to_train_days", "days"), ("evaluated", "by"))
@@ -100,6 +101,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--offload-optimizer", default="gpu", metavar="TIERS",
                    help="where the optimizer states may live, comma-separated: gpu (default), cpu (ZeRO-Offload's "
                         "CPU Adam), nvme, cxl (ZeRO-Infinity, where the cluster has the tier); e.g. gpu,cpu")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="also weigh each plan with its saved activations in host memory, sent down layer by "
+                        "layer in the forward and fetched back for the backward")
     p.add_argument("--objective", default="throughput",
                    help="throughput | mfu | cost | time-to-train (default throughput)")
     p.add_argument("--tokens", type=_tokens, help="tokens to train on, for time-to-train (e.g. 15T)")
@@ -170,6 +174,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
                    space=SearchSpace(partial_recompute=args.partial_recompute,
                                      optimizer_tiers=parse_tiers(args.offload_optimizer),
+                                     activation_offload=args.offload_activations,
                                      tp_within_node=not args.tp_across_nodes))
     summary = frame.attrs["summary"]
     if frame.empty:  # nothing to show: leave --out and --plot files as they were
@@ -278,7 +283,7 @@ def _print_table(frame, summary: dict[str, Any]) -> None:
     from rich.table import Table
     cols = [(c, h) for c, h in TABLE_COLUMNS
             if c in frame.columns and not (c == "time_to_train_days" and frame[c].isna().all())
-            and not (c == "optimizer_tier" and (frame[c] == "gpu").all())]
+            and not (c in ("optimizer_tier", "activations_tier") and (frame[c] == "gpu").all())]
     table = Table(title=f"plansim search: top {len(frame)} by {summary['objective']}")
     for _, header in cols:
         table.add_column(header, justify="left" if header in ("hardware", "recompute", "schedule", "by") else "right")

@@ -69,6 +69,10 @@ def _optimizer_tier(plan: Plan) -> str:
     return plan.offload.get("optimizer", "gpu")
 
 
+def _offloads_activations(plan: Plan) -> bool:
+    return plan.offload.get("activations", "gpu") != "gpu"
+
+
 def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
     """The fitting plan that recomputes the fewest layers per chunk (``recompute_layers``) of a
     plan that fits with full recomputation: memory only falls and time only rises as more layers
@@ -111,18 +115,20 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     out: list[dict[str, Any] | None] = [None] * len(plans)
     fitting: dict[tuple, list[tuple[str, str]]] = {}
     order = sorted(range(len(plans)), key=lambda i: (_RECOMPUTE_ORDER[plans[i].recompute],
-                                                     _TIER_ORDER[_optimizer_tier(plans[i])]))
+                                                     _TIER_ORDER[_optimizer_tier(plans[i])],
+                                                     _offloads_activations(plans[i])))
     for i in order:
         plan = plans[i]
         sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.etp, plan.zero, plan.micro_batch, plan.global_batch,
                    plan.schedule, plan.vpp, plan.microbatch_group)
-        recompute, tier = plan.recompute, _optimizer_tier(plan)
+        recompute, tier, acts_away = plan.recompute, _optimizer_tier(plan), _offloads_activations(plan)
         lighter = [(r, t) for r, t in fitting.get(sibling, ())
                    if (r == recompute or r in _RERUNS_LESS[recompute]) and (t == tier or t in _FASTER_TIERS[tier])]
         if prune_dominated and lighter:
             r, t = lighter[0]
-            out[i] = {"pruned": f"dominated: recompute={r} fits with less recomputation" if t == tier else
-                      f"dominated: recompute={r} with the optimizer on the {t} fits (offload only adds time)"}
+            out[i] = {"pruned": "dominated: " + (f"recompute={r} fits with less recomputation" if t == tier else
+                      f"recompute={r} with the optimizer on the {t} fits (offload only adds time)")
+                      + (" and its activations on the GPU" if acts_away else "")}
             continue
         try:
             check_plan_on_cluster(plan, cluster)  # e.g. fp8 on a GPU without fp8 tensor cores
@@ -138,7 +144,8 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
             out[i] = {"pruned": f"constraint: peak memory {peak / 2**30:.1f} GiB > max-memory "
                                 f"{memory_limit / 2**30:.1f} GiB", "peak_memory_bytes": peak}
             continue
-        fitting.setdefault(sibling, []).append((recompute, tier))
+        if not acts_away:  # an activation-offload plan's peak is a lower bound: it dominates nothing
+            fitting.setdefault(sibling, []).append((recompute, tier))
         if partial_recompute and plan.recompute == "full" and not plan.partial_recompute:
             limit = memory_limit if memory_limit is not None else math.inf
             plan, mem = _fewest_recomputed_layers(am, plan, limit) or (plan, mem)

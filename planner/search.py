@@ -51,7 +51,8 @@ PARETO_METRICS = {"throughput": ("tokens_per_s", True), "mfu": ("mfu", True),
                   "time-to-train": ("time_to_train_s", False), "step-time": ("step_time_s", False)}
 PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute",
                 "recompute_layers", "recompute_every",
-                "schedule", "vpp", "microbatch_group", "optimizer_tier", "sequence_parallel", "precision")
+                "schedule", "vpp", "microbatch_group", "optimizer_tier", "activations_tier", "sequence_parallel",
+                "precision")
 ESTIMATE_TOLERANCE = 0.045  # how much faster than its estimate a plan may simulate (measured: at most 4.2 %)
 
 MAX_SIMULATED_FACTOR = 3  # near-ties stop being simulated after 3 × confirm plans
@@ -434,7 +435,8 @@ def _apply_sim(row: dict[str, Any], res: dict[str, Any], tokens) -> None:
 
 
 def _plan_fields(plan: Plan) -> dict[str, Any]:
-    special = {"etp": plan.expert_tp, "optimizer_tier": plan.offload.get("optimizer", "gpu")}
+    special = {"etp": plan.expert_tp, "optimizer_tier": plan.offload.get("optimizer", "gpu"),
+               "activations_tier": plan.offload.get("activations", "gpu")}
     return {k: special[k] if k in special else getattr(plan, k) for k in PLAN_COLUMNS}
 
 

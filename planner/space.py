@@ -124,6 +124,10 @@ class SearchSpace:
     #: where the optimizer states may live: "gpu", and the offload tiers to weigh against it
     #: ("cpu": ZeRO-Offload's CPU Adam; "nvme"/"cxl": ZeRO-Infinity, where the cluster has them)
     optimizer_tiers: tuple[str, ...] = ("gpu",)
+    #: also weigh each plan with its saved activations sent to host memory and fetched back for
+    #: the backward (``offload.activations = cpu``; ranked by an estimate that errs fast and
+    #: event-simulated before it is shown)
+    activation_offload: bool = False
     max_vpp: int = 16
     tp_within_node: bool = True
     even_layers: bool = False  # only plans whose layers split evenly over pp (uneven: Megatron-style)
@@ -205,6 +209,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
         return None
 
     tiers_here = {"gpu", "cpu"} | {t.kind for t in cluster.storage}
+    acts = ("gpu", "cpu") if space.activation_offload else ("gpu",)
     pinned = _pinned_values(plan_constraints)
     tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
     tps = sorted(set(tps) | pinned.get("tp", set()))
@@ -256,7 +261,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                         f_mb = dict(f_ep, micro_batch=mb)
                         yield_base = list(_schedules(model, pp, space, max_vpp))
                         zeros = _zeros(space, dp, cp)
-                        count = len(zeros) * len(recomputes) * len(space.optimizer_tiers)  # plans per schedule
+                        count = len(zeros) * len(recomputes) * len(space.optimizer_tiers) * len(acts)  # per schedule
                         subtree = count * len(yield_base)
                         if global_batch is not None:
                             if global_batch % (dp * mb):
@@ -290,10 +295,11 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                     prune(f_s, f"global_batch: the interleaved schedule needs micro-batches ({m}) "
                                                f"to be a multiple of pp ({pp})", count)
                                     continue
-                            for zero, recompute, tier in product(zeros, recomputes, space.optimizer_tiers):
+                            for zero, recompute, tier, act in product(zeros, recomputes, space.optimizer_tiers, acts):
                                 fields = dict(f_s, zero=zero, recompute=recompute)
-                                if tier != "gpu":
-                                    fields["offload"] = {"optimizer": tier}
+                                offload = {k: v for k, v in (("optimizer", tier), ("activations", act)) if v != "gpu"}
+                                if offload:
+                                    fields["offload"] = offload
                                 if tier not in tiers_here:
                                     prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
                                     continue

@@ -223,6 +223,10 @@ def test_cli_offload_optimizer_reaches_the_plans(capsys):
                          for p in plans)
     assert run(argv) == 1  # on the GPU alone nothing fits under the cap
     assert "no plan fits" in capsys.readouterr().err
+    assert run(argv + ["--offload-optimizer", "gpu,cpu", "--offload-activations", "--top", "40"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert {p["activations_tier"] for p in plans} == {"gpu", "cpu"}
+    assert all(p["plan"]["offload"].get("activations", "gpu") == p["activations_tier"] for p in plans)
 
 
 def test_cli_csv(capsys):
@@ -333,3 +337,24 @@ def test_offloading_the_optimizer_keeps_the_exhaustive_winner():
     gpu_only = search(model, hardware="h100-sxm", nodes=1, gpus_per_node=1, global_batch=8, seq_len=8192,
                       executor="inline", calibrated=False, space=SearchSpace(micro_batch=(1, 2), max_vpp=2))
     assert gpu_only.empty and "out of memory" in gpu_only.attrs["why_empty"]
+
+
+@pytest.mark.parametrize("cap_gib", [12, 24])
+def test_activation_offload_keeps_the_exhaustive_winner(cap_gib):
+    """TinyLlama at 16k tokens on 2 H100s under a memory cap, each plan also with its activations
+    in host memory: the search's winner is exhaustive event simulation's best (its offload
+    estimates err fast and its peaks low, so it simulates them rather than dropping them), and
+    the plans it confirms fit the cap as simulated."""
+    space = SearchSpace(micro_batch=(1, 2), max_vpp=2, recompute=("none", "full"), activation_offload=True)
+    cluster = build_cluster("h100-sxm", None, 1, 2)
+    cap = cap_gib * 2**30
+    plans = enumerate_plans(MODEL, cluster, space, seq_len=16384, global_batch=4).plans
+    assert any(p.offload.get("activations") == "cpu" for p in plans)
+    results = [simulate_task(MODEL, cluster, p) for p in plans]
+    best = max(r["tokens_per_s"] for r in results if r["fits"] and r["peak_memory_bytes"] <= cap)
+    frame = small_search(gpus_per_node=2, global_batch=4, seq_len=16384, space=space, confirm=3,
+                         constraints=[f"max-memory={cap_gib}GiB"])
+    assert frame.iloc[0]["evaluated"] == "event"
+    assert frame.iloc[0]["tokens_per_s"] == pytest.approx(best, rel=1e-9)
+    confirmed = frame.head(3)
+    assert (confirmed["evaluated"] == "event").all() and (confirmed["peak_memory_bytes"] <= cap).all()
