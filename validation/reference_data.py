@@ -96,6 +96,15 @@ def megatron_step_time_s(row: Mapping[str, Any]) -> float:
     return megatron_flops_per_iteration(row) / (float(row["tflops_per_gpu"]) * 1e12 * float(row["gpus"]))
 
 
+def load_llama3_table4() -> pd.DataFrame:
+    """Llama 3 405B's pre-training layouts and achieved BF16 TFLOP/s per GPU on up to 16,384 H100s
+    (Grattafiori et al. 2024, Table 4): Meta's own stack, its FLOP convention and attention kernel
+    not stated, so they are compared as MFU bands, not as a prediction of one run."""
+    path = resources.files(_PACKAGE).joinpath("reference", "llama3_table4.csv")
+    with path.open("r", encoding="utf-8") as fh:
+        return pd.read_csv(fh)
+
+
 def load_published_runs() -> pd.DataFrame:
     """Published training throughput of other software stacks (``published_runs.csv``): NeMo and
     Megatron-Bridge (Megatron-Core), torchtitan, llm-foundry and Megatron-DeepSpeed runs, each with
