@@ -141,11 +141,11 @@ class Memory:
 
 
 # Plan fields that do not change a layer's per-micro-batch costs: the layout over ranks, the
-# schedule, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
+# schedule and its micro-batch groups, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
 # (which matters only through the number of micro-batches, kept in the key where it counts).
-_LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "first_stage_layers",
-                            "last_stage_layers", "offload", "overlap_grad_reduce", "recompute_layers",
-                            "recompute_every"})
+_LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "microbatch_group",
+                            "first_stage_layers", "last_stage_layers", "offload", "overlap_grad_reduce",
+                            "recompute_layers", "recompute_every"})
 _COST_FIELDS = tuple(f for f in Plan.__dataclass_fields__ if f not in _LAYOUT_FIELDS)
 
 
