@@ -47,7 +47,8 @@ from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel, PowerState
 from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_plan_on_cluster
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import offload_overflow, optimizer_transient_bytes, rank_model_states, static_bytes, usable_memory_bytes
+from plansim.simulator.memory import (offload_overflow, optimizer_transient_bytes, rank_model_states, static_bytes,
+                                      usable_memory_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import Groups, cost_workload
 from plansim.simulator.units import remainder_s
@@ -141,8 +142,9 @@ class Memory:
 
 
 # Plan fields that do not change a layer's per-micro-batch costs: the layout over ranks, the
-# schedule and its micro-batch groups, ZeRO/offload (static memory and DP traffic, priced separately below) and the batch
-# (which matters only through the number of micro-batches, kept in the key where it counts).
+# schedule and its micro-batch groups, ZeRO/offload (static memory, DP traffic and copies, priced
+# separately below) and the batch (which matters only through the number of micro-batches, kept
+# in the key where it counts).
 _LAYOUT_FIELDS = frozenset({"pp", "vpp", "dp", "zero", "global_batch", "schedule", "microbatch_group",
                             "first_stage_layers", "last_stage_layers", "offload", "overlap_grad_reduce",
                             "recompute_layers", "recompute_every"})
@@ -329,11 +331,8 @@ class AnalyticModel:
         # every rank's candidate peaks at once: its observations' activations plus the working
         # memory of the phase observed; each rank's peak is the largest of its own rows
         matrix, kind, stage, starts = _all_observations(plan.schedule, p, m_eff, plan.vpp, plan.microbatch_group)
-        saved = costs[:, SAVED]
-        if plan.offload.get("activations", "gpu") != "gpu":  # a lower bound: copies in flight not counted
-            layers = np.array([c.num_layers for c in layout.chunks], float)
-            saved = np.where(layers > 0, saved / np.maximum(layers, 1.0), saved)
-        act = matrix @ saved / 2.0
+        # with activation offload a lower bound: the copies in flight are not counted
+        act = matrix @ (costs[:, SAVED] - self._offloaded_activations(plan, layout, costs)) / 2.0
         total = act + np.where(kind == 0, t_f[stage], np.where(kind == 1, t_b[stage], 0.0))
         best = np.maximum.reduceat(total, starts)
         offload = tuple(sorted(plan.offload.items()))
@@ -398,7 +397,7 @@ class AnalyticModel:
         # beside its compute, and the last virtual stage's backward, which follows its own forward
         # at once, also waits for that forward's copies down; elsewhere the copies down finish
         # beside later work
-        copies = self._activation_copies_per_chunk_s(plan, layout, costs)
+        copies = self._offloaded_activations(plan, layout, costs) / cluster.host_link.achievable_bw_Bps
         copy_waits = np.maximum(0.0, copies - b)
         copy_waits[-1] += max(0.0, copies[-1] - f[-1])
         f[-1] = max(f[-1], copies[-1])
@@ -550,15 +549,14 @@ class AnalyticModel:
         return _Step(workload, layout, costs, m, step + throttle, last, opt_times, dp_exposed, start_delay, z3,
                      copy_waits, throttle, power)
 
-    def _activation_copies_per_chunk_s(self, plan: Plan, layout: Layout, costs: np.ndarray) -> np.ndarray:
-        """Per chunk, seconds one micro-batch's activation copies take the host link in one
-        direction (all but the chunk's last layer's saved activations, the engine's
-        ``offloadable``); zeros without activation offload."""
+    @staticmethod
+    def _offloaded_activations(plan: Plan, layout: Layout, costs: np.ndarray) -> np.ndarray:
+        """Per chunk, the saved bytes one micro-batch sends to host memory: all but the chunk's
+        last layer's (the engine's ``offloadable``); zeros without activation offload."""
         if plan.offload.get("activations", "gpu") == "gpu":
             return np.zeros(len(layout.chunks))
         layers = np.array([c.num_layers for c in layout.chunks], float)
-        offloaded = np.where(layers > 0, costs[:, SAVED] * (layers - 1) / np.maximum(layers, 1.0), 0.0)
-        return offloaded / self.cluster.host_link.achievable_bw_Bps
+        return np.where(layers > 0, costs[:, SAVED] * (layers - 1) / np.maximum(layers, 1.0), 0.0)
 
     def power_state(self, plan: Plan) -> PowerState | None:
         """The clock, slowdowns and draw the power limit leaves ``plan``: what the event engine
