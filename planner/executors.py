@@ -65,12 +65,6 @@ _FASTER_TIERS = {"gpu": (), "cpu": ("gpu",), "nvme": ("gpu", "cpu"), "cxl": ("gp
 _TIER_ORDER = {t: i for i, t in enumerate(_FASTER_TIERS)}
 
 
-def _optimizer_tier(plan: Plan) -> str:
-    return plan.offload.get("optimizer", "gpu")
-
-
-def _offloads_activations(plan: Plan) -> bool:
-    return plan.offload.get("activations", "gpu") != "gpu"
 
 
 def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
@@ -115,13 +109,13 @@ def evaluate_task(model: ModelSpec, cluster: Cluster, plans: Sequence[Plan], mem
     out: list[dict[str, Any] | None] = [None] * len(plans)
     fitting: dict[tuple, list[tuple[str, str]]] = {}
     order = sorted(range(len(plans)), key=lambda i: (_RECOMPUTE_ORDER[plans[i].recompute],
-                                                     _TIER_ORDER[_optimizer_tier(plans[i])],
-                                                     _offloads_activations(plans[i])))
+                                                     _TIER_ORDER[plans[i].placement("optimizer")],
+                                                     plans[i].placement("activations") != "gpu"))
     for i in order:
         plan = plans[i]
         sibling = (plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.etp, plan.zero, plan.micro_batch, plan.global_batch,
                    plan.schedule, plan.vpp, plan.microbatch_group)
-        recompute, tier, acts_away = plan.recompute, _optimizer_tier(plan), _offloads_activations(plan)
+        recompute, tier, acts_away = plan.recompute, plan.placement("optimizer"), plan.placement("activations") != "gpu"
         lighter = [(r, t) for r, t in fitting.get(sibling, ())
                    if (r == recompute or r in _RERUNS_LESS[recompute]) and (t == tier or t in _FASTER_TIERS[tier])]
         if prune_dominated and lighter:

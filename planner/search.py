@@ -363,7 +363,7 @@ def search(model: str | ModelSpec, hardware: str | Sequence[str] | None = None, 
 
 def _check_optimizer_tiers(tiers: Sequence[str], targets: list[Target]) -> None:
     """One line, not an empty search, when no target cluster has any tier the optimizer may use."""
-    have = {"gpu", "cpu"} | {t.kind for target in targets for t in target.cluster.storage}
+    have = frozenset().union(*(target.cluster.tiers for target in targets))
     if not set(tiers) & have:
         raise PlanError(f"offload-optimizer: no cluster searched has {' or '.join(tiers)}; they have "
                         f"{', '.join(sorted(have))}")
@@ -435,8 +435,8 @@ def _apply_sim(row: dict[str, Any], res: dict[str, Any], tokens) -> None:
 
 
 def _plan_fields(plan: Plan) -> dict[str, Any]:
-    special = {"etp": plan.expert_tp, "optimizer_tier": plan.offload.get("optimizer", "gpu"),
-               "activations_tier": plan.offload.get("activations", "gpu")}
+    special = {"etp": plan.expert_tp, "optimizer_tier": plan.placement("optimizer"),
+               "activations_tier": plan.placement("activations")}
     return {k: special[k] if k in special else getattr(plan, k) for k in PLAN_COLUMNS}
 
 

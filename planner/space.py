@@ -208,7 +208,6 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                 return c
         return None
 
-    tiers_here = {"gpu", "cpu"} | {t.kind for t in cluster.storage}
     acts = ("gpu", "cpu") if space.activation_offload else ("gpu",)
     pinned = _pinned_values(plan_constraints)
     tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
@@ -300,7 +299,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                 offload = {k: v for k, v in (("optimizer", tier), ("activations", act)) if v != "gpu"}
                                 if offload:
                                     fields["offload"] = offload
-                                if tier not in tiers_here:
+                                if tier not in cluster.tiers:
                                     prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
                                     continue
                                 bad = violated(fields)

@@ -47,7 +47,7 @@ from plansim.simulator.costs.compute import contention_s
 from plansim.simulator.costs.power import Activity, PowerModel, PowerState
 from plansim.simulator.engine import TrainingSimulation, _Rank, bucket_params, check_plan_on_cluster
 from plansim.simulator.hardware import Cluster
-from plansim.simulator.memory import (offload_overflow, optimizer_transient_bytes, rank_model_states, static_bytes,
+from plansim.simulator.memory import (infeasible_reason, optimizer_transient_bytes, rank_model_states, static_bytes,
                                       usable_memory_bytes)
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import Groups, cost_workload
@@ -248,7 +248,7 @@ class AnalyticModel:
     def optimizer_time_s(self, plan: Plan, params_on_rank: float) -> float:
         """The engine's optimizer step (``TrainingSimulation._optimizer``) for one rank."""
         key = ("opt", params_on_rank, plan.zero, plan.dp * plan.cp, plan.precision, plan.fp32_grads, plan.framework,
-               plan.offload.get("optimizer", "gpu"))
+               plan.placement("optimizer"))
         hit = self._memo.get(key)
         if hit is not None:
             return hit
@@ -364,15 +364,11 @@ class AnalyticModel:
         return mem.peak, reason
 
     def _infeasible(self, plan: Plan, layout: Layout, costs: np.ndarray, mem: Memory) -> str | None:
-        """Out of device memory (as the engine's result reports it), or of the host memory or
-        storage an offloaded optimizer needs (``offload_overflow``); None if the plan fits."""
-        capacity = usable_memory_bytes(self.cluster.device.hbm_bytes)
-        if mem.peak > capacity:
-            return f"out of memory: peak {mem.peak / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {mem.stage}"
-        if plan.offload.get("optimizer", "gpu") == "gpu":
-            return None
+        """``infeasible_reason`` of the engine's result, from the replayed peak."""
+        if mem.peak <= usable_memory_bytes(self.cluster.device.hbm_bytes) and plan.placement("optimizer") == "gpu":
+            return None  # the search's hot path: no per-rank parameter sums needed
         params = np.bincount(layout.ranks, weights=costs[:, DENSE] + costs[:, EXPERT], minlength=plan.pp)
-        return offload_overflow(plan, self.cluster, float(params.max()))
+        return infeasible_reason(plan, self.cluster, mem.peak, mem.stage, float(params.max()))
 
     # --- the estimate -------------------------------------------------------------------------
     def _step(self, plan: Plan) -> "_Step":
@@ -553,7 +549,7 @@ class AnalyticModel:
     def _offloaded_activations(plan: Plan, layout: Layout, costs: np.ndarray) -> np.ndarray:
         """Per chunk, the saved bytes one micro-batch sends to host memory: all but the chunk's
         last layer's (the engine's ``offloadable``); zeros without activation offload."""
-        if plan.offload.get("activations", "gpu") == "gpu":
+        if plan.placement("activations") == "gpu":
             return np.zeros(len(layout.chunks))
         layers = np.array([c.num_layers for c in layout.chunks], float)
         return np.where(layers > 0, costs[:, SAVED] * (layers - 1) / np.maximum(layers, 1.0), 0.0)

@@ -149,7 +149,7 @@ def check_plan_on_cluster(plan: Plan, cluster: Cluster) -> None:
         if tier != "gpu" and (what, tier) not in SUPPORTED_OFFLOAD:
             raise PlanError(f"offload.{what}: {tier!r} is not simulated yet; supported: "
                             + ", ".join(f"{w}={t}" for w, t in sorted(SUPPORTED_OFFLOAD)))
-        if tier in ("nvme", "cxl") and not any(t.kind == tier for t in cluster.storage):
+        if tier not in cluster.tiers:
             have = ", ".join(sorted({t.kind for t in cluster.storage})) or "none"
             raise PlanError(f"offload.{what}: cluster {cluster.name} has no {tier} tier (it has: {have})")
 
@@ -490,7 +490,7 @@ class TrainingSimulation:
             return layers, launch
 
         grads_allocated: set[int] = set()
-        offload_acts = plan.offload.get("activations", "gpu") == "cpu"
+        offload_acts = plan.placement("activations") == "cpu"
         offloaded: dict[tuple[int, int], simpy.Event] = {}
 
         def offload_done(key: tuple[int, int]) -> simpy.Event:
@@ -701,7 +701,7 @@ class TrainingSimulation:
         params = sum(c.params for c in self.costs if c.chunk.rank == rank.index)
         shard = params / (plan.dp * plan.cp) if plan.zero >= 1 else params
         start = env.now
-        tier = plan.offload.get("optimizer", "gpu")
+        tier = plan.placement("optimizer")
         if tier != "gpu":
             _, g_b, o_b = bytes_per_param(plan)
             yield rank.d2h.transfer(shard * g_b)  # gradients down

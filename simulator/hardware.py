@@ -314,6 +314,11 @@ class Cluster(BaseModel):
     def num_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def tiers(self) -> frozenset[str]:
+        """Where this cluster can keep state: the GPU, host memory and its storage kinds."""
+        return frozenset({"gpu", "cpu"} | {t.kind for t in self.storage})
+
     @property  # not cached: model_copy(update=...) would carry a stale value over
     def nic_bw_per_gpu_Bps(self) -> float:
         """Achievable inter-node bandwidth available to one GPU (its share of the node's NICs)."""

@@ -29,6 +29,17 @@ def usable_memory_bytes(hbm_bytes: float) -> float:
     return (hbm_bytes - CONTEXT_BYTES) * (1.0 - ALLOCATOR_RESERVE)
 
 
+def infeasible_reason(plan: Plan, cluster: "Cluster", peak_bytes: float, stage: int,
+                      params_on_rank: float) -> str | None:
+    """Why ``plan`` cannot run, in the words both the engine's result and the search's analytic
+    memory report: its peak over the device memory the allocator can reach (on pipeline ``stage``),
+    else offloaded states the node cannot hold (``offload_overflow``); None if it fits."""
+    capacity = usable_memory_bytes(cluster.device.hbm_bytes)
+    if peak_bytes > capacity:
+        return f"out of memory: peak {peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {stage}"
+    return offload_overflow(plan, cluster, params_on_rank)
+
+
 def offload_overflow(plan: Plan, cluster: "Cluster", params_on_rank: float) -> str | None:
     """Why a node cannot hold its GPUs' offloaded optimizer states where the plan puts them, or
     None.  ZeRO-Offload keeps each GPU's shard of the fp32 states, and the gradients it brings down
@@ -37,7 +48,7 @@ def offload_overflow(plan: Plan, cluster: "Cluster", params_on_rank: float) -> s
     CXL memory (their capacity summed) and only the gradients in DRAM.  The shard is the
     engine's (``params_on_rank`` over dp·cp from ZeRO-1 on) and every GPU of the node is taken to
     hold the busiest pipeline stage's: an upper bound where a node spans stages."""
-    tier = plan.offload.get("optimizer", "gpu")
+    tier = plan.placement("optimizer")
     if tier == "gpu":
         return None
     _, grad_b, optim_b = bytes_per_param(plan)
@@ -162,7 +173,7 @@ def optimizer_transient_bytes(plan: Plan, params_on_rank: float) -> float:
     fp32), in pure bf16, for PyTorch (its optimizer works on the gradients in place) or when
     the optimizer is offloaded."""
     if (plan.precision == "bf16-pure" or plan.fp32_grads or plan.framework == "pytorch"
-            or plan.offload.get("optimizer", "gpu") != "gpu"):
+            or plan.placement("optimizer") != "gpu"):
         return 0.0
     shard = params_on_rank / (plan.dp * plan.cp) if plan.zero >= 1 else params_on_rank
     return 4.0 * shard

@@ -10,7 +10,7 @@ from typing import Any
 
 from plansim.simulator.engine import EngineOutput, TraceEvent
 from plansim.simulator.files import write_atomically
-from plansim.simulator.memory import offload_overflow, usable_memory_bytes
+from plansim.simulator.memory import infeasible_reason, usable_memory_bytes
 from plansim.simulator.units import remainder_s
 from plansim.workloads.training import gemm_dtype
 
@@ -114,11 +114,8 @@ def build_result(output: EngineOutput, *, model, plan, cluster, calibrated: str 
     per_stage = [{"stage": r.rank, "compute_s": r.compute_s, "comm_exposed_s": r.comm_exposed_s,
                   "peak_memory_bytes": r.memory.peak_bytes, "end_s": r.end_s} for r in output.ranks]
     capacity = usable_memory_bytes(cluster.device.hbm_bytes)
-    reason = None if mem.peak_bytes <= capacity else \
-        f"out of memory: peak {mem.peak_bytes / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB usable on stage {peak_rank.rank}"
-    if reason is None:
-        stage_params = [sum(c.params for c in output.chunk_costs if c.chunk.rank == r.rank) for r in output.ranks]
-        reason = offload_overflow(plan, cluster, max(stage_params))
+    stage_params = [sum(c.params for c in output.chunk_costs if c.chunk.rank == r.rank) for r in output.ranks]
+    reason = infeasible_reason(plan, cluster, mem.peak_bytes, peak_rank.rank, max(stage_params))
     return Result(
         model=model.name, hardware=cluster.device.name, cluster=cluster.name, num_gpus=n,
         plan=plan.to_dict(), step_time_s=step, tokens_per_s=tokens / step if step else 0.0,

@@ -190,6 +190,10 @@ class Plan:
             raise PlanError(f"microbatch_group: {n} leaves a last group of {m % n} micro-batches, fewer than pp "
                             f"({self.pp}); pick one that divides {m} or leaves at least {self.pp}")
 
+    def placement(self, what: str) -> str:
+        """Where ``what`` (params, grads, optimizer, activations) lives: its ``offload`` tier or the GPU."""
+        return self.offload.get(what, "gpu")
+
     @property
     def partial_recompute(self) -> bool:
         """Only some layers recomputed (``recompute_layers`` or ``recompute_every``)."""
