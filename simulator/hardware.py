@@ -220,12 +220,37 @@ class Link(_Profile):
     pageable_d2h_fraction: float | None = Field(default=None, gt=0, le=1)  # the same, device to host
     op_efficiency: dict[str, float] | None = None  # per-collective busbw relative to all-reduce's
     op_latency_s: dict[str, float] | None = None  # per-collective latency beyond NCCL's protocol model
+    #: ring bus bandwidth with n ranks on the link, relative to ``achievable_bw_Bps`` (which is
+    #: the bandwidth at the largest n given); measured, since NCCL's rings on NVSwitch reach less
+    #: with fewer ranks (H100: 329, 355, 361 GB/s all-reduce busbw at 2, 4, 8 GPUs)
+    ring_busbw_by_ranks: dict[int, float] | None = None
 
     @model_validator(mode="after")
     def _achievable_below_peak(self):
         if self.achievable_bw_Bps > self.bw_Bps:
             raise ValueError("achievable_bw: larger than the peak bw")
+        if self.ring_busbw_by_ranks and (min(self.ring_busbw_by_ranks) < 2
+                                          or not all(0 < f <= 1 for f in self.ring_busbw_by_ranks.values())):
+            raise ValueError("ring_busbw_by_ranks: keys must be rank counts >= 2, values fractions in (0, 1]")
         return self
+
+    def ring_fraction(self, ranks: int) -> float:
+        """``ring_busbw_by_ranks`` at ``ranks``: linear in 1/ranks between the measured counts
+        (busbw approaches its limit as 1/n shrinks), the nearest measured count outside them."""
+        table = self.ring_busbw_by_ranks
+        if not table or ranks < 2:
+            return 1.0
+        xs = sorted(table)
+        if ranks <= xs[0]:
+            return table[xs[0]]
+        if ranks >= xs[-1]:
+            return table[xs[-1]]
+        hi = next(x for x in xs if x >= ranks)
+        lo = max(x for x in xs if x <= ranks)
+        if hi == lo:
+            return table[lo]
+        w = (1 / lo - 1 / ranks) / (1 / lo - 1 / hi)
+        return table[lo] + w * (table[hi] - table[lo])
 
     @property
     def per_port_bw_Bps(self) -> float:

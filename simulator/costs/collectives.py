@@ -139,7 +139,8 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     """Cost of one collective of buffer size ``nbytes`` (nccl-tests' size) over ``group``.
 
     The bytes cross the slower of the NVLink port and the NIC share, at the link's measured
-    per-collective efficiency (``Link.op_efficiency``: e.g. all-gather kernels move fewer
+    per-collective efficiency and, for rings, its measured busbw at that many ranks per node
+    (``Link.ring_fraction``) (``Link.op_efficiency``: e.g. all-gather kernels move fewer
     bytes per second than all-reduce ones) and with its measured per-collective latency
     (``Link.op_latency_s``, on top of NCCL's); the latency is NCCL's for the chosen algorithm
     (ring; tree for all-reduce across nodes when faster) and protocol (LL, LL128 or Simple,
@@ -170,9 +171,11 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
         candidates = [[(inter if multi_node else intra, 1)]]
     else:
         steps = 2 if op == "all_reduce" else 1
+        # the ring's g ranks in each node reach the link's busbw for that many ranks
+        intra_rate = intra.achievable_bw_Bps * intra.ring_fraction(g)
         if multi_node:
             inter_rate = g * cluster.nic_bw_per_gpu_Bps
-            t_intra, t_inter = busbytes / intra.achievable_bw_Bps, busbytes / inter_rate
+            t_intra, t_inter = busbytes / intra_rate, busbytes / inter_rate
             link, rate, volume = ("inter", cluster.nic_bw_per_gpu_Bps, busbytes / g) if t_inter >= t_intra \
                 else ("intra", intra.achievable_bw_Bps, busbytes)
             ring = [(intra, steps * (n - group.nodes)), (inter, steps * group.nodes)]
@@ -189,6 +192,8 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
             candidates = [ring, tree]
     link_obj = inter if link == "inter" else intra
     op_eff = (link_obj.op_efficiency or {}).get(op, 1.0)
+    if link == "intra" and op not in ("send_recv", "all_to_all"):  # a ring through the node's g ranks
+        op_eff *= intra.ring_fraction(g)
     op_lat = (link_obj.op_latency_s or {}).get(op, 0.0)
     best = None
     for hops in candidates:

@@ -86,6 +86,29 @@ def test_collectives_are_positive_monotone_and_bounded_by_the_link(kw):
             assert c.link in ("intra", "inter")
 
 
+def test_ring_busbw_grows_with_ranks_as_measured_and_only_for_rings():
+    """NVLink 4's measured busbw per ring size: a large all-reduce's busbw follows the table's
+    ratios between rank counts (monotone, interpolated in 1/n between them); send/recv and
+    all-to-all (no ring) and links without a table are unaffected."""
+    cluster = build_cluster("h100-sxm")
+    link = cluster.intra_node_link
+    assert link.ring_busbw_by_ranks, "nvlink4-nvswitch should carry its measured ring table"
+    fractions = [link.ring_fraction(n) for n in range(2, 9)]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0
+    assert link.ring_fraction(1) == 1.0 and link.ring_fraction(64) == link.ring_fraction(8)
+    busbw = {n: nccl_tests_bandwidths("all_reduce", 2**30, n, collective_time("all_reduce", 2**30, Group(n, n),
+                                                                              cluster))[1] for n in (2, 4, 8)}
+    for n in (2, 4):  # latency is < 1 % of a 1 GiB all-reduce: the busbw ratio is the table's
+        assert busbw[n] / busbw[8] == pytest.approx(link.ring_fraction(n) / link.ring_fraction(8), rel=0.01)
+    flat = cluster.model_copy(update={"intra_node_link": link.model_copy(update={"ring_busbw_by_ranks": None})})
+    for op in ("send_recv", "all_to_all"):
+        assert collective_time(op, 2**30, Group(2, 2), cluster) == collective_time(op, 2**30, Group(2, 2), flat)
+    assert collective_time("all_reduce", 2**30, Group(2, 2), cluster) > collective_time("all_reduce", 2**30,
+                                                                                        Group(2, 2), flat)
+    with pytest.raises(ValueError, match="ring_busbw_by_ranks"):
+        link.model_validate({**link.model_dump(), "ring_busbw_by_ranks": {1: 0.5}})
+
+
 def test_trivial_collectives_cost_nothing():
     cluster = build_cluster("h100-sxm")
     assert collective_cost("all_reduce", 1e9, Group(1, 1), cluster).time_s == 0.0
