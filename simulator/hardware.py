@@ -241,14 +241,10 @@ class Link(_Profile):
         if not table or ranks < 2:
             return 1.0
         xs = sorted(table)
-        if ranks <= xs[0]:
-            return table[xs[0]]
-        if ranks >= xs[-1]:
-            return table[xs[-1]]
-        hi = next(x for x in xs if x >= ranks)
-        lo = max(x for x in xs if x <= ranks)
-        if hi == lo:
-            return table[lo]
+        if ranks in table or ranks < xs[0] or ranks > xs[-1]:
+            return table[min(max(ranks, xs[0]), xs[-1])]
+        hi = next(x for x in xs if x > ranks)
+        lo = max(x for x in xs if x < ranks)
         w = (1 / lo - 1 / ranks) / (1 / lo - 1 / hi)
         return table[lo] + w * (table[hi] - table[lo])
 

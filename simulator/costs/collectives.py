@@ -139,9 +139,9 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     """Cost of one collective of buffer size ``nbytes`` (nccl-tests' size) over ``group``.
 
     The bytes cross the slower of the NVLink port and the NIC share, at the link's measured
-    per-collective efficiency and, for rings, its measured busbw at that many ranks per node
-    (``Link.ring_fraction``) (``Link.op_efficiency``: e.g. all-gather kernels move fewer
-    bytes per second than all-reduce ones) and with its measured per-collective latency
+    per-collective efficiency (``Link.op_efficiency``: e.g. all-gather kernels move fewer
+    bytes per second than all-reduce ones), for rings inside a node at the busbw measured for
+    that many ranks (``Link.ring_fraction``), and with its measured per-collective latency
     (``Link.op_latency_s``, on top of NCCL's); the latency is NCCL's for the chosen algorithm
     (ring; tree for all-reduce across nodes when faster) and protocol (LL, LL128 or Simple,
     whichever is fastest at this size), never below the host's cost of issuing the call.
