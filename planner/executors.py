@@ -65,8 +65,6 @@ _FASTER_TIERS = {"gpu": (), "cpu": ("gpu",), "nvme": ("gpu", "cpu"), "cxl": ("gp
 _TIER_ORDER = {t: i for i, t in enumerate(_FASTER_TIERS)}
 
 
-
-
 def _fewest_recomputed_layers(am: AnalyticModel, plan: Plan, limit: float) -> tuple[Plan, Any] | None:
     """The fitting plan that recomputes the fewest layers per chunk (``recompute_layers``) of a
     plan that fits with full recomputation: memory only falls and time only rises as more layers

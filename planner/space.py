@@ -209,6 +209,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
         return None
 
     acts = ("gpu", "cpu") if space.activation_offload else ("gpu",)
+    tiers_here = cluster.tiers
     pinned = _pinned_values(plan_constraints)
     tps = space.tp or [d for d in _divisors(n) if d <= max(gpn, 1) * (1 if space.tp_within_node else n)]
     tps = sorted(set(tps) | pinned.get("tp", set()))
@@ -282,8 +283,9 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                             gbs = gb
                             m = gbs // (dp * mb)
                             f_s = dict(f_mb, schedule=schedule, vpp=vpp, global_batch=gbs)
-                            group = smallest_microbatch_group(m, pp) if space.microbatch_groups else None
-                            if schedule == "interleaved" and m % pp and group is not None:
+                            group = (smallest_microbatch_group(m, pp)
+                                     if schedule == "interleaved" and m % pp and space.microbatch_groups else None)
+                            if group is not None:
                                 f_s["microbatch_group"] = group
                             elif schedule == "interleaved" and m % pp:
                                 if max_global_batch is not None and m >= pp:
@@ -299,7 +301,7 @@ def enumerate_plans(model: ModelSpec, cluster: Cluster, space: SearchSpace, *, s
                                 offload = {k: v for k, v in (("optimizer", tier), ("activations", act)) if v != "gpu"}
                                 if offload:
                                     fields["offload"] = offload
-                                if tier not in cluster.tiers:
+                                if tier not in tiers_here:
                                     prune(fields, f"offload: cluster {cluster.name} has no {tier} tier")
                                     continue
                                 bad = violated(fields)

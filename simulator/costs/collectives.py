@@ -156,6 +156,7 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
     if multi_node and inter is None:
         raise ValueError(f"cluster {cluster.name}: a group spans {group.nodes} nodes but the cluster has no inter-node link")
     busbytes = bus_factor(op, n) * nbytes
+    ring_share = 1.0  # rings inside a node reach the link's busbw for their g ranks there
 
     if op == "send_recv":
         link, volume, rate = ("inter", nbytes, cluster.nic_bw_per_gpu_Bps) if multi_node \
@@ -171,8 +172,8 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
         candidates = [[(inter if multi_node else intra, 1)]]
     else:
         steps = 2 if op == "all_reduce" else 1
-        # the ring's g ranks in each node reach the link's busbw for that many ranks
-        intra_rate = intra.achievable_bw_Bps * intra.ring_fraction(g)
+        ring_share = intra.ring_fraction(g)
+        intra_rate = intra.achievable_bw_Bps * ring_share
         if multi_node:
             inter_rate = g * cluster.nic_bw_per_gpu_Bps
             t_intra, t_inter = busbytes / intra_rate, busbytes / inter_rate
@@ -192,8 +193,8 @@ def collective_cost(op: str, nbytes: float, group: Group, cluster: Cluster,
             candidates = [ring, tree]
     link_obj = inter if link == "inter" else intra
     op_eff = (link_obj.op_efficiency or {}).get(op, 1.0)
-    if link == "intra" and op not in ("send_recv", "all_to_all"):  # a ring through the node's g ranks
-        op_eff *= intra.ring_fraction(g)
+    if link == "intra":
+        op_eff *= ring_share
     op_lat = (link_obj.op_latency_s or {}).get(op, 0.0)
     best = None
     for hops in candidates:
