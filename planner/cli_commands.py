@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from plansim.simulator.files import write_atomically
-from plansim.workloads.plan import CROSS_ENTROPY, FRAMEWORKS, PRECISIONS, PlanError
+from plansim.workloads.plan import CROSS_ENTROPY, FRAMEWORKS, MOE_DISPATCHERS, PRECISIONS, PlanError
 
 TABLE_COLUMNS = (("hardware", "hardware"), ("num_gpus", "GPUs"), ("tp", "tp"), ("pp", "pp"), ("dp", "dp"),
                  ("cp", "cp"), ("ep", "ep"), ("etp", "etp"), ("zero", "zero"), ("micro_batch", "mb"), ("global_batch", "gbs"),
@@ -86,6 +86,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--cross-entropy", choices=CROSS_ENTROPY, default="unfused",
                    help="the loss kernel every plan uses: unfused (fp32 logits, default) | fused (one kernel on the "
                         "16-bit logits: less memory, so more plans fit)")
+    p.add_argument("--moe-dispatcher", choices=MOE_DISPATCHERS, default="alltoall",
+                   help="MoE token dispatch every plan uses: alltoall (NCCL all-to-all, token permutations as "
+                        "copies; default) | fused (DeepEP / HybridEP kernels that permute as they send)")
     p.add_argument("--fp32-grads", action="store_true",
                    help="every plan accumulates and reduces gradients in fp32 (Megatron-LM's bf16 default, "
                         "NeMo's and Megatron-Bridge's grad_reduce_in_fp32): 18 bytes per parameter")
@@ -171,7 +174,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
-                   cross_entropy=args.cross_entropy, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
+                   cross_entropy=args.cross_entropy, moe_dispatcher=args.moe_dispatcher, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
                    space=SearchSpace(partial_recompute=args.partial_recompute,
                                      optimizer_tiers=parse_tiers(args.offload_optimizer),
                                      activation_offload=args.offload_activations,

@@ -46,7 +46,7 @@ def _add_cluster_args(p: argparse.ArgumentParser, hardware_default: str | None =
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    from plansim.workloads.plan import ATTENTION, CROSS_ENTROPY, PRECISIONS, RECOMPUTE, SCHEDULES
+    from plansim.workloads.plan import ATTENTION, CROSS_ENTROPY, MOE_DISPATCHERS, PRECISIONS, RECOMPUTE, SCHEDULES
     p.add_argument("--plan", help="YAML/JSON file with plan fields (flags override it)")
     for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro-batch", "global-batch", "seq-len",
                  "first-stage-layers", "last-stage-layers"):
@@ -75,6 +75,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="unfused: the loss on fp32 logits (default); fused: one kernel on the 16-bit logits "
                         "(flash-attn's xentropy, llm-foundry's fused_crossentropy)")
     p.add_argument("--ddp", choices=("megatron", "torch"), help="data-parallel wrapper (torch: PyTorch DDP's bucket copy)")
+    p.add_argument("--moe-dispatcher", choices=MOE_DISPATCHERS,
+                   help="MoE token dispatch: alltoall (NCCL all-to-all, token permutations as copies; default) | "
+                        "fused (DeepEP / HybridEP kernels that permute as they send)")
     p.add_argument("--framework", choices=("megatron", "pytorch"),
                    help="megatron: fused kernels, persistent grad buffer (default); pytorch: eager modules")
     p.add_argument("--fp32-grads", action=argparse.BooleanOptionalAction, default=None)
@@ -95,7 +98,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
     for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
                  "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "cross_entropy", "ddp",
-                 "fp32_grads", "grad_accumulation_fusion",
+                 "moe_dispatcher", "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "tp_comm_overlap", "first_stage_layers",
                  "last_stage_layers", "microbatch_group"):
         value = getattr(args, name)

@@ -22,6 +22,8 @@ DDP_IMPLS = ("megatron", "torch")
 CP_COMMS = ("ring", "allgather")
 CROSS_ENTROPY = ("unfused", "fused")  # unfused: the framework's own loss on fp32 logits; fused: one kernel on the
 #   16-bit logits (flash-attn's xentropy, llm-foundry's default fused_crossentropy)
+MOE_DISPATCHERS = ("alltoall", "fused")  # alltoall: NCCL all-to-all with the token permutations as copies of their
+#   own (Megatron-Core's alltoall dispatcher); fused: DeepEP / HybridEP kernels that permute and combine as they send
 TIERS = ("gpu", "cpu", "nvme", "cxl")
 OFFLOADABLE = ("params", "grads", "optimizer", "activations")
 
@@ -98,6 +100,10 @@ class Plan:
     #   (Megatron's vocab_parallel_cross_entropy, eager PyTorch's log_softmax + nll_loss); "fused": one kernel
     #   reads the 16-bit logits and keeps them for backward, which writes a 16-bit gradient (flash-attn's
     #   xentropy: llm-foundry's default loss_fn fused_crossentropy); no fp32 copy of the logits
+    moe_dispatcher: str = "alltoall"  # MoE token dispatch: "alltoall" (Megatron-Core's alltoall dispatcher:
+    #   tokens gathered into expert order, NCCL all-to-all, regrouped by local expert, and all of it undone
+    #   on the way back, each a pass over the routed tokens) or "fused" (its flex dispatcher on DeepEP or
+    #   HybridEP: the communication kernels write tokens in expert order and sum the top-k outputs)
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
     #   modules (separate q/k/v and gate/up GEMMs, unfused RoPE and SwiGLU), gradients allocated in
     #   backward and freed by zero_grad(set_to_none=True), DDP bucket buffers
@@ -119,7 +125,8 @@ class Plan:
             raise PlanError(f"zero: must be one of 0, 1, 2, 3, got {self.zero!r}")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                               ("framework", FRAMEWORKS), ("attention", ATTENTION),
-                              ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS), ("cross_entropy", CROSS_ENTROPY)):
+                              ("ddp", DDP_IMPLS), ("cp_comm", CP_COMMS), ("cross_entropy", CROSS_ENTROPY),
+                              ("moe_dispatcher", MOE_DISPATCHERS)):
             if name == "attention" and self.attention is None:  # the framework's own, once it is known good
                 object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.framework])
             if getattr(self, name) not in allowed:

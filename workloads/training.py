@@ -301,6 +301,13 @@ def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[O
     """Router, all-to-all dispatch over the EP group, local experts, all-to-all combine.
 
     Tokens are assumed balanced over experts: each rank processes tokens·top_k expert-tokens.
+    Under ``Plan.moe_dispatcher`` "alltoall" the all-to-alls come with Megatron-Core's dropless
+    dispatcher's copies (``MoEAlltoAllTokenDispatcher``): token copies gathered into expert order
+    before the dispatch (permutation 1), and, where a rank holds several experts and receives
+    from several ranks, the received rows regrouped by local expert and back
+    (``sort_chunks_by_idxs``, permutation 2), each reading and writing every routed row (fused
+    kernels or not), then the top-k outputs weighted and summed back per token (unpermute).
+    Under "fused" (DeepEP, HybridEP) the dispatch and combine kernels do all of that as they send.
     With experts split like the dense MLP (etp = tp) the TP group first gathers the sequence-
     parallel tokens and reduce-scatters after; with Megatron-Core's parallel folding (etp 1, tp > 1)
     each TP rank routes its own 1/tp of them to whole experts, and a shared expert keeps the
@@ -311,25 +318,32 @@ def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[O
     if folded:
         tokens = tokens / plan.tp
     routed = tokens * k
+    copies = plan.moe_dispatcher == "alltoall"
+    regroup = copies and plan.ep > 1 and model.num_experts // plan.ep > 1
     ops = [] if folded else [_tp_comm("moe.allgather", full, plan, "all_gather")]
     ops += [
         Op("router", "gemm", gemm=(int(tokens), model.num_experts, h), dtype="bf16",
            has_weight=True, saved_bytes=0.0),
         Op("router.topk", "memory", bytes=tokens * model.num_experts * 4 * 2),
-        Op("moe.dispatch", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
-           comm_bytes=routed * h * e),
     ]
+    if copies:
+        ops.append(Op("moe.permute", "memory", bytes=2 * routed * h * e, bwd_bytes_factor=1.0))
+    ops.append(Op("moe.dispatch", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
+                  comm_bytes=routed * h * e))
+    if regroup:
+        ops.append(Op("moe.sort_chunks", "memory", bytes=2 * routed * h * e, bwd_bytes_factor=1.0))
     ops += _mlp_ops(model, plan, routed, model.moe_ffn_hidden, full, "experts", tp_comms=False,
                     shards=plan.expert_tp)
     if model.shared_experts:
         # folded: the shared expert is a dense TP MLP on the gathered sequence
         ops += _mlp_ops(model, plan, tokens * plan.tp if folded else tokens,
                         model.moe_ffn_hidden * model.shared_experts, full, "shared", tp_comms=folded)
-    ops += [
-        Op("moe.combine", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
-           comm_bytes=routed * h * e),
-        Op("moe.unpermute", "memory", bytes=3 * routed * h * e),
-    ]
+    if regroup:
+        ops.append(Op("moe.unsort_chunks", "memory", bytes=2 * routed * h * e, bwd_bytes_factor=1.0))
+    ops.append(Op("moe.combine", "collective", collective="all_to_all" if plan.ep > 1 else "none", group="ep",
+                  comm_bytes=routed * h * e))
+    if copies:  # the weighting by the router's probabilities keeps the expert outputs for its backward
+        ops.append(Op("moe.unpermute", "memory", bytes=3 * routed * h * e, saved_bytes=routed * h * e))
     if not folded:
         ops.append(_tp_comm("moe.reduce", full, plan, "reduce_scatter"))
     return ops

@@ -435,6 +435,37 @@ def test_moe_parallel_folding_routes_each_tp_ranks_own_tokens_to_whole_experts()
         Plan(tp=2, dp=4, ep=8, etp=1, sequence_parallel=False, global_batch=4)
 
 
+def test_moe_dispatcher_copies_every_routed_row_per_permutation_unless_fused():
+    """Megatron-Core's alltoall dispatcher gathers the token copies into expert order before the
+    all-to-all, regroups what it receives by local expert (only where a rank holds several experts
+    and the EP group has several ranks), undoes both after the experts and weights the top-k
+    outputs back per token, keeping the expert outputs for that weighting's backward; the fused
+    dispatchers (DeepEP, HybridEP) do all of it inside the communication kernels."""
+    model = load_model("mixtral-8x7b")  # 8 experts, top 2
+    h, e = model.hidden, 2
+
+    def moe_ops(**fields):
+        plan = Plan(**{"dp": 4, "micro_batch": 1, "global_batch": 4, "seq_len": 4096, **fields})
+        return {op.name: op for op in TrainingWorkload(model, plan).layer_ops(0)}
+
+    routed = 4096 * model.top_k
+    ops = moe_ops(ep=4)  # two experts per rank, four source ranks: both permutations
+    for name in ("moe.permute", "moe.sort_chunks", "moe.unsort_chunks"):
+        assert ops[name].bytes == 2 * routed * h * e and ops[name].bwd_bytes_factor == 1.0
+    assert ops["moe.unpermute"].saved_bytes == routed * h * e
+    names = list(ops)
+    assert (names.index("moe.permute") < names.index("moe.dispatch") < names.index("moe.sort_chunks")
+            < names.index("experts.up") < names.index("moe.unsort_chunks") < names.index("moe.combine")
+            < names.index("moe.unpermute"))
+    assert "moe.sort_chunks" not in moe_ops(ep=1) and "moe.permute" in moe_ops(ep=1)  # nothing received
+    assert "moe.sort_chunks" not in moe_ops(dp=8, global_batch=8, ep=8)  # one expert per rank
+    fused = moe_ops(ep=4, moe_dispatcher="fused")
+    assert not {"moe.permute", "moe.sort_chunks", "moe.unsort_chunks", "moe.unpermute"} & set(fused)
+    assert fused["moe.dispatch"].comm_bytes == ops["moe.dispatch"].comm_bytes
+    with pytest.raises(PlanError, match="moe_dispatcher: 'deepep' is not one of alltoall, fused"):
+        Plan(moe_dispatcher="deepep")
+
+
 def test_expert_groups_follow_megatron_cores_expert_grid():
     """Experts are laid over tp·cp·dp as etp, ep, expert-dp (cp folds in): with tp 2, cp 2 and ep 4
     an EP group is 4 ranks 2 apart, inside one 8-GPU node, not 4 apart across two."""
