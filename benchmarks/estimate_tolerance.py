@@ -13,6 +13,7 @@ CASES = [("llama3-8b", dict(nodes=2, global_batch=128, seq_len=8192)),
          ("llama3-70b", dict(nodes=8, global_batch=256, seq_len=8192)),
          ("mixtral-8x7b", dict(nodes=4, global_batch=256, seq_len=4096)),
          ("mixtral-8x7b", dict(nodes=4, global_batch=128, seq_len=4096, precision="fp8")),
+         ("deepseek-moe-16b", dict(nodes=4, global_batch=256, seq_len=4096, moe_a2a_overlap=True)),
          ("llama3-8b", dict(nodes=2, global_batch=128, seq_len=8192, precision="fp8")),
          ("llama3-70b", dict(nodes=8, global_batch=256, seq_len=8192, precision="fp8")),
          ("llama3-8b", dict(nodes=2, global_batch=64, seq_len=8192, framework="pytorch"))]

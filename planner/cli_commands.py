@@ -89,6 +89,9 @@ def add_search_parser(subparsers: Any, parser_class: type | None = None) -> argp
     p.add_argument("--moe-dispatcher", choices=MOE_DISPATCHERS, default="alltoall",
                    help="MoE token dispatch every plan uses: alltoall (NCCL all-to-all, token permutations as "
                         "copies; default) | fused (DeepEP / HybridEP kernels that permute as they send)")
+    p.add_argument("--moe-a2a-overlap", action="store_true",
+                   help="every plan overlaps one micro-batch's MoE all-to-alls with another's compute (Megatron-Core "
+                        "--overlap-moe-expert-parallel-comm)")
     p.add_argument("--fp32-grads", action="store_true",
                    help="every plan accumulates and reduces gradients in fp32 (Megatron-LM's bf16 default, "
                         "NeMo's and Megatron-Bridge's grad_reduce_in_fp32): 18 bytes per parameter")
@@ -174,7 +177,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    prices=args.price, confirm=args.confirm, calibrated=not args.no_calibration,
                    progress=not args.no_progress and args.format == "table",
                    list_infeasible=args.list_infeasible, precision=args.precision, framework=args.framework,
-                   cross_entropy=args.cross_entropy, moe_dispatcher=args.moe_dispatcher, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
+                   cross_entropy=args.cross_entropy, moe_dispatcher=args.moe_dispatcher, moe_a2a_overlap=args.moe_a2a_overlap, tp_comm_overlap=args.tp_comm_overlap, fp32_grads=args.fp32_grads,
                    space=SearchSpace(partial_recompute=args.partial_recompute,
                                      optimizer_tiers=parse_tiers(args.offload_optimizer),
                                      activation_offload=args.offload_activations,

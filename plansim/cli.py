@@ -78,6 +78,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-dispatcher", choices=MOE_DISPATCHERS,
                    help="MoE token dispatch: alltoall (NCCL all-to-all, token permutations as copies; default) | "
                         "fused (DeepEP / HybridEP kernels that permute as they send)")
+    p.add_argument("--moe-a2a-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="Megatron-Core's EP overlap (--overlap-moe-expert-parallel-comm): one micro-batch's "
+                        "all-to-alls beside another's compute in the 1F1B steady state (default off)")
     p.add_argument("--framework", choices=("megatron", "pytorch"),
                    help="megatron: fused kernels, persistent grad buffer (default); pytorch: eager modules")
     p.add_argument("--fp32-grads", action=argparse.BooleanOptionalAction, default=None)
@@ -98,7 +101,7 @@ def _plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = load_plan(args.plan) if args.plan else {}
     for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len", "zero",
                  "recompute", "recompute_layers", "recompute_every", "sequence_parallel", "schedule", "precision", "attention", "framework", "cp_comm", "cross_entropy", "ddp",
-                 "moe_dispatcher", "fp32_grads", "grad_accumulation_fusion",
+                 "moe_dispatcher", "moe_a2a_overlap", "fp32_grads", "grad_accumulation_fusion",
                  "overlap_grad_reduce", "overlap_p2p", "tp_backward_overlap", "tp_comm_overlap", "first_stage_layers",
                  "last_stage_layers", "microbatch_group"):
         value = getattr(args, name)

@@ -50,7 +50,7 @@ from plansim.simulator.hardware import Cluster
 from plansim.simulator.memory import (infeasible_reason, optimizer_transient_bytes, rank_model_states, static_bytes,
                                       usable_memory_bytes)
 from plansim.simulator.schedules import build_schedule
-from plansim.simulator.stagecost import Groups, cost_workload
+from plansim.simulator.stagecost import Groups, cost_workload, ep_overlap_share
 from plansim.simulator.units import remainder_s
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan
@@ -182,7 +182,8 @@ class AnalyticModel:
         """cost_workload on pseudo-chunks holding one piece each: a matrix with a row per piece
         (``_PIECES``; the rows of layers kept from recomputation are costed only under
         a partial recomputation).  Raises PlanError if the plan does not fit the model."""
-        key = _layer_key(plan)
+        overlap = ep_overlap_share(plan)  # of the plan's own schedule, not the stand-in's below
+        key = _layer_key(plan) + (overlap,)
         hit = self._pieces.get(key)
         if hit is not None:
             return hit
@@ -201,13 +202,13 @@ class AnalyticModel:
         rows.append(3)
         chunks.append(Chunk(len(chunks), 0, 0, 0, False, True))
         workload.chunks = chunks
-        for row, cc in zip(rows, cost_workload(workload, self.cluster)):
+        for row, cc in zip(rows, cost_workload(workload, self.cluster, overlap)):
             matrix[row] = _piece_vector(cc)
         if plan.partial_recompute:
             kept = TrainingWorkload(self.model, base.replace(recompute="none"))
             kept.chunks = [c for c in chunks if c.num_layers]
             kept_rows = [row + 3 for row in rows if row in (1, 2)]  # dense -> dense-kept, moe -> moe-kept
-            for row, cc in zip(kept_rows, cost_workload(kept, self.cluster)):
+            for row, cc in zip(kept_rows, cost_workload(kept, self.cluster, overlap)):
                 matrix[row] = _piece_vector(cc)
         self._pieces[key] = (workload, matrix)
         return workload, matrix

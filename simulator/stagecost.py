@@ -7,7 +7,8 @@ analytic estimate read these numbers, so they agree wherever nothing contends.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from plansim.simulator.costs.compute import (attention_flops, contention_s, cont
                                              kernel_issue_time,
                                              memory_bound_time, norm_time)
 from plansim.simulator.hardware import Cluster
+from plansim.simulator.schedules import build_schedule
 from plansim.workloads.ops import Op
 from plansim.workloads.plan import Plan
 from plansim.workloads.training import Chunk, TrainingWorkload
@@ -218,10 +220,63 @@ class ChunkCost:
     recompute_flops: float = 0.0
 
 
-def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCost]:
-    """Cost every chunk once; identical layers share one costing."""
+def ep_overlap_share(plan: Plan) -> float:
+    """Share of a rank's forwards that Megatron-Core's EP overlap (``Plan.moe_a2a_overlap``) runs
+    beside a backward: the 1F1B steady state's.  The warm-up forwards, the first steady forward
+    and the cool-down backwards have nothing to pair with (``combined_1f1b.py``); the first
+    pipeline rank, which warms up longest, is taken."""
+    if not plan.moe_a2a_overlap or plan.ep == 1:
+        return 0.0
+    return _paired_share(plan.schedule, plan.pp, plan.num_microbatches, plan.vpp, plan.microbatch_group)
+
+
+@functools.lru_cache(maxsize=1024)
+def _paired_share(schedule: str, pp: int, microbatches: int, vpp: int, group: int | None) -> float:
+    order = build_schedule(schedule, pp, microbatches, vpp, group)[0]
+    forwards = sum(1 for phase, _, _ in order if phase == "F")
+    first_backward = next(i for i, (phase, _, _) in enumerate(order) if phase != "F")
+    return max(0, forwards - first_backward) / forwards
+
+
+def _ep_overlapped(lists: dict[str, list[Op]], costs: dict[str, PhaseCost], share: float, cluster: Cluster,
+                   groups: Groups, weight_grads: dict[str, float]) -> dict[str, PhaseCost]:
+    """A MoE layer's F and B phases under Megatron-Core's EP overlap.  Its layer schedule
+    (``model_chunk_schedule_plan.py``) runs the backward's combine beside the forward's
+    attention block, the forward's dispatch and the backward's dispatch beside the experts'
+    backward and forward GEMMs, and the forward's combine beside the backward's attention block.
+    Each all-to-all hides behind ``share`` (the paired forwards) of that compute, at most its own
+    length, paying the contention of compute beside NCCL as any hidden collective does."""
+    def compute(phase: PhaseCost, experts: bool) -> float:
+        return sum(s for name, s, stream in phase.ops if stream == "compute" and name.startswith("experts.") == experts)
+
+    backward = PhaseCost()
+    backward.add(costs["B"])
+    backward.add(costs["W"])
+    partner = {"moe.dispatch": compute(backward, True), "moe.combine": compute(backward, False),
+               "moe.dispatch.bwd": compute(costs["F"], True), "moe.combine.bwd": compute(costs["F"], False)}
+
+    def recost(ops: list[Op], beside: dict[str, float]) -> PhaseCost:
+        budgets, hidden_ops = dict(beside), []
+        for op in ops:
+            if op.name in partner and op.group == "ep":
+                comm = op_cost(op, cluster, groups)[1]
+                if comm is not None:
+                    key = f"ep overlap: {op.name}"
+                    budgets[key] = share * min(comm.time_s, partner[op.name])
+                    op = replace(op, hidden_by=key)
+            hidden_ops.append(op)
+        return cost_ops(hidden_ops, cluster, groups, beside=budgets)
+
+    return {**costs, "F": recost(lists["F"], {}), "B": recost(lists["B"], weight_grads)}
+
+
+def cost_workload(workload: TrainingWorkload, cluster: Cluster, ep_overlap: float | None = None) -> list[ChunkCost]:
+    """Cost every chunk once; identical layers share one costing.  ``ep_overlap``: the share of
+    micro-batches whose all-to-alls Megatron-Core's EP overlap hides (default: the workload's
+    plan's, ``ep_overlap_share``; the planner costs layers on a one-stage stand-in plan)."""
     groups = Groups.of(workload.plan, cluster)
     cache: dict[tuple[int, str], dict[str, PhaseCost]] = {}
+    overlap = ep_overlap_share(workload.plan) if ep_overlap is None else ep_overlap
 
     def phases_of(forward: list[Op], policy: str) -> dict[str, PhaseCost]:
         key = (id(forward), policy)
@@ -233,6 +288,8 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster) -> list[ChunkCos
             together = workload.plan.schedule != "zero-bubble"
             weight_grads = {name: s for name, s, stream in costs["W"].ops if stream == "compute"} if together else {}
             costs["B"] = cost_ops(lists["B"], cluster, groups, beside=weight_grads)
+            if overlap and any(op.group == "ep" and op.kind == "collective" for op in forward):
+                costs = _ep_overlapped(lists, costs, overlap, cluster, groups, weight_grads)
             cache[key] = costs
         return cache[key]
 

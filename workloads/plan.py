@@ -34,7 +34,7 @@ class PlanError(ValueError):
 
 INTEGER_FIELDS = ("tp", "pp", "dp", "cp", "ep", "micro_batch", "global_batch", "seq_len", "vpp")
 BOOLEAN_FIELDS = ("sequence_parallel", "overlap_grad_reduce", "overlap_p2p", "grad_accumulation_fusion",
-                  "fp32_grads", "tp_backward_overlap", "tp_comm_overlap")
+                  "fp32_grads", "tp_backward_overlap", "tp_comm_overlap", "moe_a2a_overlap")
 #: the switches whose None means "the default for the other fields" (set in ``__post_init__``)
 DEFAULTED_SWITCHES = ("sequence_parallel", "grad_accumulation_fusion", "tp_backward_overlap")
 #: what each framework's fused attention runs by default (Plan.attention None)
@@ -104,6 +104,9 @@ class Plan:
     #   tokens gathered into expert order, NCCL all-to-all, regrouped by local expert, and all of it undone
     #   on the way back, each a pass over the routed tokens) or "fused" (its flex dispatcher on DeepEP or
     #   HybridEP: the communication kernels write tokens in expert order and sum the top-k outputs)
+    moe_a2a_overlap: bool = False  # Megatron-Core's EP overlap (--overlap-moe-expert-parallel-comm): in the
+    #   1F1B steady state one micro-batch's layer forward runs beside another's layer backward, each one's
+    #   all-to-alls beside the other's compute; warm-up forwards and cool-down backwards run alone
     framework: str = "megatron"  # "megatron": fused kernels, persistent grad buffer; "pytorch": eager
     #   modules (separate q/k/v and gate/up GEMMs, unfused RoPE and SwiGLU), gradients allocated in
     #   backward and freed by zero_grad(set_to_none=True), DDP bucket buffers

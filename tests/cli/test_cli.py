@@ -273,6 +273,15 @@ def test_moe_dispatcher_flag_reaches_the_plan_and_the_search(capsys):
                  "--format", "json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["plans"]
     assert "moe-dispatcher" in _bad(capsys, ["simulate", *moe, "--moe-dispatcher", "deepep"])
+    # Megatron-Core's EP overlap: a plan switch too, hiding all-to-alls once there are micro-batches to pair
+    steps = {}
+    for switch in ("--moe-a2a-overlap", "--no-moe-a2a-overlap"):
+        assert main(["simulate", *moe, "--ep", "8", "--zero", "1", "--global-batch", "32", "--seq-len", "4096",
+                     switch, "--format", "json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["plan"]["moe_a2a_overlap"] is (switch == "--moe-a2a-overlap")
+        steps[switch] = out["step_time_s"]
+    assert steps["--moe-a2a-overlap"] < steps["--no-moe-a2a-overlap"]
 
 
 def test_simulate_table_is_readable(capsys):

@@ -539,3 +539,47 @@ def test_fsdp2_packs_each_micro_batchs_gradients_for_its_reduce_scatter(fp32_gra
         assert e.duration_s == pytest.approx(float(memory_bound_time(per_param * params, sim.cluster.device)), rel=1e-6)
     assert not any("copy" in e.name for e in runs["megatron"][0].events)
     assert out.step_time_s > runs["megatron"][1].step_time_s
+
+
+def test_ep_overlap_pairs_the_steady_state_forwards_with_backwards():
+    """Megatron-Core's EP overlap runs a forward beside a backward only in the 1F1B steady state:
+    with one pipeline rank every forward but the first; with four, the first rank's warm-up
+    forwards and its first steady forward run alone; nothing without the flag or without EP."""
+    from plansim.simulator.stagecost import ep_overlap_share
+    base = dict(dp=8, ep=8, micro_batch=1, seq_len=4096, moe_a2a_overlap=True)
+    assert ep_overlap_share(Plan(**base, global_batch=32)) == pytest.approx(3 / 4)
+    assert ep_overlap_share(Plan(**{**base, "dp": 2, "ep": 2}, pp=4, global_batch=16)) == pytest.approx(4 / 8)
+    assert ep_overlap_share(Plan(**{**base, "moe_a2a_overlap": False}, global_batch=32)) == 0.0
+    assert ep_overlap_share(Plan(**{**base, "ep": 1}, global_batch=32)) == 0.0
+    assert ep_overlap_share(Plan(**base, global_batch=8)) == 0.0  # one micro-batch: nothing to pair
+
+
+def test_ep_overlap_hides_all_to_alls_behind_the_other_passes_compute_and_keeps_every_byte():
+    """Each all-to-all hides at most the steady-state share of its own time and of the compute
+    it is paired with (model_chunk_schedule_plan.py), so the step is shorter than without the
+    overlap, no shorter than with free all-to-alls, and moves the same bytes."""
+    from plansim.simulator.stagecost import cost_workload, ep_overlap_share
+    spec = load_model("deepseek-moe-16b")
+    cluster = build_cluster("h100-sxm", nodes=2, gpus_per_node=8)
+    off = Plan(dp=16, ep=16, zero=1, micro_batch=1, global_batch=64, seq_len=4096)
+    on = Plan(**{**off.to_dict(), "moe_a2a_overlap": True})
+    share = ep_overlap_share(on)
+    chunks = {name: cost_workload(TrainingWorkload(spec, plan), cluster)[0] for name, plan in (("off", off), ("on", on))}
+
+    def wire(phase):
+        return sum(c.volume_bytes for c in phase.comm) + sum(c.volume_bytes for c in phase.beside)
+
+    for phase in ("F", "B"):
+        before, after = chunks["off"].phases[phase], chunks["on"].phases[phase]
+        assert wire(after) == pytest.approx(wire(before), rel=1e-9)
+        hidden = sum(c.time_s for c in after.beside) - sum(c.time_s for c in before.beside)
+        assert 0 < hidden <= share * (before.comm_s + 1e-12)
+        assert after.comm_s == pytest.approx(before.comm_s - hidden, rel=1e-6, abs=1e-9)
+    results = {name: simulate(spec, "h100-sxm", plan=plan, nodes=2, gpus_per_node=8, calibrated=False)
+               for name, plan in (("off", off), ("on", on))}
+    assert results["on"].step_time_s < results["off"].step_time_s
+    free = cluster.model_copy(update={"inter_node_link": cluster.inter_node_link.model_copy(
+        update={"bw_Bps": 1e15, "achievable_bw_Bps": 1e15})})
+    out = TrainingSimulation(TrainingWorkload(spec, off), free).run()
+    floor = build_result(out, model=spec, plan=off, cluster=free, calibrated=None)
+    assert results["on"].step_time_s > floor.step_time_s
