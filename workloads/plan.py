@@ -153,6 +153,15 @@ class Plan:
         if self.tp_comm_overlap and self.tp > 1 and not self.sequence_parallel:
             raise PlanError("tp_comm_overlap: needs sequence_parallel (it overlaps the all-gathers and "
                             "reduce-scatters that sequence parallelism runs)")
+        if self.moe_a2a_overlap:  # Megatron-Core's asserts (TransformerConfig.__post_init__)
+            if self.ep == 1:
+                raise PlanError("moe_a2a_overlap: needs expert parallelism (ep > 1): it hides the EP all-to-alls")
+            if self.pp > 1 and self.schedule != "interleaved":
+                raise PlanError(f"moe_a2a_overlap: with pp > 1 needs schedule 'interleaved' (Megatron-Core's "
+                                f"combined 1F1B runs on virtual stages), got {self.schedule!r}")
+            if self.recompute == "full":
+                raise PlanError("moe_a2a_overlap: needs recompute 'none' or 'selective' (Megatron-Core refuses "
+                                "full recomputation with it)")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise PlanError(f"vpp: {self.vpp} needs schedule 'interleaved', got {self.schedule!r}")
         if self.schedule in ("interleaved", "zero-bubble") and self.pp == 1:

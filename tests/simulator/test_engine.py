@@ -14,7 +14,7 @@ from plansim.simulator.memory import WORKSPACE_BYTES
 from plansim.simulator.result import build_result
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
-from plansim.workloads.plan import Plan
+from plansim.workloads.plan import Plan, PlanError
 from plansim.workloads.training import TrainingWorkload
 
 REL = 1e-9
@@ -543,15 +543,21 @@ def test_fsdp2_packs_each_micro_batchs_gradients_for_its_reduce_scatter(fp32_gra
 
 def test_ep_overlap_pairs_the_steady_state_forwards_with_backwards():
     """Megatron-Core's EP overlap runs a forward beside a backward only in the 1F1B steady state:
-    with one pipeline rank every forward but the first; with four, the first rank's warm-up
-    forwards and its first steady forward run alone; nothing without the flag or without EP."""
+    with one pipeline rank every forward but the first; with four interleaved stages of two
+    chunks the first rank's (pp − 1)·2 + (v − 1)·pp = 10 warm-up forwards and its first steady one
+    run alone, 5 of its 16 paired; nothing without the flag.  Megatron-Core's asserts carry over:
+    EP, virtual stages with pipelining, no full recomputation."""
     from plansim.simulator.stagecost import ep_overlap_share
     base = dict(dp=8, ep=8, micro_batch=1, seq_len=4096, moe_a2a_overlap=True)
     assert ep_overlap_share(Plan(**base, global_batch=32)) == pytest.approx(3 / 4)
-    assert ep_overlap_share(Plan(**{**base, "dp": 2, "ep": 2}, pp=4, global_batch=16)) == pytest.approx(4 / 8)
+    assert ep_overlap_share(Plan(**{**base, "dp": 2, "ep": 2}, pp=4, vpp=2, schedule="interleaved",
+                                 global_batch=16)) == pytest.approx(5 / 16)
     assert ep_overlap_share(Plan(**{**base, "moe_a2a_overlap": False}, global_batch=32)) == 0.0
-    assert ep_overlap_share(Plan(**{**base, "ep": 1}, global_batch=32)) == 0.0
     assert ep_overlap_share(Plan(**base, global_batch=8)) == 0.0  # one micro-batch: nothing to pair
+    for bad, match in (({"ep": 1}, "needs expert parallelism"), ({"pp": 2}, "needs schedule 'interleaved'"),
+                       ({"recompute": "full"}, "needs recompute 'none' or 'selective'")):
+        with pytest.raises(PlanError, match=f"moe_a2a_overlap: .*{match}"):
+            Plan(**{**base, **bad}, global_batch=32)
 
 
 def test_ep_overlap_hides_all_to_alls_behind_the_other_passes_compute_and_keeps_every_byte():
