@@ -1,8 +1,10 @@
 """Published training throughput of other software stacks, predicted by ``plansim simulate``.
 
-``validation/reference/published_runs.csv`` holds 269 runs that neither the cost models nor
+``validation/reference/published_runs.csv`` holds 288 runs that neither the cost models nor
 their calibration ever saw: NVIDIA's NeMo 24.07 / 25.02 and Megatron-Bridge 25.09 – 26.06
-performance tables (Megatron-Core, H100 and B200, fp8; Llama 3 and Qwen3 MoE), torchtitan's
+performance tables (Megatron-Core, H100 and B200, fp8; Llama 3 and Qwen3 MoE), NeMo 24.03's
+long-sequence table (Llama 2 7B, context parallelism up to 32, published as TFLOP/s and
+converted with NeMo's own FLOP count), torchtitan's
 Llama 3 benchmarks (FSDP2, H100 and A100), MosaicML llm-foundry's MPT tables (Composer FSDP, A100
 and H100, 2023) and four Megatron-DeepSpeed runs (BLOOM-176B, MT-NLG 530B).  Each row is
 simulated with its plan on 8-GPU nodes of its hardware, and the prediction is compared in tokens

@@ -97,3 +97,19 @@ def test_async_tp_speeds_torchtitans_70b_run_about_as_measured(runs):
     published = pair["published"][overlap].iloc[0] / pair["published"][~overlap].iloc[0] - 1
     predicted = pair["predicted"][overlap].iloc[0] / pair["predicted"][~overlap].iloc[0] - 1
     assert published / 2 <= predicted <= 2 * published, (predicted, published)
+
+
+def test_nemo_long_sequence_rows_convert_their_tflops_with_nemos_llama2_count():
+    """The NeMo 24.03 long-sequence rows were published as TFLOP/s per GPU: their tokens/s times
+    NeMo's llama2 FLOPs per token (nemo/utils/flops_formulas.py, attention not halved for the
+    causal mask) gives back the published figure, and every run is a whole CP layout."""
+    table = load_published_runs()
+    rows = table[table["stack"].str.startswith("NeMo 24.03")]
+    assert len(rows) == 9
+    layers, hidden, ffn, vocab = 32, 4096, 11008, 32000
+    for _, row in rows.iterrows():
+        s = row["seq_len"]
+        per_token = layers * hidden ** 2 * (12 + 12 + 18 * ffn / hidden + 12 * s / hidden + 6 * vocab / (layers * hidden))
+        published = float(row["published_as"].split(" TFLOP/s")[0])
+        assert row["tokens_per_s_per_gpu"] * per_token / 1e12 == pytest.approx(published, rel=5e-4)  # tokens/s to 0.1
+        assert row["gpus"] % (row["tp"] * row["pp"] * row["cp"]) == 0 and s % row["cp"] == 0
