@@ -60,6 +60,11 @@ def big_cases(quick: bool) -> list[dict]:
             for mb, seq, rc in ((1, 4096, "full"), (2, 4096, "full"), (1, 8192, "full"), (1, 4096, "none"))]
 
 
+#: case keys that ask the runner for something and are not columns of the row it writes (the
+#: row records what ran instead: ``attention`` asks for a backend, ``attn_impl`` names the one used)
+REQUEST_KEYS = ("attention",)
+
+
 def cudnn_cases(quick: bool) -> list[dict]:
     """Suite ``cudnnsteps``: the ``steps`` suite's single-GPU cases and ``bigsteps``' whole
     Llama-3-8B with SDPA on cuDNN's fused attention (case ids end ``-cudnn``)."""
@@ -211,7 +216,7 @@ def run_single(case: dict, device: torch.device, quick: bool) -> dict:
         extra["attn_impl"] = pick_attention(model, device, case.get("attention", "flash"))
         return model
 
-    return run_one(case, device, quick, cfg, extra, build)
+    return run_one({k: v for k, v in case.items() if k not in REQUEST_KEYS}, device, quick, cfg, extra, build)
 
 
 def run_cases(cases, run_case, device: torch.device, quick: bool, log=print) -> list[dict]:
