@@ -124,7 +124,8 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             _release(torch, device)
             rows += run_workers("steps", wrapped, 1, device, quick, WORKER_TIMEOUT_S, log)
             written.append(write_csv(os.path.join(out_dir, "steps.csv"), "steps", rows))
-            written += step_profile.run_wrapped(wrapped, device, quick, out_dir, log)
+            # the profile beside the steps, in its own folder as every stored profile is
+            written += step_profile.run_wrapped(wrapped, device, quick, os.path.join(out_dir, "profile"), log)
             log(f"== {s}: {len(rows)} rows, {time.time() - ts:.0f} s -> {', '.join(written[-3:])}")
             continue
         if s == "parallel2":
