@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from plansim.simulator.costs.collectives import CollectiveCost, Group, collective_cost
-from plansim.simulator.costs.compute import (attention_flops, contention_s, context_parallel_attention_time, gemm_time,
-                                             kernel_issue_time,
+from plansim.simulator.costs.compute import (SAC_DISPATCH_HOST_FACTOR, attention_flops, contention_s,
+                                             context_parallel_attention_time, gemm_time, kernel_issue_time,
                                              memory_bound_time, norm_time)
 from plansim.simulator.hardware import Cluster
 from plansim.simulator.schedules import build_schedule
@@ -162,12 +162,14 @@ def _split(comm: CollectiveCost, overlap_s: float) -> tuple[CollectiveCost, Coll
     return comm.scaled(left), comm.scaled(1 - left)
 
 
-def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, float] | None = None) -> PhaseCost:
+def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, float] | None = None,
+             extra_host_s: float = 0.0) -> PhaseCost:
     """Cost a phase's ops.  A collective with ``hidden_by`` shows only what outlasts that compute
     op, looked up in this phase or in ``beside`` (compute seconds of a phase that runs with it:
     the weight gradients beside the input gradients), and the hidden part slows that compute by
     the device's ``overlap_contention`` share of its time.  A phase never runs faster than its
-    host issues its kernels (``kernel_issue_time``): the excess shows as ``host.issue``."""
+    host issues its kernels (``kernel_issue_time``, plus ``extra_host_s`` of host work that
+    launches nothing): the excess shows as ``host.issue``."""
     cost = PhaseCost()
     issued = 0
     costed = [(op, *op_cost(op, cluster, groups)) for op in ops]
@@ -200,7 +202,7 @@ def cost_ops(ops: list[Op], cluster: Cluster, groups: Groups, beside: dict[str, 
             issued += op.kernels
     # the host issues the phase's kernels one by one: where it takes longer than the GPU runs
     # them, the GPU waits (eager frameworks; the host keeps no lead across a phase boundary)
-    idle = float(kernel_issue_time(issued, cluster.device)) - cost.compute_s - cost.comm_s
+    idle = float(kernel_issue_time(issued, cluster.device)) + extra_host_s - cost.compute_s - cost.comm_s
     if idle > 0:
         cost.compute_s += idle
         cost.ops.append(("host.issue", idle, "compute"))
@@ -282,7 +284,12 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster, ep_overlap: floa
         key = (id(forward), policy)
         if key not in cache:
             lists = workload.phases(forward, policy)
-            costs = {name: cost_ops(ops, cluster, groups) for name, ops in lists.items() if name != "B"}
+            # selective checkpointing's dispatch mode: host work on every forward op, in the
+            # forward and again in the recomputation, whatever of it re-runs
+            sac = (SAC_DISPATCH_HOST_FACTOR * float(kernel_issue_time(sum(op.kernels for op in forward), cluster.device))
+                   if policy == "selective-op" else 0.0)
+            costs = {name: cost_ops(ops, cluster, groups, extra_host_s=sac if name in ("F", "R") else 0.0)
+                     for name, ops in lists.items() if name != "B"}
             # input- and weight-gradient GEMMs of a layer run together unless a zero-bubble
             # schedule defers the weight gradients: only then may a B collective hide behind a W GEMM
             together = workload.plan.schedule != "zero-bubble"

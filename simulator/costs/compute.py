@@ -66,6 +66,13 @@ ALIGNMENT_BYTES = 16  # leading dimensions must be multiples of 16 bytes for ten
 #: the H100 machines' slower VMs).  Host speed belongs to the machine, not the GPU: a device
 #: profile may set its host's figure as ``kernel_issue_s``.
 DEFAULT_KERNEL_ISSUE_S = 22e-6
+#: torch's selective checkpointing (torchtitan's op-level AC, ``recompute = "selective-op"``) runs
+#: every op of the checkpointed forward and of its recomputation through a Python
+#: ``TorchDispatchMode`` (its policy, then its cache): on the host each pass costs this much more
+#: than the plain forward's issue.  0.61, 0.69 and 0.91 over three runs (the median taken) of a
+#: tiny Llama stepped on the CPU, where kernels take no time (torch 2.13, validation/MEASURING.md,
+#: sacsteps); the H100 steps it bounds were never fitted to it.
+SAC_DISPATCH_HOST_FACTOR = 0.69
 
 
 #: FlashAttention-2's launch geometry as PyTorch SDPA's flash backend runs it on A100- and

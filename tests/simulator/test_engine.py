@@ -589,3 +589,31 @@ def test_ep_overlap_hides_all_to_alls_behind_the_other_passes_compute_and_keeps_
     out = TrainingSimulation(TrainingWorkload(spec, off), free).run()
     floor = build_result(out, model=spec, plan=off, cluster=free, calibrated=None)
     assert results["on"].step_time_s > floor.step_time_s
+
+
+def test_selective_checkpointing_dispatch_is_host_work_on_forward_and_recomputation():
+    """torch's selective checkpointing sends every forward op through a Python dispatch mode, in
+    the forward and again in the recomputation: a launch-bound step (a small model, 128 tokens)
+    pays SAC_DISPATCH_HOST_FACTOR of the forward's kernel issue more than full recomputation
+    does in its forward, and runs slower as a whole."""
+    from plansim.simulator.costs.compute import SAC_DISPATCH_HOST_FACTOR, kernel_issue_time
+    from plansim.simulator.stagecost import cost_workload
+    spec = load_model("tinyllama-1.1b")
+    cluster = build_cluster("h100-sxm", nodes=1, gpus_per_node=1)
+    base = dict(micro_batch=1, global_batch=1, seq_len=128, framework="pytorch", precision="bf16-pure")
+    workloads = {rc: TrainingWorkload(spec, Plan(**base, recompute=rc)) for rc in ("full", "selective-op")}
+    layer = workloads["full"].layer_ops(0)
+    sac_s = SAC_DISPATCH_HOST_FACTOR * float(kernel_issue_time(sum(op.kernels for op in layer), cluster.device))
+    costs = {rc: cost_workload(w, cluster)[0] for rc, w in workloads.items()}  # one chunk: every layer
+
+    def host(chunk, phase):
+        return sum(s for name, s, _ in chunk.phases[phase].ops if name == "host.issue")
+
+    layers = spec.num_layers
+    f_full, f_sac = host(costs["full"], "F"), host(costs["selective-op"], "F")
+    assert f_full > 0 and f_sac - f_full == pytest.approx(layers * sac_s, rel=1e-6)  # host-bound either way
+    sac_step = simulate(spec, "h100-sxm", plan=Plan(**base, recompute="selective-op"), nodes=1, gpus_per_node=1,
+                        calibrated=False).step_time_s
+    full_step = simulate(spec, "h100-sxm", plan=Plan(**base, recompute="full"), nodes=1, gpus_per_node=1,
+                         calibrated=False).step_time_s
+    assert sac_step > full_step

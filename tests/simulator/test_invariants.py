@@ -199,9 +199,10 @@ def test_overlapping_tp_collectives_never_makes_a_step_slower_or_moves_other_byt
     hides costs back only part of its time as contention: never a slower step, and the links
     carry the same bytes.  Within 0.1 %: a collective moved beside its GEMM shares the link with
     the other streams' flows that it used to wait for (up to 1.5e-4 later, half a microsecond, in
-    these millisecond steps), and under a power cap the contention charged as compute draws power
-    where the wait it replaces drew the idle draw, so the clock falls (a model capped at 150 W:
-    1.4e-4 later)."""
+    these millisecond steps).  Within 0.2 % under a power cap: the contention charged as compute
+    draws power where the wait it replaces drew the idle draw, so the clock falls (a 2-layer model
+    with TP across two nodes: 1.0e-3 later at 150 W, where the clock sits at 22 % of its maximum;
+    1.8e-4 at 200 W, the H100's lowest settable limit; nothing uncapped)."""
     workload, cluster = case
     plan = workload.plan
     assume(plan.tp > 1 and plan.sequence_parallel)
@@ -209,7 +210,7 @@ def test_overlapping_tp_collectives_never_makes_a_step_slower_or_moves_other_byt
     pipelined = TrainingWorkload(workload.model, plan.replace(tp_comm_overlap=True))
     out_inline, slow = _run(inline, cluster, trace=False)
     out_pipelined, fast = _run(pipelined, cluster, trace=False)
-    assert fast.step_time_s <= slow.step_time_s * (1 + 1e-3)
+    assert fast.step_time_s <= slow.step_time_s * (1 + (1e-3 if slow.sm_clock in (None, 1.0) else 2e-3))
     assert sum(link.bytes_offered for link in out_pipelined.links) == pytest.approx(
         sum(link.bytes_offered for link in out_inline.links), rel=1e-9)
 
