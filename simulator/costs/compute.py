@@ -69,10 +69,10 @@ DEFAULT_KERNEL_ISSUE_S = 22e-6
 #: torch's selective checkpointing (torchtitan's op-level AC, ``recompute = "selective-op"``) runs
 #: every op of the checkpointed forward and of its recomputation through a Python
 #: ``TorchDispatchMode`` (its policy, then its cache): on the host each pass costs this much more
-#: than the plain forward's issue.  0.61, 0.69 and 0.91 over three runs (the median taken) of a
-#: tiny Llama stepped on the CPU, where kernels take no time (torch 2.13, validation/MEASURING.md,
-#: sacsteps); the H100 steps it bounds were never fitted to it.
-SAC_DISPATCH_HOST_FACTOR = 0.69
+#: than the plain forward's issue: 0.61–0.91 over six runs, median 0.71, of a tiny Llama stepped on
+#: the CPU, where kernels take no time (``python benchmarks/sac_host_cost.py``, torch 2.13); the
+#: H100 steps it bounds (validation/MEASURING.md, sacsteps) were never fitted to it.
+SAC_DISPATCH_HOST_FACTOR = 0.71
 
 
 #: FlashAttention-2's launch geometry as PyTorch SDPA's flash backend runs it on A100- and
