@@ -8,6 +8,7 @@ analytic estimate read these numbers, so they agree wherever nothing contends.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -241,13 +242,15 @@ def _paired_share(schedule: str, pp: int, microbatches: int, vpp: int, group: in
 
 
 def _ep_overlapped(lists: dict[str, list[Op]], costs: dict[str, PhaseCost], share: float, cluster: Cluster,
-                   groups: Groups, weight_grads: dict[str, float]) -> dict[str, PhaseCost]:
+                   groups: Groups, weight_grads: dict[str, float],
+                   cost_phase: Callable[[str, list[Op], dict[str, float]], PhaseCost]) -> dict[str, PhaseCost]:
     """A MoE layer's F and B phases under Megatron-Core's EP overlap.  Its layer schedule
     (``model_chunk_schedule_plan.py``) runs the backward's combine beside the forward's
     attention block, the forward's dispatch and the backward's dispatch beside the experts'
     backward and forward GEMMs, and the forward's combine beside the backward's attention block.
     Each all-to-all hides behind ``share`` (the paired forwards) of that compute, at most its own
-    length, paying the contention of compute beside NCCL as any hidden collective does."""
+    length, paying the contention of compute beside NCCL as any hidden collective does.
+    ``cost_phase(name, ops, beside)`` costs a phase as the plain path does (its host work too)."""
     def compute(phase: PhaseCost, experts: bool) -> float:
         return sum(s for name, s, stream in phase.ops if stream == "compute" and name.startswith("experts.") == experts)
 
@@ -257,7 +260,7 @@ def _ep_overlapped(lists: dict[str, list[Op]], costs: dict[str, PhaseCost], shar
     partner = {"moe.dispatch": compute(backward, True), "moe.combine": compute(backward, False),
                "moe.dispatch.bwd": compute(costs["F"], True), "moe.combine.bwd": compute(costs["F"], False)}
 
-    def recost(ops: list[Op], beside: dict[str, float]) -> PhaseCost:
+    def recost(name: str, ops: list[Op], beside: dict[str, float]) -> PhaseCost:
         budgets, hidden_ops = dict(beside), []
         for op in ops:
             if op.name in partner and op.group == "ep":
@@ -267,9 +270,9 @@ def _ep_overlapped(lists: dict[str, list[Op]], costs: dict[str, PhaseCost], shar
                     budgets[key] = share * min(comm.time_s, partner[op.name])
                     op = replace(op, hidden_by=key)
             hidden_ops.append(op)
-        return cost_ops(hidden_ops, cluster, groups, beside=budgets)
+        return cost_phase(name, hidden_ops, budgets)
 
-    return {**costs, "F": recost(lists["F"], {}), "B": recost(lists["B"], weight_grads)}
+    return {**costs, "F": recost("F", lists["F"], {}), "B": recost("B", lists["B"], weight_grads)}
 
 
 def cost_workload(workload: TrainingWorkload, cluster: Cluster, ep_overlap: float | None = None) -> list[ChunkCost]:
@@ -288,15 +291,18 @@ def cost_workload(workload: TrainingWorkload, cluster: Cluster, ep_overlap: floa
             # forward and again in the recomputation, whatever of it re-runs
             sac = (SAC_DISPATCH_HOST_FACTOR * float(kernel_issue_time(sum(op.kernels for op in forward), cluster.device))
                    if policy == "selective-op" else 0.0)
-            costs = {name: cost_ops(ops, cluster, groups, extra_host_s=sac if name in ("F", "R") else 0.0)
-                     for name, ops in lists.items() if name != "B"}
+
+            def cost_phase(name: str, ops: list[Op], beside: dict[str, float] | None = None) -> PhaseCost:
+                return cost_ops(ops, cluster, groups, beside=beside, extra_host_s=sac if name in ("F", "R") else 0.0)
+
+            costs = {name: cost_phase(name, ops) for name, ops in lists.items() if name != "B"}
             # input- and weight-gradient GEMMs of a layer run together unless a zero-bubble
             # schedule defers the weight gradients: only then may a B collective hide behind a W GEMM
             together = workload.plan.schedule != "zero-bubble"
             weight_grads = {name: s for name, s, stream in costs["W"].ops if stream == "compute"} if together else {}
-            costs["B"] = cost_ops(lists["B"], cluster, groups, beside=weight_grads)
+            costs["B"] = cost_phase("B", lists["B"], weight_grads)
             if overlap and any(op.group == "ep" and op.kind == "collective" for op in forward):
-                costs = _ep_overlapped(lists, costs, overlap, cluster, groups, weight_grads)
+                costs = _ep_overlapped(lists, costs, overlap, cluster, groups, weight_grads, cost_phase)
             cache[key] = costs
         return cache[key]
 
