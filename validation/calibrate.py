@@ -202,13 +202,19 @@ def _host(row, link: Link) -> float:
                                     direction=row["kind"]))
 
 
+#: the collectives NCCL runs as rings inside a node (their busbw depends on the ring's size)
+RING_OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
 def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, dict, dict]:
     """NVLink collectives, latency plus bytes over bandwidth per collective (issue 9: "latency
     and bandwidth per algorithm and group size"): the host's floor per NCCL call is the median
     time of the cases of 64 KiB and less (where bytes cost nothing); then, on the cases of 1 MiB
     and more, the achievable bus bandwidth, each collective's bandwidth relative to all-reduce's
-    and each collective's latency beyond NCCL's protocol model.  The per-hop latencies stay
-    NCCL's (tuning.cc).  Returns (link parameters, device parameters, fit statistics)."""
+    and each collective's latency beyond NCCL's protocol model; where rings of several sizes were
+    measured, the busbw of each smaller ring relative to the largest's (``ring_busbw_by_ranks``:
+    NCCL's rings on NVSwitch reach less with fewer ranks).  The per-hop latencies stay NCCL's
+    (tuning.cc).  Returns (link parameters, device parameters, fit statistics)."""
     rows = [r for r in collectives.to_dict("records") if int(r["group_size"]) > 1]
     if not rows:
         return {}, {}, {}
@@ -221,20 +227,24 @@ def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, d
             [float(r["time_s"]) / (2 if r["op"] == "send_recv" else 1) for r in tiny]))
     base = cluster.model_copy(update={"device": cluster.device.model_copy(update=device_params)})
     ops = sorted({r["op"] for r in big})
-    names = ["achievable_bw_Bps"] + [f"eff:{op}" for op in ops if op != "all_reduce"] + [f"lat:{op}" for op in ops]
-    start = {"achievable_bw_Bps": link.achievable_bw_Bps, **{n: 1.0 for n in names if n.startswith("eff:")},
+    rings = sorted({int(r["group_size"]) for r in big if r["op"] in RING_OPS})
+    names = (["achievable_bw_Bps"] + [f"eff:{op}" for op in ops if op != "all_reduce"] + [f"lat:{op}" for op in ops]
+             + [f"ring:{n}" for n in rings[:-1]])
+    start = {"achievable_bw_Bps": link.achievable_bw_Bps, **{n: 1.0 for n in names if n[:4] in ("eff:", "ring")},
              **{n: 5e-6 for n in names if n.startswith("lat:")}}
-    lo = {"achievable_bw_Bps": 0.05 * link.bw_Bps, **{n: 0.3 for n in names if n.startswith("eff:")},
+    lo = {"achievable_bw_Bps": 0.05 * link.bw_Bps, **{n: 0.3 for n in names if n[:4] in ("eff:", "ring")},
           **{n: 0.01e-6 for n in names if n.startswith("lat:")}}
     hi = {"achievable_bw_Bps": link.bw_Bps, **{n: 1.5 for n in names if n.startswith("eff:")},
-          **{n: 200e-6 for n in names if n.startswith("lat:")}}
+          **{n: 1.0 for n in names if n.startswith("ring:")}, **{n: 200e-6 for n in names if n.startswith("lat:")}}
 
     def machine(p: dict) -> Cluster:
         eff = {k[4:]: v for k, v in p.items() if k.startswith("eff:")}
         lat = {k[4:]: v for k, v in p.items() if k.startswith("lat:")}
-        new_link = link.model_copy(update={"achievable_bw_Bps": p["achievable_bw_Bps"], "op_efficiency": eff or None,
-                                           "op_latency_s": lat or None})
-        return base.model_copy(update={"intra_node_link": new_link})
+        ring = {int(k[5:]): v for k, v in p.items() if k.startswith("ring:")}
+        update = {"achievable_bw_Bps": p["achievable_bw_Bps"], "op_efficiency": eff or None, "op_latency_s": lat or None}
+        if ring:  # the largest ring measured is the reference (1.0)
+            update["ring_busbw_by_ranks"] = {**ring, rings[-1]: 1.0}
+        return base.model_copy(update={"intra_node_link": link.model_copy(update=update)})
 
     def residual_on(part, p):
         meas = np.array([float(r["time_s"]) for r in part])
@@ -248,6 +258,8 @@ def fit_intra_link(cluster: Cluster, collectives: pd.DataFrame) -> tuple[dict, d
         link_params["op_efficiency"] = dict(fitted.op_efficiency)
     if fitted.op_latency_s:
         link_params["op_latency_s"] = dict(fitted.op_latency_s)
+    if len(rings) > 1:
+        link_params["ring_busbw_by_ranks"] = dict(fitted.ring_busbw_by_ranks)
     stats = {"collectives": _stats(residual_on(rows, params))}
     if big:
         stats["collectives >= 1 MiB"] = _stats(residual_on(big, params))

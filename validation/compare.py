@@ -38,6 +38,8 @@ CALIBRATED_DIR = Path(str(resources.files("plansim.hardware_profiles"))) / "cali
 SUITES = ("kernels", "transfers", "collectives", "steps", "vidur")
 MEASURED_SUITES = ("kernels", "transfers", "collectives", "steps")
 MiB, GiB = 1 << 20, 1 << 30
+#: data folders converted from OpenXLA's published tables (validation/xla.py) start with this
+XLA_PREFIX = "xla-"
 
 #: data folder -> device profile, used when provenance.json names no GPU we recognise
 FOLDER_DEVICES = {"h100-x1": "h100-sxm", "h200-x2": "h200"}
@@ -338,11 +340,19 @@ def validate(suite: str = "all", data_dir: Path | str = DATA_DIR, *, profiles_di
 
 #: (label, row filter): the summary lines; issue 9's bounds apply to the median |error|
 def _summary_groups(frame: pd.DataFrame):
-    yield "kernels", "time_s", frame[frame.suite == "kernels"]
-    yield "transfers", "time_s", frame[frame.suite == "transfers"]
-    coll = frame[frame.suite == "collectives"]
+    # OpenXLA's published tables (validation/xla.py) apart from this project's own measurements
+    xla = frame.source.astype(str).str.startswith(XLA_PREFIX)
+    own, published = frame[~xla], frame[xla]
+    yield "kernels", "time_s", own[own.suite == "kernels"]
+    yield "transfers", "time_s", own[own.suite == "transfers"]
+    coll = own[own.suite == "collectives"]
     yield "collectives", "time_s", coll
     yield "collectives 1MiB-1GiB", "time_s", coll[(coll.size_bytes >= MiB) & (coll.size_bytes <= GiB)]
+    for device in sorted(published.device.unique()):
+        part = published[published.device == device]
+        yield f"OpenXLA {device} GEMMs", "time_s", part[part.suite == "kernels"]
+        coll = part[part.suite == "collectives"]
+        yield f"OpenXLA {device} collectives >= 1MiB", "time_s", coll[coll.size_bytes >= MiB]
     steps = frame[frame.suite == "steps"]
     yield "steps", "step_time_s", steps[steps.metric == "step_time_s"]
     yield "steps", "peak_memory_bytes", steps[steps.metric == "peak_memory_bytes"]
