@@ -100,8 +100,10 @@ def _unaligned(row) -> bool:
 #: kernel kinds the fit uses: all but the fp8 casts, which test (held out, never fitted) that a cast
 #: streams at the rate the elementwise ops set
 FITTED_KINDS = tuple(k for k in KERNEL_KINDS if k != "cast")
-#: fitted parameters a GPU of the same die takes where its own data cannot identify them
-DIE_KERNEL_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio")
+#: fitted parameters a GPU of the same die takes where its own data cannot identify them: the
+#: kernel library's (cuDNN attention, fp8 GEMM shares) and the host software's cost of one NCCL
+#: call (PyTorch c10d and NCCL on this environment's leases, measured where 2 GPUs were lent)
+DIE_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio", "collective_launch_s")
 #: the attention parameters cuDNN's fused attention gets its own values of (Device.cudnn_attention)
 CUDNN_ATTENTION_PARAMETERS = tuple(p for p in KERNEL_PARAMETERS if p[0].startswith("attention_"))
 #: parameters only some rows of a kind identify: without such a row in the split, none is fitted
@@ -287,7 +289,7 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
     # per die, the fits a GPU of that die without its own measurements takes: the power model's
-    # (no powerkernels streams) and DIE_KERNEL_PARAMETERS (no cuDNN or fp8 rows)
+    # (no powerkernels streams) and DIE_PARAMETERS (no cuDNN, fp8 or collective rows)
     shared: dict[str, dict[tuple, dict]] = {"power": {}, "kernels": {}}
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared)
@@ -322,14 +324,18 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         collectives = collectives[collectives["group_size"].astype(int) > 1]
 
     params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
-    # cuDNN's attention kernels and the fp8 GEMMs' shares are the die's and the library's: a GPU of
-    # a die measured earlier (H100 SXM after H200) takes the fits its own folders cannot make
+    # a GPU of a die measured earlier (H100 SXM after H200) takes the DIE_PARAMETERS fits its own
+    # folders cannot make; called again once the collectives are fitted
     die_fits = shared["kernels"].setdefault(_die(cluster.device), {})
-    for field in DIE_KERNEL_PARAMETERS:
-        if field in params:
-            die_fits[field] = params[field]
-        elif field in die_fits:
-            params[field] = die_fits[field]
+
+    def share_with_die() -> None:
+        for field in DIE_PARAMETERS:
+            if field in params:
+                die_fits.setdefault(field, params[field])
+            elif field in die_fits:
+                params[field] = die_fits[field]
+
+    share_with_die()
     device = cluster.device.model_copy(update=params)
     links: dict[str, dict] = {}
     if not transfers.empty:
@@ -343,6 +349,7 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         links[machine.intra_node_link.name] = intra
         params.update(device_extra)
         stats.update(s)
+    share_with_die()
 
     used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}
     fitted_on, case_ids = [], {}
