@@ -53,7 +53,7 @@ PLAN_COLUMNS = ("tp", "pp", "dp", "cp", "ep", "etp", "zero", "micro_batch", "glo
                 "recompute_layers", "recompute_every",
                 "schedule", "vpp", "microbatch_group", "optimizer_tier", "activations_tier", "sequence_parallel",
                 "precision")
-ESTIMATE_TOLERANCE = 0.045  # how much faster than its estimate a plan may simulate (measured: at most 4.2 %)
+ESTIMATE_TOLERANCE = 0.05  # how much faster than its estimate a plan may simulate (measured: at most 4.3 %)
 
 MAX_SIMULATED_FACTOR = 3  # near-ties stop being simulated after 3 × confirm plans
 
