@@ -49,8 +49,12 @@ def compare_published_runs(calibrated: bool = True) -> pd.DataFrame:
     for _, row in load_published_runs().iterrows():
         gpus = int(row["gpus"])
         power = None if pd.isna(row["power_limit_w"]) else float(row["power_limit_w"])
+        # the run's own fabric where it was not its device's default cluster's (BLOOM's Omni-Path)
+        fabric = {k: row[k] for k in ("nics_per_node", "nic_gbps") if not pd.isna(row[k])}
         result = simulate(published_model(row["model"], int(row["seq_len"])), row["hardware"], plan=run_plan(row), nodes=max(1, gpus // 8),
-                          gpus_per_node=min(8, gpus), calibrated=calibrated, power_limit_w=power)
+                          gpus_per_node=min(8, gpus), calibrated=calibrated, power_limit_w=power,
+                          nics_per_node=int(fabric["nics_per_node"]) if "nics_per_node" in fabric else None,
+                          nic_gbps=float(fabric["nic_gbps"]) if "nic_gbps" in fabric else None)
         predicted = result.tokens_per_s / gpus
         published = float(row["tokens_per_s_per_gpu"])
         rows.append({"stack": row["stack"], "model": row["model"], "hardware": row["hardware"], "gpus": gpus,

@@ -113,3 +113,19 @@ def test_nemo_long_sequence_rows_convert_their_tflops_with_nemos_llama2_count():
         published = float(row["published_as"].split(" TFLOP/s")[0])
         assert row["tokens_per_s_per_gpu"] * per_token / 1e12 == pytest.approx(published, rel=5e-4)  # tokens/s to 0.1
         assert row["gpus"] % (row["tp"] * row["pp"] * row["cp"]) == 0 and s % row["cp"] == 0
+
+
+def test_a_run_on_its_own_fabric_is_simulated_on_it(runs):
+    """BLOOM's cluster had four 100 Gb/s links per 8-GPU node (``nics_per_node``, ``nic_gbps``),
+    a quarter of a DGX A100's: simulated on it, the run is slower than on the default fabric."""
+    from plansim.api import simulate
+    from plansim.validation.published import run_plan
+    from plansim.validation.reference_data import published_model
+
+    table = load_published_runs()
+    own = table[table["nics_per_node"].notna()]
+    assert set(own["model"]) >= {"bloom-176b"}
+    row = own[own["model"] == "bloom-176b"].iloc[0]
+    default = simulate(published_model("bloom-176b", 2048), "a100-80gb", plan=run_plan(row), nodes=48, gpus_per_node=8)
+    predicted = runs.loc[row.name, "predicted"] * int(row["gpus"])
+    assert predicted < default.tokens_per_s
