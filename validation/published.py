@@ -27,7 +27,8 @@ from plansim.validation.reference_data import load_published_runs, published_mod
 #: the plan columns of ``published_runs.csv`` (empty: plansim's default)
 PLAN_COLUMNS = ("tp", "pp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "recompute", "schedule", "vpp",
                 "precision", "framework", "attention", "sequence_parallel", "cross_entropy", "ddp", "tp_comm_overlap",
-                "fp32_grads", "moe_dispatcher", "moe_a2a_overlap")
+                "fp32_grads", "moe_dispatcher", "moe_a2a_overlap", "overlap_p2p", "tp_backward_overlap",
+                "grad_accumulation_fusion", "overlap_grad_reduce")
 _INTEGER_FIELDS = {"tp", "pp", "cp", "ep", "etp", "zero", "micro_batch", "global_batch", "seq_len", "vpp"}
 
 
