@@ -274,9 +274,19 @@ def _read_qwen2_moe(f: _Fields) -> dict[str, Any]:
 
 
 def _read_deepseek(f: _Fields) -> dict[str, Any]:
+    """DeepSeek-MoE, and DeepSeek-V2/V3 with multi-head latent attention (``kv_lora_rank``;
+    ``q_lora_rank`` null: queries projected straight from the hidden state).  V3's
+    multi-token-prediction module (``num_nextn_predict_layers``) is not modelled."""
+    if "kv_lora_rank" in f.cfg:  # query/key heads of qk_nope + qk_rope, values of v_head_dim
+        nope, rope = f.int("qk_nope_head_dim"), f.int("qk_rope_head_dim")
+        f = _Fields({**f.cfg, "head_dim": nope + rope}, f.where)
     fields = _read_llama(f, max_seq_default=4096)
     if f.int("moe_layer_freq", default=1) != 1:
         raise ModelError(f"{f.where}: moe_layer_freq {f.cfg['moe_layer_freq']!r} not supported; allowed: 1")
+    if "kv_lora_rank" in f.cfg:
+        fields.update(kv_lora_rank=f.int("kv_lora_rank"), qk_rope_head_dim=f.int("qk_rope_head_dim"),
+                      v_head_dim=f.int("v_head_dim"),
+                      q_lora_rank=0 if f.cfg.get("q_lora_rank") is None else f.int("q_lora_rank"))
     return dict(fields, num_experts=f.int("n_routed_experts"), top_k=f.int("num_experts_per_tok"),
                 moe_ffn_hidden=f.int("moe_intermediate_size"),
                 shared_experts=f.int("n_shared_experts", default=0, minimum=0),
@@ -318,6 +328,8 @@ _HF_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "qwen2": _read_qwen2,
     "qwen2_moe": _read_qwen2_moe,
     "deepseek": _read_deepseek,
+    "deepseek_v2": _read_deepseek,
+    "deepseek_v3": _read_deepseek,
     "gpt2": _read_gpt2,
     "gpt_neox": _read_gpt_neox,
 }

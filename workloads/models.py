@@ -2,7 +2,8 @@
 
 A ``ModelSpec`` is built from a built-in name, a Hugging Face ``config.json`` or a YAML spec
 (see ``workloads/model_io.py``).  Parameter counts are exact for the architectures named in
-the fields (tested: Llama-3-8B 8.03 B, Llama-3-70B 70.6 B, GPT-3 175B 174.6 B).
+the fields (tested: Llama-3-8B 8.03 B, Llama-3-70B 70.6 B, GPT-3 175B 174.6 B, DeepSeek-V3 671 B
+with 37 B active).
 """
 from __future__ import annotations
 
@@ -32,7 +33,15 @@ class ModelSpec:
     tied_embeddings: bool = False
     bias: bool = False  # linear-layer biases (GPT-2/3, NeoX); QKV-only biases via qkv_bias
     qkv_bias: bool = False  # Qwen2 style
-    head_dim: int | None = None  # defaults to hidden / num_heads
+    head_dim: int | None = None  # query/key head width; defaults to hidden / num_heads
+    # multi-head latent attention (DeepSeek-V2/V3, Megatron-Core MLASelfAttention) where kv_lora_rank > 0:
+    # keys and values are projected up per head from a latent of kv_lora_rank (plus a shared rotary
+    # key of qk_rope_head_dim), queries from one of q_lora_rank (0: straight from the hidden state);
+    # head_dim is the query/key head (no-position part + qk_rope_head_dim), v_head_dim the value head
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None  # defaults to head_dim
     num_experts: int = 0  # 0 = dense
     top_k: int = 1
     shared_experts: int = 0
@@ -50,11 +59,12 @@ class ModelSpec:
                            ("position", ("rope", "learned"))):
             if getattr(self, f) not in allowed:
                 raise ModelError(f"{f}: must be one of {', '.join(allowed)}, got {getattr(self, f)!r}")
-        for f in ("num_experts", "shared_experts", "first_dense_layers"):
+        for f in ("num_experts", "shared_experts", "first_dense_layers", "q_lora_rank", "kv_lora_rank",
+                  "qk_rope_head_dim"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ModelError(f"{f}: must be a non-negative integer, got {v!r}")
-        for f in ("top_k", "moe_layer_freq", "head_dim", "moe_ffn_hidden"):
+        for f in ("top_k", "moe_layer_freq", "head_dim", "moe_ffn_hidden", "v_head_dim"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ModelError(f"{f}: must be a positive integer, got {v!r}")
@@ -74,6 +84,18 @@ class ModelSpec:
                              f"num_layers {self.num_layers}")
         if self.moe_ffn_hidden is None:
             object.__setattr__(self, "moe_ffn_hidden", self.ffn_hidden)
+        if self.v_head_dim is None:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
+        if self.kv_lora_rank:
+            if self.num_kv_heads != self.num_heads:
+                raise ModelError(f"num_kv_heads: multi-head latent attention projects every head's keys and values "
+                                 f"(num_kv_heads must equal num_heads {self.num_heads}, got {self.num_kv_heads})")
+            if not 0 < self.qk_rope_head_dim < self.head_dim:
+                raise ModelError(f"qk_rope_head_dim: must be in 1..head_dim-1 = {self.head_dim - 1} with "
+                                 f"kv_lora_rank, got {self.qk_rope_head_dim}")
+        elif self.q_lora_rank or self.qk_rope_head_dim or self.v_head_dim != self.head_dim:
+            raise ModelError("kv_lora_rank: q_lora_rank, qk_rope_head_dim and v_head_dim describe multi-head latent "
+                             "attention, which needs kv_lora_rank > 0")
 
     # --- shapes -----------------------------------------------------------------------------
     @property
@@ -87,6 +109,21 @@ class ModelSpec:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return self.num_kv_heads * self.v_head_dim
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def _mla_down_params(self) -> int:
+        """MLA's down projections and the norms of their latents: one copy on every TP rank
+        (Megatron-Core builds them ``duplicated``)."""
+        q = self.hidden * self.q_lora_rank + self.q_lora_rank if self.q_lora_rank else 0
+        return q + self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
 
     @property
     def mlp_matrices(self) -> int:
@@ -107,6 +144,10 @@ class ModelSpec:
     @property
     def attention_params(self) -> int:
         h = self.hidden
+        if self.is_mla:  # latents and their up projections (keys' no-position part and values), output
+            q_up = (self.q_lora_rank if self.q_lora_rank else h) * self.q_dim
+            kv_up = self.kv_lora_rank * self.num_heads * (self.head_dim - self.qk_rope_head_dim + self.v_head_dim)
+            return self._mla_down_params + q_up + kv_up + self.v_dim * h
         weights = h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
         biases = 0
         if self.bias:
@@ -114,6 +155,11 @@ class ModelSpec:
         elif self.qkv_bias:
             biases = self.q_dim + 2 * self.kv_dim
         return weights + biases
+
+    @property
+    def replicated_attention_params(self) -> int:
+        """Attention parameters every TP rank holds whole (the rest are split over TP)."""
+        return self._mla_down_params if self.is_mla else 0
 
     def _mlp_params(self, width: int) -> int:
         weights = self.mlp_matrices * self.hidden * width
@@ -177,12 +223,19 @@ class ModelSpec:
         The convention of Megatron-LM's ``num_floating_point_operations`` (DESIGN.md, Metric
         definitions): GEMMs of attention projections (GQA-aware), MLP (active experts for MoE,
         plus the router), logits, and attention scores QKᵀ and ·V without halving for causality.
+        Multi-head latent attention: its down and up projections and output projection (the
+        weights of ``attention_params``, norms aside), scores at the query/key head width, ·V at
+        the value head width (Megatron-LM's MLA branch, before its causal halving).
         """
         h, s = self.hidden, seq_len
+        if self.is_mla:
+            projections = 2 * (self.attention_params - self.q_lora_rank - self.kv_lora_rank)
+        else:
+            projections = 2 * h * (self.q_dim + 2 * self.kv_dim) + 2 * self.q_dim * h  # QKV + out proj
         fwd = 0.0
         for layer in range(self.num_layers):
-            fwd += 2 * h * (self.q_dim + 2 * self.kv_dim) + 2 * self.q_dim * h  # QKV + out proj
-            fwd += 2 * 2 * s * self.q_dim  # scores and scores·V, per token
+            fwd += projections
+            fwd += 2 * s * self.num_heads * (self.head_dim + self.v_head_dim)  # scores and scores·V, per token
             if self.is_moe_layer(layer):
                 width = self.moe_ffn_hidden * (self.top_k + self.shared_experts)
                 fwd += 2 * self.mlp_matrices * h * width + 2 * h * self.num_experts

@@ -138,14 +138,16 @@ GRAD_SUM_BYTES = 3 * ACT_BYTES
 SOFTMAX_GRAD_PRODUCT_BYTES = 3 * ACT_BYTES
 
 
-def _norm(name: str, model: ModelSpec, tokens: float, readers: int = 1) -> Op:
-    """RMSNorm or LayerNorm over ``tokens`` rows; saves its input for backward.
+def _norm(name: str, model: ModelSpec, tokens: float, readers: int = 1, width: int | None = None) -> Op:
+    """RMSNorm or LayerNorm over ``tokens`` rows of ``width`` (the hidden size unless given);
+    saves its input for backward.
 
     Its input is the residual stream, which the residual add reads too: backward sums the two
     gradients (one add).  Its output feeds ``readers`` GEMMs (eager q, k and v: three; fused
     QKV: one), whose input gradients are summed as well (readers − 1 adds)."""
-    elements = tokens * model.hidden
-    return Op(name, "norm", bytes=norm_bytes(tokens, model.hidden), saved_bytes=elements * ACT_BYTES,
+    width = width or model.hidden
+    elements = tokens * width
+    return Op(name, "norm", bytes=norm_bytes(tokens, width), saved_bytes=elements * ACT_BYTES,
               bwd_bytes_factor=NORM_BACKWARD_PASSES / NORM_PASSES, bwd_extra_bytes=GRAD_SUM_BYTES * elements * readers)
 
 
@@ -164,23 +166,50 @@ def _residual(name: str, elements: float, dropout: bool, eager: bool) -> Op:
 def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
     """Forward ops of one transformer layer for one micro-batch on one rank."""
     t, e = plan.tp, ACT_BYTES
-    b, s = plan.micro_batch, plan.seq_len // plan.cp
-    h, a, g, d = model.hidden, model.num_heads, model.num_kv_heads, model.head_dim
-    tokens = b * s
+    tokens = plan.micro_batch * (plan.seq_len // plan.cp)
+    h = model.hidden
     sp = plan.tp > 1 and plan.sequence_parallel
     tok_sp = tokens / t if sp else tokens  # tokens a rank holds outside the TP region
-    heads = a // t
-    kv_heads = max(1, g // t)
-    q_cols, kv_cols = heads * d, kv_heads * d
+    heads = model.num_heads // t
     dtype = gemm_dtype(plan)
     drop = model.dropout
     eager = plan.framework == "pytorch"
     full = tokens * h * e  # one [b, s, h] activation, bytes
 
-    ops: list[Op] = [
-        _norm("norm1", model, tok_sp, readers=3 if eager else 1),
-        _tp_comm("attn.allgather", full, plan, "all_gather", gemm="q" if eager else "qkv"),
-    ]
+    if model.is_mla:
+        ops = [_norm("norm1", model, tok_sp, readers=1 if model.q_lora_rank else 2),
+               *_mla_attention_ops(model, plan, tok_sp, dtype)]
+    else:
+        ops = [_norm("norm1", model, tok_sp, readers=3 if eager else 1),
+               *_attention_ops(model, plan, tok_sp, dtype)]
+    o_cols = heads * model.v_head_dim
+    ops.append(Op("proj", "gemm", gemm=(tokens, h, o_cols), dtype=dtype, has_weight=True,
+                  saved_bytes=tokens * o_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
+    ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter", gemm="proj"))
+    ops.append(_residual("residual1", tok_sp * h, drop, eager))
+    ops.append(_norm("norm2", model, tok_sp, readers=2 if (eager and model.mlp == "swiglu" and not moe) else 1))
+    if moe:
+        ops += _moe_ops(model, plan, tokens, full)
+    else:
+        ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
+    ops.append(_residual("residual2", tok_sp * h, drop, eager))
+    return _with_fp8_casts(ops, plan)
+
+
+def _attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) -> list[Op]:
+    """Multi-head or grouped-query attention from the normed input to the core attention's
+    output: the TP gather, the QKV projection(s), RoPE, context-parallel exchange, attention."""
+    t, e = plan.tp, ACT_BYTES
+    b, s = plan.micro_batch, plan.seq_len // plan.cp
+    h, a, g, d = model.hidden, model.num_heads, model.num_kv_heads, model.head_dim
+    tokens = b * s
+    heads = a // t
+    kv_heads = max(1, g // t)
+    q_cols, kv_cols = heads * d, kv_heads * d
+    drop = model.dropout
+    eager = plan.framework == "pytorch"
+    full = tokens * h * e
+    ops: list[Op] = [_tp_comm("attn.allgather", full, plan, "all_gather", gemm="q" if eager else "qkv")]
     qkv_bias = (model.bias or model.qkv_bias)
     if eager:  # three projections sharing one saved input
         for i, (name, cols) in enumerate((("q", q_cols), ("k", kv_cols), ("v", kv_cols))):
@@ -245,17 +274,62 @@ def layer_forward_ops(model: ModelSpec, plan: Plan, moe: bool) -> list[Op]:
         # backward copies the gradient back
         ops.append(Op("context.permute", "memory", bytes=2 * tokens * q_cols * e, bwd_bytes_factor=1.0,
                       recompute_selective=True))
-    ops.append(Op("proj", "gemm", gemm=(tokens, h, q_cols), dtype=dtype, has_weight=True,
-                  saved_bytes=tokens * q_cols * e, bias_grad_bytes=tokens * h * e if model.bias else 0.0))
-    ops.append(_tp_comm("attn.reduce", full, plan, "reduce_scatter", gemm="proj"))
-    ops.append(_residual("residual1", tok_sp * h, drop, eager))
-    ops.append(_norm("norm2", model, tok_sp, readers=2 if (eager and model.mlp == "swiglu" and not moe) else 1))
-    if moe:
-        ops += _moe_ops(model, plan, tokens, full)
-    else:
-        ops += _mlp_ops(model, plan, tokens, model.ffn_hidden, full, "mlp", saved_input=tok_sp * h * e)
-    ops.append(_residual("residual2", tok_sp * h, drop, eager))
-    return _with_fp8_casts(ops, plan)
+    return ops
+
+
+def _mla_attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) -> list[Op]:
+    """Multi-head latent attention as Megatron-Core's ``MLASelfAttention`` runs it: the down
+    projections to the query and key/value latents (and the shared rotary key) are ``duplicated``
+    on every TP rank and see only its sequence-parallel share of the tokens; their latents are
+    normed, all-gathered over TP and projected up per head (column-parallel: queries, keys'
+    no-position part and values); RoPE is applied to the rotary parts, and the core attention runs
+    at the query/key head width for QKᵀ and the value head width for ·V (costed at their mean, which
+    gives both the FLOPs and the bytes of Q, K, V and O exactly)."""
+    t, e = plan.tp, ACT_BYTES
+    b, s = plan.micro_batch, plan.seq_len // plan.cp
+    h, d, dv, rope = model.hidden, model.head_dim, model.v_head_dim, model.qk_rope_head_dim
+    q_lora, kv_lora = model.q_lora_rank, model.kv_lora_rank
+    tokens = b * s
+    heads = model.num_heads // t
+    ops: list[Op] = []
+    if q_lora:
+        ops += [Op("q_down", "gemm", gemm=(tok_sp, q_lora, h), dtype=dtype, has_weight=True, saved_bytes=tok_sp * h * e),
+                Op("kv_down", "gemm", gemm=(tok_sp, kv_lora + rope, h), dtype=dtype, has_weight=True),
+                _norm("q_norm", model, tok_sp, width=q_lora), _norm("kv_norm", model, tok_sp, width=kv_lora),
+                _tp_comm("attn.latent_allgather", tokens * (q_lora + kv_lora + rope) * e, plan, "all_gather",
+                         gemm="q_up"),
+                Op("q_up", "gemm", gemm=(tokens, heads * d, q_lora), dtype=dtype, has_weight=True,
+                   saved_bytes=tok_sp * q_lora * e)]
+        ops += _regather("q_up", tokens * q_lora * e, plan)
+    else:  # queries straight from the (gathered) hidden state, column-parallel
+        ops += [Op("kv_down", "gemm", gemm=(tok_sp, kv_lora + rope, h), dtype=dtype, has_weight=True,
+                   saved_bytes=tok_sp * h * e),
+                _norm("kv_norm", model, tok_sp, width=kv_lora),
+                _tp_comm("attn.allgather", tokens * (h + kv_lora + rope) * e, plan, "all_gather", gemm="q_proj"),
+                Op("q_proj", "gemm", gemm=(tokens, heads * d, h), dtype=dtype, has_weight=True,
+                   saved_bytes=tok_sp * h * e)]
+        ops += _regather("q_proj", tokens * h * e, plan)
+    ops.append(Op("kv_up", "gemm", gemm=(tokens, heads * (d - rope + dv), kv_lora), dtype=dtype, has_weight=True,
+                  saved_bytes=tok_sp * kv_lora * e))
+    ops += _regather("kv_up", tokens * kv_lora * e, plan)
+    # one fused pass each (TE's fused MLA RoPE): read and write the queries; read the up-projected
+    # keys and values and the rotary key, write whole keys and values per head
+    rope_bytes = tokens * e * (2 * heads * d + heads * (d - rope + dv) + rope + heads * (d + dv))
+    ops.append(Op("rope", "memory", bytes=rope_bytes, bwd_bytes_factor=1.0))
+    kv_cols = heads * (d + dv) / 2  # per head, K and V together are twice their mean width
+    if plan.cp > 1 and plan.cp_comm == "allgather":
+        ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
+                      comm_bytes=2 * b * s * plan.cp * kv_cols * e))
+    elif plan.cp > 1:
+        ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
+                      comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
+    keeps_output = plan.framework == "pytorch" or gemm_dtype(plan) == "fp8"
+    ops.append(Op("attention", "attention", attention=(b, heads, heads, (d + dv) / 2, s, s * plan.cp, True),
+                  impl=plan.attention,
+                  saved_bytes=tokens * heads * (2 * d + dv) * e + b * heads * s * 4
+                  + (tokens * heads * dv * e if keeps_output else 0.0),
+                  recompute_selective=True))
+    return ops
 
 
 def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,
@@ -352,7 +426,7 @@ def _moe_ops(model: ModelSpec, plan: Plan, tokens: float, full: float) -> list[O
 def embedding_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     """Vocabulary-parallel embedding lookup (+ learned positions), then the TP reduction."""
     e, h = ACT_BYTES, model.hidden
-    tokens = plan.micro_batch * plan.seq_len // plan.cp
+    tokens = plan.micro_batch * (plan.seq_len // plan.cp)
     ops = [Op("embedding", "memory", bytes=2 * tokens * h * e, bwd_bytes_factor=2.0)]
     if model.position == "learned":
         ops.append(Op("embedding.positions", "memory", bytes=3 * tokens * h * e, bwd_bytes_factor=1.0))
@@ -422,7 +496,7 @@ def head_ops(model: ModelSpec, plan: Plan) -> list[Op]:
     logits (Megatron's ``vocab_parallel_cross_entropy``: logits upcast to fp32, a softmax's worth
     of passes), or one fused kernel on the 16-bit logits (``Plan.cross_entropy``)."""
     t, e, h = plan.tp, ACT_BYTES, model.hidden
-    tokens = plan.micro_batch * plan.seq_len // plan.cp
+    tokens = plan.micro_batch * (plan.seq_len // plan.cp)
     sp = plan.tp > 1 and plan.sequence_parallel
     tok_sp = tokens / t if sp else tokens
     vocab_local = local_vocab(model, plan)
@@ -604,12 +678,14 @@ class TrainingWorkload:
         m, t = self.model, self.plan.tp
         dense = expert = 0.0
         for layer in range(chunk.first_layer, chunk.first_layer + chunk.num_layers):
+            whole = m.replicated_attention_params  # MLA's down projections: a copy on every TP rank
+            attention = (m.attention_params - whole) / t + whole
             if m.is_moe_layer(layer):
                 routed = m.num_experts * m.expert_params
                 expert += routed / (self.plan.expert_tp * self.plan.ep)
-                dense += (m.attention_params + m.moe_mlp_params - routed) / t + m.norm_params * (1 - 1 / t)
+                dense += attention + (m.moe_mlp_params - routed) / t + m.norm_params
             else:
-                dense += (m.attention_params + m.dense_mlp_params) / t + m.norm_params
+                dense += attention + m.dense_mlp_params / t + m.norm_params
         if chunk.has_embedding:
             dense += m.embedding_params / t
         if chunk.has_head:
@@ -632,6 +708,8 @@ def check_plan_fits_model(model: ModelSpec, plan: Plan) -> None:
         raise PlanError(f"ep: {plan.ep} needs a mixture-of-experts model; {model.name} is dense (ep must be 1)")
     if plan.ep > 1 and model.num_experts % plan.ep:
         raise PlanError(f"ep: {plan.ep} must divide the number of experts {model.num_experts}")
+    if model.is_mla and plan.attention == "unfused":
+        raise PlanError("attention: unfused is not modelled for multi-head latent attention; allowed: flash, cudnn")
     if model.position == "learned" and plan.seq_len > model.max_seq_len:
         raise PlanError(f"seq_len: {plan.seq_len} exceeds the {model.max_seq_len} learned positions of {model.name}")
     if plan.pp * plan.vpp > model.num_layers:

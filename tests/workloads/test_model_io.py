@@ -292,10 +292,10 @@ def test_gpt2_heads_not_dividing_hidden(tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    path = write_json(tmp_path, dict(LLAMA3_8B, model_type="deepseek_v3"))
+    path = write_json(tmp_path, dict(LLAMA3_8B, model_type="mamba"))
     with pytest.raises(ModelError) as e:
         load_model(str(path))
-    assert "model_type 'deepseek_v3' not supported; allowed: llama, mistral" in one_line(e)
+    assert "model_type 'mamba' not supported; allowed: llama, mistral" in one_line(e)
 
 
 def test_yaml_non_positive_size_names_file_and_field(tmp_path):
@@ -324,3 +324,17 @@ def test_wrong_suffix(tmp_path):
 def test_model_from_hf_config_direct():
     spec = model_from_hf_config(LLAMA3_8B, name="x")
     assert spec.name == "x" and spec.num_params == 8_030_261_248
+
+
+def test_deepseek_v2_lite_reads_latent_attention_without_a_query_latent(tmp_path):
+    """DeepSeek-V2-Lite's config.json: ``q_lora_rank`` null (queries projected straight from the
+    hidden state), keys and values from a 512-wide latent; head_dim = qk_nope + qk_rope."""
+    cfg = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944, "num_hidden_layers": 27,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 102400, "hidden_act": "silu",
+           "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+           "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+           "moe_intermediate_size": 1408, "first_k_dense_replace": 1, "moe_layer_freq": 1}
+    m = load_model(str(write_json(tmp_path, cfg)))
+    assert (m.is_mla, m.q_lora_rank, m.kv_lora_rank, m.head_dim, m.v_head_dim) == (True, 0, 512, 192, 128)
+    assert m.replicated_attention_params == 2048 * (512 + 64) + 512
+    assert m.num_params / 1e9 == pytest.approx(15.7, abs=0.1)  # DeepSeek-V2-Lite: 15.7B total

@@ -131,3 +131,32 @@ def test_spec_validation_messages(overrides, match):
 def test_top_k_must_not_exceed_experts():
     with pytest.raises(ModelError, match="top_k: must be in 1..num_experts=8"):
         _gpt(num_experts=8, top_k=9)
+
+
+def test_deepseek_v3_has_671b_parameters_37b_of_them_active():
+    """DeepSeek-V3 (arXiv:2412.19437: "671B total parameters with 37B activated for each token"),
+    from its Hugging Face config: multi-head latent attention in every layer, 3 dense layers then
+    58 of 256 routed experts (top 8) and one shared expert; its multi-token-prediction layer is
+    not counted (nor modelled)."""
+    m = load_model("deepseek-v3")
+    assert m.is_mla and (m.head_dim, m.v_head_dim, m.q_lora_rank, m.kv_lora_rank) == (192, 128, 1536, 512)
+    h = 7168
+    attention = (h * 1536 + 1536 + 1536 * 128 * 192  # query latent, its norm, up projection
+                 + h * (512 + 64) + 512 + 512 * 128 * (128 + 128)  # key/value latent + rotary key, norm, up
+                 + 128 * 128 * h)  # output projection
+    assert m.attention_params == attention
+    assert m.num_params == pytest.approx(671e9, rel=0.001)
+    assert m.num_active_params == pytest.approx(37e9, rel=0.02)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kv_lora_rank=64, qk_rope_head_dim=16, num_kv_heads=2), "num_kv_heads"),
+    (dict(kv_lora_rank=64, qk_rope_head_dim=64), "qk_rope_head_dim"),
+    (dict(q_lora_rank=96), "kv_lora_rank"),
+    (dict(v_head_dim=32), "kv_lora_rank"),
+])
+def test_latent_attention_fields_are_checked(fields, message):
+    base = dict(name="m", num_layers=2, hidden=512, num_heads=8, num_kv_heads=8, ffn_hidden=1024, vocab=1000,
+                head_dim=64)
+    with pytest.raises(ModelError, match=message):
+        ModelSpec(**{**base, **fields})

@@ -124,6 +124,53 @@ def test_tp_splits_layer_gemm_flops_evenly():
                                                                          rel=REL)
 
 
+def _mla(q_lora: int = 96) -> ModelSpec:
+    """A small model with multi-head latent attention (DeepSeek-V3's shape, scaled down)."""
+    return ModelSpec(name="mla-test", num_layers=3, hidden=512, num_heads=8, num_kv_heads=8, ffn_hidden=1024,
+                     vocab=4096, head_dim=48, q_lora_rank=q_lora, kv_lora_rank=64, qk_rope_head_dim=16, v_head_dim=32)
+
+
+@pytest.mark.parametrize("q_lora", [96, 0], ids=["q-latent", "q-direct"])
+def test_mla_op_graph_flops_equal_model_flops(q_lora):
+    """Multi-head latent attention: the graph's GEMMs (down, up and output projections, MLP,
+    head), ×3, plus the attention core at the query/key width for QKᵀ and the value width for ·V,
+    per token == ModelSpec.model_flops_per_token (Megatron-LM's MLA count before its causal
+    halving); the attention op's mean head width gives exactly those core FLOPs."""
+    m = _mla(q_lora)
+    s = 1024
+    w = TrainingWorkload(m, Plan(micro_batch=2, global_batch=2, seq_len=s, framework="pytorch"))
+    core = 2.0 * s * m.num_heads * (m.head_dim + m.v_head_dim)  # per token per layer, forward
+    assert 3.0 * (_forward_gemm_flops(w) / (2 * s) + m.num_layers * core) == pytest.approx(
+        m.model_flops_per_token(s), rel=REL)
+    b, heads, _, d, sq, skv, _ = next(op for op in w.dense_layer if op.kind == "attention").attention
+    assert 4.0 * b * heads * d * sq * skv == pytest.approx(2 * s * core, rel=REL)
+
+
+@pytest.mark.parametrize("sp", [True, False])
+def test_mla_down_projections_are_whole_on_every_tp_rank(sp):
+    """Megatron-Core builds MLA's down projections ``duplicated``: each TP rank holds them whole
+    and runs them on its own sequence-parallel tokens (all the tokens without SP), the up and
+    output projections split over TP as usual."""
+    m, t = _mla(), 4
+    one = TrainingWorkload(m, Plan(seq_len=1024))
+    split = TrainingWorkload(m, Plan(tp=t, seq_len=1024, sequence_parallel=sp))
+    whole = m.replicated_attention_params
+    assert whole == 512 * 96 + 96 + 512 * (64 + 16) + 64
+    layers = m.num_layers * ((m.attention_params - whole + m.dense_mlp_params) / t + whole + m.norm_params)
+    rest = (m.embedding_params + m.lm_head_params) / t + m.final_norm_params
+    assert split.chunk_params(split.chunks[0])[0] == pytest.approx(layers + rest, rel=REL)
+    assert one.chunk_params(one.chunks[0])[0] == pytest.approx(m.num_params, rel=REL)
+    down = sum(op.flops for op in one.dense_layer if op.name in ("q_down", "kv_down"))
+    per_rank = sum(op.flops for op in split.dense_layer)
+    total = sum(op.flops for op in one.dense_layer)
+    assert per_rank * t == pytest.approx(total + (0 if sp else (t - 1) * down), rel=REL)
+
+
+def test_mla_needs_fused_attention():
+    with pytest.raises(PlanError, match="attention: unfused"):
+        TrainingWorkload(_mla(), Plan(seq_len=1024, attention="unfused"))
+
+
 # --- model states (ZeRO) -------------------------------------------------------------------------
 PSI = 1_234_567_891.0
 
@@ -345,7 +392,7 @@ def test_workload_chunks_follow_the_split_and_interleave_ranks():
 def test_chunk_params_add_up_to_the_model():
     """Per-rank parameter shards over all chunks × tp == the model's parameters (norms are
     replicated over TP, so with tp = 1 the sum is exact)."""
-    for name in ("llama3-8b", "gpt3-175b"):
+    for name in ("llama3-8b", "gpt3-175b", "deepseek-moe-16b", "deepseek-v3"):
         m = load_model(name)
         w = TrainingWorkload(m, Plan(pp=4, dp=1, global_batch=4))
         total = sum(sum(w.chunk_params(c)) for c in w.chunks)
