@@ -54,7 +54,7 @@ from plansim.simulator.stagecost import Groups, cost_workload, ep_overlap_share
 from plansim.simulator.units import remainder_s
 from plansim.workloads.models import ModelSpec
 from plansim.workloads.plan import Plan
-from plansim.workloads.training import ACT_BYTES, Chunk, TrainingWorkload, gemm_dtype, split_layers
+from plansim.workloads.training import Chunk, TrainingWorkload, gemm_dtype, pipeline_message, split_layers
 
 
 # columns of the per-piece / per-chunk cost vectors (per micro-batch)
@@ -401,7 +401,7 @@ class AnalyticModel:
         b = np.maximum(b, copies)
         p2p_chain = 0.0
         if p > 1:  # pipeline point-to-point (the engine: source rank index vs destination virtual stage)
-            p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * model.hidden * ACT_BYTES / plan.tp
+            p2p_bytes, regather_bytes = pipeline_message(model, plan)
             same = self._collective("send_recv", p2p_bytes, Group(2, 2))
             cross = self._collective("send_recv", p2p_bytes, Group(2, 1))
             stride = plan.tp * plan.cp * plan.dp
@@ -417,6 +417,10 @@ class AnalyticModel:
             else:  # the sender waits for each of its sends (Megatron-LM 2021)
                 f[:-1] += hop(np.minimum(ranks, idx + 1))[:-1]
                 b[1:] += hop(np.minimum(ranks, idx - 1))[1:]
+            if regather_bytes:  # ... and the receiver all-gathers each message over TP (scatter-gather)
+                regather = self._collective("all_gather", regather_bytes, groups.tp)
+                f[1:] += regather
+                b[:-1] += regather
         z3 = np.zeros(n_chunks)
         if plan.zero >= 3 and n_dp > 1:  # FSDP: a call per layer, the first exposed, the rest prefetched
             for i, chunk in enumerate(layout.chunks):

@@ -29,7 +29,8 @@ from plansim.simulator.memory import (MemoryTimeline, bytes_per_param, optimizer
 from plansim.simulator.schedules import build_schedule
 from plansim.simulator.stagecost import ChunkCost, Groups, PhaseCost, cost_workload
 from plansim.workloads.plan import Plan, PlanError
-from plansim.workloads.training import ACT_BYTES, TrainingWorkload, gemm_dtype, local_vocab, loss_bytes
+from plansim.workloads.training import (ACT_BYTES, TrainingWorkload, gemm_dtype, local_vocab, loss_bytes,
+                                        pipeline_message)
 
 MEGATRON_BUCKET_PARAMS = 40_000_000  # Megatron-Core DDP bucket: max(40M, 1M·dp) parameters
 TORCH_DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default
@@ -314,7 +315,7 @@ class TrainingSimulation:
             for mb in range(plan.num_microbatches):
                 act_ready[(mb, chunk_cost.chunk.index)] = env.event()
                 grad_ready[(mb, chunk_cost.chunk.index)] = env.event()
-        p2p_bytes = plan.micro_batch * plan.seq_len // plan.cp * self.workload.model.hidden * ACT_BYTES / plan.tp
+        p2p_bytes, regather_bytes = pipeline_message(self.workload.model, plan)
 
         # static memory per rank; with PyTorch semantics gradients appear during backward
         grads_in_backward = plan.framework == "pytorch"
@@ -337,6 +338,17 @@ class TrainingSimulation:
         stages = range(plan.pp) if plan.pp > 1 else ()
         p2p_costs = {same: collective_cost("send_recv", p2p_bytes, Group(2, 2 if same else 1), cluster)
                      for same in {self.groups.pp_same_node(s, cluster) for s in stages}}
+        # Megatron-LM 2021's scatter-gather: each received piece is all-gathered over TP at once
+        regather = collective_cost("all_gather", regather_bytes, self.groups.tp, cluster) if regather_bytes else None
+
+        def received(rank: _Rank, label: str):
+            """The receiver's TP all-gather of a pipeline message, on its compute stream."""
+            if regather is None:
+                return
+            start = env.now
+            yield from self._flow(env, rank, regather)
+            rank.stats.comm_exposed_s += env.now - start
+            self._trace(rank, label, "comm:tp", start, env.now, bytes=regather_bytes)
         grad_b = 4.0 if plan.fp32_grads else 2.0  # bytes per gradient element the data-parallel collectives move
 
         def p2p(src: _Rank, dst_stage: int, event: simpy.Event, name: str, forward: bool):
@@ -558,6 +570,7 @@ class TrainingSimulation:
                         wait = env.now
                         yield act_ready[(mb, vs)]
                         self._trace(rank, f"wait act mb{mb}", "bubble", wait, env.now)
+                        yield from received(rank, f"gather act mb{mb}")
                     if offload_acts:  # layer by layer as the forward produces them
                         env.process(offload_activations(rank, c, label, offload_done((mb, vs))))
                     if plan.zero >= 3 and plan.dp * plan.cp > 1:
@@ -576,6 +589,7 @@ class TrainingSimulation:
                         wait = env.now
                         yield grad_ready[(mb, vs)]
                         self._trace(rank, f"wait grad mb{mb}", "bubble", wait, env.now)
+                        yield from received(rank, f"gather grad mb{mb}")
                     cost = c.phases["Bi"] if split_w else c.phases["B"]
                     fetch = None
                     if offload_acts:  # back layer by layer, beside the backward (last layer resident)

@@ -482,6 +482,24 @@ def loss_bytes(plan: Plan) -> LossBytes:
 MEGATRON_VOCAB_MULTIPLE = 128
 
 
+def pipeline_message(model: ModelSpec, plan: Plan) -> tuple[float, float]:
+    """Bytes of one pipeline send per rank (activations forward, their gradient backward), and the
+    bytes the receiving stage's TP group then all-gathers to rebuild the full tensor (0: none).
+
+    Under sequence parallelism each TP rank already holds its share of the [s, b, h] tensor and
+    sends it.  Without it every TP rank needs the whole tensor: Megatron-Core sends it whole from
+    every rank (``p2p_communication``: the sequence is divided by tp only with SP); Megatron-LM
+    2021 (``overlap_p2p`` False) sent one 1/tp piece per rank and all-gathered the pieces over the
+    TP group on receipt (``--scatter-gather-tensors-in-pipeline``, on by default:
+    ``mpu.gather_split_1d_tensor``)."""
+    full = plan.micro_batch * plan.seq_len // plan.cp * model.hidden * ACT_BYTES
+    if plan.tp == 1 or plan.sequence_parallel:
+        return full / plan.tp, 0.0
+    if not plan.overlap_p2p:
+        return full / plan.tp, full
+    return full, 0.0
+
+
 def local_vocab(model: ModelSpec, plan: Plan) -> int:
     """Vocabulary rows one TP rank's output layer holds: Megatron's padded vocabulary over tp;
     eager PyTorch (Hugging Face, torchtitan) pads nothing."""

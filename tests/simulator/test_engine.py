@@ -617,3 +617,24 @@ def test_selective_checkpointing_dispatch_is_host_work_on_forward_and_recomputat
     full_step = simulate(spec, "h100-sxm", plan=Plan(**base, recompute="full"), nodes=1, gpus_per_node=1,
                          calibrated=False).step_time_s
     assert sac_step > full_step
+
+
+@pytest.mark.parametrize("fields, sent, gathered", [
+    (dict(sequence_parallel=True), 1 / 4, 0.0),  # each TP rank sends its sequence share
+    (dict(sequence_parallel=False), 1.0, 0.0),  # Megatron-Core without SP: every rank sends it whole
+    (dict(sequence_parallel=False, overlap_p2p=False), 1 / 4, 1.0),  # Megatron-LM 2021: scatter, then gather
+])
+def test_pipeline_messages_follow_the_framework(fields, sent, gathered):
+    """A pipeline send between stages carries the [s, b, h] activation (or its gradient): a 1/tp
+    share under sequence parallelism, the whole tensor from every TP rank without it, or, in
+    Megatron-LM 2021's scatter-gather, a 1/tp share that the receiving TP group all-gathers."""
+    from plansim.workloads.training import ACT_BYTES, pipeline_message
+
+    model = load_model("llama3-8b")
+    plan = Plan(tp=4, pp=2, micro_batch=2, global_batch=8, seq_len=2048, **fields)
+    full = 2 * 2048 * model.hidden * ACT_BYTES
+    assert pipeline_message(model, plan) == (pytest.approx(full * sent), pytest.approx(full * gathered))
+    result = simulate(model, "h100-sxm", plan=plan, nodes=1, gpus_per_node=8, trace=True)
+    gathers = [e for e in result.events if e.name.startswith("gather ")]
+    assert bool(gathers) == bool(gathered)
+    assert all(e.args["bytes"] == pytest.approx(full) for e in gathers)
