@@ -38,12 +38,11 @@ def test_plans_follow_the_authors_script():
 
 
 def test_table1_accuracy_bound(table):
-    """Issue 2's target was a median |error| of 5 % and a worst of 15 %.  The median is 5.01 %: it
-    was 4.98 % until the tied embedding of these pp = 1 rows stopped being counted twice (one
-    tensor, not two: fewer gradients to all-reduce and fewer parameters to update), which made
-    every such row 0.1 % faster.  The bound holds the corrected model where it is."""
+    """Issue 2's target: a median |error| of 5 % and a worst of 15 % (4.8 % and 7.8 % since the
+    receiver's TP all-gather of Megatron-LM 2021's scatter-gather pipeline messages is charged;
+    5.01 % before it)."""
     err = table["error"].abs()
-    assert err.median() <= 0.051
+    assert err.median() <= 0.05
     assert err.max() <= 0.15
 
 
