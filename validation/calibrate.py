@@ -290,7 +290,7 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
     written: dict[str, Path] = {}
     # per die, the fits a GPU of that die without its own measurements takes: the power model's
     # (no powerkernels streams) and DIE_PARAMETERS (no cuDNN, fp8 or collective rows)
-    shared: dict[str, dict[tuple, dict]] = {"power": {}, "kernels": {}}
+    shared: dict[str, dict[tuple, dict]] = {"power": {}, "die": {}}
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared)
     return written
@@ -326,7 +326,7 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
     params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
     # a GPU of a die measured earlier (H100 SXM after H200) takes the DIE_PARAMETERS fits its own
     # folders cannot make; called again once the collectives are fitted
-    die_fits = shared["kernels"].setdefault(_die(cluster.device), {})
+    die_fits = shared["die"].setdefault(_die(cluster.device), {})
 
     def share_with_die() -> None:
         for field in DIE_PARAMETERS:

@@ -51,11 +51,11 @@ def compare_published_runs(calibrated: bool = True) -> pd.DataFrame:
         gpus = int(row["gpus"])
         power = None if pd.isna(row["power_limit_w"]) else float(row["power_limit_w"])
         # the run's own fabric where it was not its device's default cluster's (BLOOM's Omni-Path)
-        fabric = {k: row[k] for k in ("nics_per_node", "nic_gbps") if not pd.isna(row[k])}
+        nics = None if pd.isna(row["nics_per_node"]) else int(row["nics_per_node"])
+        gbps = None if pd.isna(row["nic_gbps"]) else float(row["nic_gbps"])
         result = simulate(published_model(row["model"], int(row["seq_len"])), row["hardware"], plan=run_plan(row), nodes=max(1, gpus // 8),
                           gpus_per_node=min(8, gpus), calibrated=calibrated, power_limit_w=power,
-                          nics_per_node=int(fabric["nics_per_node"]) if "nics_per_node" in fabric else None,
-                          nic_gbps=float(fabric["nic_gbps"]) if "nic_gbps" in fabric else None)
+                          nics_per_node=nics, nic_gbps=gbps)
         predicted = result.tokens_per_s / gpus
         published = float(row["tokens_per_s_per_gpu"])
         rows.append({"stack": row["stack"], "model": row["model"], "hardware": row["hardware"], "gpus": gpus,
