@@ -253,3 +253,20 @@ def test_the_h100_96gb_borrows_its_die_and_draws_but_keeps_its_hbm_and_default_l
     steps = {name: simulate("llama3-8b", name, plan=plan, nodes=1, gpus_per_node=8).step_time_s
              for name in ("h100-sxm-96gb", "h100-sxm")}
     assert steps["h100-sxm-96gb"] > steps["h100-sxm"]
+
+
+def test_the_h800_is_an_h100_with_less_nvlink():
+    """The H800 (DeepSeek-V3's GPU) runs the H100 SXM die's calibrated kernels; only its NVLink
+    is narrower (8 links, 160 GB/s as DeepSeek measured it): one GPU's step takes the same time
+    on both, a TP-8 step longer on the H800."""
+    from plansim.api import simulate
+
+    def step(name: str, tp: int):
+        plan = dict(tp=tp, micro_batch=1, global_batch=1, seq_len=2048)
+        return simulate("llama3-8b", name, plan=plan, nodes=1, gpus_per_node=tp)
+
+    one, eight = step("h800", 1), step("h800", 8)
+    assert one.calibrated_profile.endswith("(die parameters: same die as h100-sxm)")
+    assert eight.cluster.startswith("hgx-h800")
+    assert one.step_time_s == pytest.approx(step("h100-sxm", 1).step_time_s, rel=1e-9)
+    assert eight.step_time_s > 1.05 * step("h100-sxm", 8).step_time_s
