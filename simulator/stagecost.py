@@ -129,7 +129,7 @@ def op_cost(op: Op, cluster: Cluster, groups: Groups) -> tuple[float, Collective
         b, heads, kv_heads, d, sq, skv, causal = op.attention
         phase = "backward" if op.phase == "B" else "forward"
         return float(context_parallel_attention_time(b, heads, kv_heads, d, sq, skv, causal, phase, device,
-                                                     impl=op.impl)), None
+                                                     impl=op.impl, v_head_dim=op.v_head_dim or None)), None
     if op.kind == "memory":
         return float(memory_bound_time(op.bytes, device, op.sm_rate_Bps)), None
     if op.kind == "norm":
@@ -150,7 +150,8 @@ def _tensor_flops(op: Op) -> float:
     """FLOPs a tensor-core kernel executes (a flash-attention kernel's own count: causal skips tiles)."""
     if op.kind == "attention":
         b, heads, _, d, sq, skv, causal = op.attention
-        return float(attention_flops(b, heads, d, sq, skv, causal, "backward" if op.phase == "B" else "forward"))
+        return float(attention_flops(b, heads, d, sq, skv, causal, "backward" if op.phase == "B" else "forward",
+                                     op.v_head_dim or None))
     return op.flops
 
 

@@ -15,6 +15,7 @@ calibrated profile records and raises :class:`SplitError` if one appears among t
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -55,6 +56,8 @@ TRANSFER_KINDS = ("h2d", "d2h")
 #: kernels rows (``impl``) of fp8 GEMMs that promote their sums to fp32 as they go (the ``fp8``
 #: suite's dgrad/wgrad variant, Transformer Engine's split accumulator)
 SPLIT_ACCUMULATE_IMPLS = ("e5m2-e4m3",)
+#: kernels rows of multi-head latent attention (suite ``mlaattention``): ``impl`` ends ``-mla-qk<d>-v<dv>``
+MLA_IMPL = re.compile(r"-mla-qk(\d+)-v(\d+)$")
 
 
 class SplitError(AssertionError):
@@ -169,9 +172,13 @@ def predict_kernel(row, device: Device) -> float:
         return float(compute.memory_bound_time(_num(row, "bytes_moved"), device))
     if kind == "attention":
         s = _num(row, "seq_len")
+        d, dv = _num(row, "head_dim"), None
+        mla = MLA_IMPL.search(str(row.get("impl") or ""))
+        if mla:  # the suite mlaattention's rows: query/key and value widths in impl (head_dim is their mean)
+            d, dv = float(mla.group(1)), float(mla.group(2))
         return float(compute.attention_time(_num(row, "batch"), _num(row, "heads"), _num(row, "kv_heads"),
-                                            _num(row, "head_dim"), s, s, _bool(row["causal"]), row["phase"],
-                                            device, impl=attention_of(row.get("impl"))))
+                                            d, s, s, _bool(row["causal"]), row["phase"],
+                                            device, impl=attention_of(row.get("impl")), v_head_dim=dv))
     if kind == "elementwise":
         return float(compute.elementwise_time(_num(row, "bytes"), device))
     if kind == "memcpy":

@@ -69,6 +69,7 @@ class Op:
     recompute_selective: bool = False  # recomputed under selective recomputation
     kernels: int = 1  # kernels (or NCCL calls) the host issues for it; its backward issues as many
     impl: str = "flash"  # attention: the fused kernels that run it (workloads.plan.FUSED_ATTENTION)
+    v_head_dim: int = 0  # attention: the value heads' width where it is not the query/key heads' (MLA); 0: the same
 
     @property
     def flops(self) -> float:

@@ -283,8 +283,7 @@ def _mla_attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) 
     on every TP rank and see only its sequence-parallel share of the tokens; their latents are
     normed, all-gathered over TP and projected up per head (column-parallel: queries, keys'
     no-position part and values); RoPE is applied to the rotary parts, and the core attention runs
-    at the query/key head width for QKᵀ and the value head width for ·V (costed at their mean, which
-    gives both the FLOPs and the bytes of Q, K, V and O exactly)."""
+    QKᵀ (and in backward dQ, dK) at the query/key head width, ·V (dV, dP) at the value head width."""
     t, e = plan.tp, ACT_BYTES
     b, s = plan.micro_batch, plan.seq_len // plan.cp
     h, d, dv, rope = model.hidden, model.head_dim, model.v_head_dim, model.qk_rope_head_dim
@@ -324,7 +323,7 @@ def _mla_attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) 
         ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
                       comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
     keeps_output = plan.framework == "pytorch" or gemm_dtype(plan) == "fp8"
-    ops.append(Op("attention", "attention", attention=(b, heads, heads, (d + dv) / 2, s, s * plan.cp, True),
+    ops.append(Op("attention", "attention", attention=(b, heads, heads, d, s, s * plan.cp, True), v_head_dim=dv,
                   impl=plan.attention,
                   saved_bytes=tokens * heads * (2 * d + dv) * e + b * heads * s * 4
                   + (tokens * heads * dv * e if keeps_output else 0.0),
@@ -686,7 +685,7 @@ class TrainingWorkload:
             return m * n * op.batch * ACT_BYTES
         if op.attention is not None:
             b, heads, _, d, s, _, _ = op.attention
-            return b * heads * s * (d * ACT_BYTES + 4)
+            return b * heads * s * ((op.v_head_dim or d) * ACT_BYTES + 4)
         if op.collective == "reduce_scatter":
             return op.comm_bytes / self.plan.tp
         return 0.0

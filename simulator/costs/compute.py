@@ -167,9 +167,13 @@ def gemm_time(m, n, k, dtype: str, device: Device, batch=1, split_accumulate: bo
     return np.maximum(compute, traffic) + device.kernel_launch_s
 
 
-def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str):
-    """FLOPs a flash-attention kernel executes (not the MFU convention: causal skips tiles)."""
-    fwd = 4.0 * np.asarray(batch, float) * heads * head_dim * np.asarray(seq_q, float) * seq_kv
+def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str, v_head_dim=None):
+    """FLOPs a flash-attention kernel executes (not the MFU convention: causal skips tiles).
+    Forward: QKᵀ at the query/key width, ·V at the value width (``v_head_dim``, default the
+    same); backward: QKᵀ again, dV and dP at the value width, dQ and dK at the query/key width."""
+    dv = head_dim if v_head_dim is None else v_head_dim
+    width = {"forward": head_dim + dv, "backward": 3 * head_dim + 2 * dv, "both": 4 * head_dim + 3 * dv}[phase]
+    fwd = 2.0 * np.asarray(batch, float) * heads * width * np.asarray(seq_q, float) * seq_kv
     if causal:
         # the mask is aligned to the bottom right (FlashAttention's, as _flash_phase_time has it):
         # seq_q queries against seq_kv ≥ seq_q keys see 1 − seq_q / (2·seq_kv) of the rectangle
@@ -177,8 +181,7 @@ def attention_flops(batch, heads, head_dim, seq_q, seq_kv, causal, phase: str):
         # against the whole sequence); tiles on the diagonal are computed in full: one band more
         sq, skv = np.asarray(seq_q, float), np.maximum(np.asarray(seq_kv, float), 1.0)
         fwd = fwd * (1.0 - np.minimum(sq, skv) / (2.0 * skv) + 64.0 / np.maximum(skv, 128.0))
-    factor = {"forward": 1.0, "backward": 2.5, "both": 3.5}[phase]
-    return fwd * factor
+    return fwd
 
 
 @functools.lru_cache(maxsize=4096)
@@ -196,18 +199,20 @@ def flash_makespan(heads: int, works: tuple[float, ...], slots: int) -> float:
 
 
 def _flash_phase_time(heads: int, seq_q: int, seq_kv: int, head_dim: float, causal: bool, forward: bool,
-                      rate: float, overhead: float, units: int) -> float:
+                      rate: float, overhead: float, units: int, v_head_dim: float | None = None) -> float:
     """Seconds for one flash-attention kernel (forward or backward main kernel) over ``heads``
-    (batch × heads) at ``rate`` FLOP/s for the whole device."""
+    (batch × heads) at ``rate`` FLOP/s for the whole device; ``v_head_dim``: value heads of
+    another width than the query/key heads (their products are counted at their own widths)."""
+    dv = head_dim if v_head_dim is None else v_head_dim
     offset = seq_kv - seq_q  # FlashAttention's causal mask is aligned to the bottom right
     if forward:
         blocks = -(-seq_q // FLASH_FWD_ROWS)
         span = [min(seq_kv, max(0, (i + 1) * FLASH_FWD_ROWS + offset)) if causal else seq_kv for i in range(blocks)]
-        slots, flops_per_unit = FLASH_FWD_CTAS_PER_SM * units, 4.0 * FLASH_FWD_ROWS * head_dim
+        slots, flops_per_unit = FLASH_FWD_CTAS_PER_SM * units, 2.0 * FLASH_FWD_ROWS * (head_dim + dv)
     else:
         blocks = -(-seq_kv // FLASH_BWD_COLS)
         span = [max(0, seq_q - max(0, j * FLASH_BWD_COLS - offset)) if causal else seq_q for j in range(blocks)]
-        slots, flops_per_unit = FLASH_BWD_CTAS_PER_SM * units, 10.0 * FLASH_BWD_COLS * head_dim
+        slots, flops_per_unit = FLASH_BWD_CTAS_PER_SM * units, 2.0 * FLASH_BWD_COLS * (3 * head_dim + 2 * dv)
     works = tuple(float(w) + overhead for w in span)
     return flash_makespan(heads, works, slots) * flops_per_unit * slots / rate
 
@@ -224,28 +229,31 @@ def attention_param(device: Device, name: str, default: float, impl: str) -> flo
     return float(device.attention_fraction) if name == "attention_fraction" else _param(device, name, default)
 
 
-def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal, phase, device, dtype, impl):
+def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal, phase, device, dtype, impl,
+                           v_head_dim=None):
+    dv = head_dim if v_head_dim is None else v_head_dim
     d_half = attention_param(device, "attention_head_dim_half", DEFAULT_ATTENTION_HEAD_DIM_HALF, impl)
-    head_dim_eff = (head_dim / (head_dim + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
+    mean = (head_dim + dv) / 2  # the tiles' rate, at the mean of the two widths
+    head_dim_eff = (mean / (mean + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
     fwd_rate = device.flops(dtype) * attention_param(device, "attention_fraction", 0.0, impl) * head_dim_eff
     bwd_rate = fwd_rate * attention_param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO, impl)
     grid = int(batch * heads)
     sq, skv = int(seq_q), int(seq_kv)
     elem = DTYPE_BYTES[dtype]
-    fwd_io = batch * (2.0 * heads * sq + 2.0 * kv_heads * skv) * head_dim * elem  # read Q, K, V; write O
+    fwd_io = batch * (heads * sq + kv_heads * skv) * (head_dim + dv) * elem  # read Q, K, V; write O
     hbm = device.achievable_hbm_bw_Bps
     time = 0.0
     if phase in ("forward", "both"):
         compute = _flash_phase_time(grid, sq, skv, head_dim, causal, True, fwd_rate,
                                     attention_param(device, "attention_fwd_cta_overhead",
                                                      DEFAULT_ATTENTION_FWD_CTA_OVERHEAD, impl),
-                                    device.compute_units)
+                                    device.compute_units, dv)
         time += max(compute, fwd_io / hbm) + device.kernel_launch_s
     if phase in ("backward", "both"):
         compute = _flash_phase_time(grid, sq, skv, head_dim, causal, False, bwd_rate,
                                     attention_param(device, "attention_bwd_cta_overhead",
                                                      DEFAULT_ATTENTION_BWD_CTA_OVERHEAD, impl),
-                                    device.compute_units)
+                                    device.compute_units, dv)
         # read Q, K, V, O, dO; write dQ, dK, dV.  The backward also runs a dO·O preprocessing
         # kernel and a dQ conversion kernel
         time += max(compute, 2.0 * fwd_io / hbm) + 2 * device.kernel_launch_s
@@ -253,9 +261,10 @@ def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, caus
 
 
 def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool, phase: str,
-                   device: Device, dtype: str = "bf16", impl: str = "flash"):
+                   device: Device, dtype: str = "bf16", impl: str = "flash", v_head_dim=None):
     """Seconds for fused attention forward, backward or both: FlashAttention-2 as PyTorch SDPA's
-    flash backend runs it, or cuDNN's (``impl``, workloads.plan.FUSED_ATTENTION).
+    flash backend runs it, or cuDNN's (``impl``, workloads.plan.FUSED_ATTENTION); ``v_head_dim``:
+    value heads of another width than the query/key heads (multi-head latent attention).
 
     The kernel's CTAs are placed on the SMs as the hardware does (``flash_makespan``), so the
     ragged last wave of a causal grid with few heads costs what it does on the GPU (measured on
@@ -263,14 +272,15 @@ def attention_time(batch, heads, kv_heads, head_dim, seq_q, seq_kv, causal: bool
     53 % of its work)."""
     shape = (batch, heads, kv_heads, head_dim, seq_q, seq_kv)
     if all(np.ndim(x) == 0 for x in shape):  # the simulator's case: one op at a time
-        return _attention_time_scalar(*shape, bool(causal), phase, device, dtype, impl)
-    return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype", "impl"},
+        return _attention_time_scalar(*shape, bool(causal), phase, device, dtype, impl, v_head_dim)
+    return np.vectorize(_attention_time_scalar, excluded={"causal", "phase", "device", "dtype", "impl", "v_head_dim"},
                         otypes=[float])(*shape, causal=bool(causal), phase=phase, device=device, dtype=dtype,
-                                        impl=impl)
+                                        impl=impl, v_head_dim=v_head_dim)
 
 
 def context_parallel_attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal: bool,
-                                    phase: str, device: Device, dtype: str = "bf16", impl: str = "flash"):
+                                    phase: str, device: Device, dtype: str = "bf16", impl: str = "flash",
+                                    v_head_dim=None):
     """Seconds for one context-parallel rank's flash attention: ``seq_local`` queries against
     ``seq_total`` keys.  Under a causal mask the sequence is cut into 2·cp chunks and rank r
     keeps chunks r and 2·cp − 1 − r (Megatron-LM's and Llama 3's load balancing), so every rank
@@ -278,11 +288,12 @@ def context_parallel_attention_time(batch, heads, kv_heads, head_dim, seq_local,
     last chunk against the whole sequence (the mask aligned to the lower right)."""
     if not causal or seq_local >= seq_total:
         return attention_time(batch, heads, kv_heads, head_dim, seq_local, seq_total, causal, phase, device, dtype,
-                              impl)
+                              impl, v_head_dim)
     chunk = seq_local // 2
-    return (attention_time(batch, heads, kv_heads, head_dim, chunk, chunk, True, phase, device, dtype, impl)
+    return (attention_time(batch, heads, kv_heads, head_dim, chunk, chunk, True, phase, device, dtype, impl,
+                           v_head_dim)
             + attention_time(batch, heads, kv_heads, head_dim, seq_local - chunk, seq_total, True, phase, device,
-                             dtype, impl))
+                             dtype, impl, v_head_dim))
 
 
 def kernel_issue_time(kernels, device: Device):

@@ -318,3 +318,20 @@ def test_contention_is_charged_on_payload_not_on_protocol_flags():
         assert a.payload_bytes == pytest.approx(nbytes / 2, rel=1e-9)
         assert b.time_s <= a.time_s
     assert flips  # the range crosses a protocol change, or the test checks nothing
+
+
+def test_attention_at_two_head_widths_counts_each_product_at_its_own():
+    """Multi-head latent attention's core: QKᵀ (and dQ, dK) at the query/key width, ·V (and dV,
+    dP) at the value width; with equal widths, the single-width kernel exactly."""
+    from plansim.simulator.costs.compute import attention_flops, attention_time
+    from plansim.simulator.hardware import load_device
+
+    dev = load_device("h100-sxm")
+    args = (1, 16, 16, 128, 4096, 4096, True)
+    for phase in ("forward", "backward"):
+        assert attention_time(*args, phase, dev, v_head_dim=128) == attention_time(*args, phase, dev)
+    b, h, s = 1, 16, 4096
+    assert attention_flops(b, h, 192, s, s, False, "forward", 128) == 2 * b * h * s * s * (192 + 128)
+    assert attention_flops(b, h, 192, s, s, False, "backward", 128) == 2 * b * h * s * s * (3 * 192 + 2 * 128)
+    wide = attention_time(b, h, h, 192, s, s, True, "backward", dev, v_head_dim=128)
+    assert attention_time(b, h, h, 160, s, s, True, "backward", dev) < wide  # dQ, dK at 192 outweigh dV, dP at 128

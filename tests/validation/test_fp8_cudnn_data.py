@@ -102,3 +102,19 @@ def test_one_die_measures_alike_and_lends_what_the_other_lacks():
         assert (h100["parameters"]["cudnn_attention"][field]
                 == pytest.approx(h200["parameters"]["cudnn_attention"][field], rel=0.03)), field
     assert h100["parameters"]["collective_launch_s"] == h200["parameters"]["collective_launch_s"]
+
+
+def test_latent_attention_kernels_are_held_out_and_the_forward_predicted_within_6_percent():
+    """Suite ``mlaattention`` (one H100, 2026-12-05): cuDNN's attention with DeepSeek-V3's query/key
+    heads of 192 and value heads of 128, never fitted.  The forward is predicted within 6 %
+    (median); the backward runs ~10 % slower than the cuDNN rate fitted at head dims 64 and 128
+    says (a gap the test records, not a fit)."""
+    from plansim.validation.compare import DATA_DIR, validate
+
+    frame = validate("kernels", DATA_DIR)
+    mla = frame[frame.source == "mlaattention-h100-x1"]
+    assert len(mla) == 16
+    forward = mla[mla.case_id.str.contains("-fwd-")]
+    backward = mla[mla.case_id.str.contains("-bwd-")]
+    assert forward.error.abs().median() < 0.06
+    assert -0.15 < backward.error.median() < 0

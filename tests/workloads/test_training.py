@@ -17,6 +17,7 @@ import dataclasses
 
 import pytest
 
+from plansim.simulator.costs.compute import attention_flops
 from plansim.simulator.memory import model_state_bytes
 from plansim.workloads.model_io import load_model
 from plansim.workloads.models import ModelSpec
@@ -135,15 +136,17 @@ def test_mla_op_graph_flops_equal_model_flops(q_lora):
     """Multi-head latent attention: the graph's GEMMs (down, up and output projections, MLP,
     head), ×3, plus the attention core at the query/key width for QKᵀ and the value width for ·V,
     per token == ModelSpec.model_flops_per_token (Megatron-LM's MLA count before its causal
-    halving); the attention op's mean head width gives exactly those core FLOPs."""
+    halving); the attention kernel counts the core at the two widths too."""
     m = _mla(q_lora)
     s = 1024
     w = TrainingWorkload(m, Plan(micro_batch=2, global_batch=2, seq_len=s, framework="pytorch"))
     core = 2.0 * s * m.num_heads * (m.head_dim + m.v_head_dim)  # per token per layer, forward
     assert 3.0 * (_forward_gemm_flops(w) / (2 * s) + m.num_layers * core) == pytest.approx(
         m.model_flops_per_token(s), rel=REL)
-    b, heads, _, d, sq, skv, _ = next(op for op in w.dense_layer if op.kind == "attention").attention
-    assert 4.0 * b * heads * d * sq * skv == pytest.approx(2 * s * core, rel=REL)
+    op = next(op for op in w.dense_layer if op.kind == "attention")
+    b, heads, _, d, sq, skv, _ = op.attention
+    assert (d, op.v_head_dim) == (m.head_dim, m.v_head_dim)
+    assert attention_flops(b, heads, d, sq, skv, False, "forward", op.v_head_dim) == pytest.approx(2 * s * core, rel=REL)
 
 
 @pytest.mark.parametrize("sp", [True, False])

@@ -62,11 +62,12 @@ BUSBW_FACTORS = {
 def split_for(suite: str, case_id: str) -> str:
     """The calibration/evaluation split of a case (MEASURING.md, "Split").
 
-    steps are never fitted: all ``evaluation``.  Other suites: ``calibration`` when
+    steps, and the multi-head latent attention kernels (case ids ``mla-``), are never fitted: all
+    ``evaluation``.  Other suites: ``calibration`` when
     ``zlib.crc32(case_id) % 2 == 0``, else ``evaluation`` -- stable across runs, machines
     and Python versions (crc32 is not salted, unlike ``hash``).
     """
-    if suite == "steps":
+    if suite == "steps" or case_id.startswith("mla-"):  # steps and MLA attention test the model, never fit it
         return "evaluation"
     return "calibration" if zlib.crc32(case_id.encode("utf-8")) % 2 == 0 else "evaluation"
 

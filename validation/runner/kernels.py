@@ -264,15 +264,57 @@ def run_cudnn_attention(device: torch.device, quick: bool, log=print) -> list[di
     return rows
 
 
-def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl, backend: str = "flash"):
-    """SDPA as PyTorch runs it; on CUDA the ``backend`` is forced (native GQA when it takes it)."""
+#: multi-head latent attention's core as DeepSeek-V3 runs it: query/key heads of 192 (128 + a
+#: 64-wide rotary part), value heads of 128
+MLA_QK_DIM, MLA_V_DIM = 192, 128
+
+
+def mla_attention_cases(quick: bool) -> list[tuple[int, int, int]]:
+    """(batch, heads, seq_len) of suite ``mlaattention``: DeepSeek-V3's 128 heads split over TP 8,
+    4, 2 and 1, at its 4,096-token pre-training length, and longer."""
+    if quick:
+        return [(1, 2, 128)]
+    return [(1, 16, 4096), (1, 32, 4096), (1, 64, 4096), (1, 128, 4096), (2, 16, 4096), (1, 16, 8192),
+            (1, 32, 16384), (4, 32, 2048)]
+
+
+def run_mla_attention(device: torch.device, quick: bool, log=print) -> list[dict]:
+    """Suite ``mlaattention``: causal SDPA on cuDNN's fused attention with query/key heads of 192
+    and value heads of 128 (``MLA_QK_DIM``, ``MLA_V_DIM``), forward and backward.  The rows record
+    the mean head width (160) as ``head_dim``: plansim costs multi-head latent attention's core at
+    that width (its FLOPs and Q, K, V, O bytes exactly), so these rows test that reading; case ids
+    start ``mla-`` and are never fitted (``split_for``)."""
+    gen, samples, rows, emit = _start(device, quick, 2468, log)
+    qk, v = (MLA_QK_DIM, MLA_V_DIM) if not quick else (48, 32)
+    for b, h, s in mla_attention_cases(quick):
+        for phase in ("forward", "backward"):
+            fwd_flops = 2 * b * h * s * s * (qk + v) // 2  # causal
+            row = _row(f"mla-cudnn-attn-{'fwd' if phase == 'forward' else 'bwd'}-b{b}-h{h}-qk{qk}-v{v}-s{s}-causal",
+                       kind="attention", dtype="bf16", batch=b, heads=h, kv_heads=h, head_dim=(qk + v) // 2,
+                       seq_len=s, causal=True, phase=phase,
+                       flops=fwd_flops if phase == "forward" else int(2.5 * fwd_flops))
+            impl = {"name": ""}
+
+            def factory(b=b, h=h, s=s, phase=phase, impl=impl):
+                return _attention_fn(b, h, h, qk, s, True, phase, device, gen, impl, "cudnn", dv=v)
+
+            _measure(row, factory, device, samples, rate="tflops")
+            row["impl"] = f"{impl['name']}-mla-qk{qk}-v{v}"
+            emit(row)
+    return rows
+
+
+def _attention_fn(b, h, g, d, s, causal, phase, device, gen, impl, backend: str = "flash", dv: int | None = None):
+    """SDPA as PyTorch runs it; on CUDA the ``backend`` is forced (native GQA when it takes it);
+    ``dv``: value heads of another width than the query/key heads ``d``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = torch.bfloat16
-    per_set = (b * s * d * (2 * h + 2 * g)) * 2
+    dv = dv or d
+    per_set = (b * s * (d * (h + g) + dv * (h + g))) * 2
     sets = rotation_sets(per_set, device, max_sets=4)
     qkv = [(_rand((b, h, s, d), dtype, device, gen), _rand((b, g, s, d), dtype, device, gen),
-            _rand((b, g, s, d), dtype, device, gen)) for _ in range(sets)]
+            _rand((b, g, s, dv), dtype, device, gen)) for _ in range(sets)]
     chosen = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
     backends = [chosen] if device.type == "cuda" else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
 
