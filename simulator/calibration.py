@@ -85,7 +85,7 @@ def calibrate_link(link: Link | None, data: dict, path: Path) -> Link | None:
 #: other part's memory
 DIE_PARAMETERS = ("achievable_gemm_fraction", "gemm_k_overhead", "unaligned_gemm_fraction", "attention_fraction",
                   "attention_bwd_ratio", "attention_fwd_cta_overhead", "attention_bwd_cta_overhead",
-                  "attention_head_dim_half", "cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio",
+                  "attention_head_dim_half", "attention_bwd_wide_exponent", "cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio",
                   "norm_bandwidth_fraction", "kernel_launch_s", "idle_power_w", "burst_power_w", "tensor_power_w",
                   "tensor_static_fraction", "memory_power_w", "power_clock_exponent")
 

@@ -146,6 +146,8 @@ class Device(_Profile):
     attention_fwd_cta_overhead: PositiveFloat | None = None  # key columns' worth of fixed work per forward CTA
     attention_bwd_cta_overhead: PositiveFloat | None = None  # query rows' worth of fixed work per backward CTA
     attention_head_dim_half: PositiveFloat | None = None  # head dim at which tiles reach half their rate
+    # backward kernels beyond head dim 128 run smaller tiles: their rate falls as (128 / d) ** this
+    attention_bwd_wide_exponent: float | None = Field(default=None, ge=0)
     unaligned_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # K or N not 16-byte aligned
     fp8_gemm_fraction: float | None = Field(default=None, gt=0, le=1)  # fp8 GEMM's share of its peak / bf16's
     fp8_split_accumulate_ratio: float | None = Field(default=None, gt=0, le=1)  # fp8 GEMM promoting sums / fast

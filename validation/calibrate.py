@@ -48,6 +48,7 @@ KERNEL_PARAMETERS: tuple[tuple[str, object, object, tuple[str, ...]], ...] = (
     ("attention_fwd_cta_overhead", 1.0, 4096.0, ("attention",)),
     ("attention_bwd_cta_overhead", 1.0, 4096.0, ("attention",)),
     ("attention_head_dim_half", 1.0, 1024.0, ("attention",)),
+    ("attention_bwd_wide_exponent", 0.01, 4.0, ("attention",)),
     ("unaligned_gemm_fraction", 0.02, 1.0, ("gemm",)),
     ("fp8_gemm_fraction", 0.5, 1.0, ("gemm",)),
     ("fp8_split_accumulate_ratio", 0.5, 1.0, ("gemm",)),
@@ -57,6 +58,7 @@ DEFAULTS = {"gemm_k_overhead": compute.DEFAULT_GEMM_K_OVERHEAD, "attention_bwd_r
             "attention_fwd_cta_overhead": compute.DEFAULT_ATTENTION_FWD_CTA_OVERHEAD,
             "attention_bwd_cta_overhead": compute.DEFAULT_ATTENTION_BWD_CTA_OVERHEAD,
             "attention_head_dim_half": compute.DEFAULT_ATTENTION_HEAD_DIM_HALF,
+            "attention_bwd_wide_exponent": 1.0,  # the fit's start (the model's default, 0, has no log)
             "unaligned_gemm_fraction": compute.DEFAULT_UNALIGNED_GEMM_FRACTION,
             "fp8_gemm_fraction": compute.DEFAULT_FP8_GEMM_FRACTION,
             "fp8_split_accumulate_ratio": compute.DEFAULT_FP8_SPLIT_ACCUMULATE_RATIO,
@@ -111,6 +113,8 @@ IDENTIFIED_BY = {
     "unaligned_gemm_fraction": _unaligned,
     "fp8_gemm_fraction": lambda r: r["kind"] == "gemm" and r["dtype"] == "fp8",
     "fp8_split_accumulate_ratio": lambda r: r.get("impl") in SPLIT_ACCUMULATE_IMPLS,
+    "attention_bwd_wide_exponent": lambda r: (r["kind"] == "attention" and r["phase"] == "backward"
+                                              and float(r["head_dim"]) > 128),
 }
 
 

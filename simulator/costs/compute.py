@@ -38,6 +38,10 @@ DEFAULT_ATTENTION_BWD_RATIO = 0.8  # backward FLOP rate relative to forward
 DEFAULT_ATTENTION_FWD_CTA_OVERHEAD = 128.0
 DEFAULT_ATTENTION_BWD_CTA_OVERHEAD = 512.0
 DEFAULT_ATTENTION_HEAD_DIM_HALF = 64.0  # FlashAttention-2: head dim 64 runs ~25% below 128
+#: the backward kernels' rate beyond head dim 128 (``(128 / d) ** exponent``): they keep the dQ, dK
+#: and dV blocks of a wider head in the same registers and shared memory, so they run smaller
+#: tiles; 0 (no loss) where a device's attention was not measured at wider heads
+DEFAULT_ATTENTION_BWD_WIDE_EXPONENT = 0.0
 DEFAULT_UNALIGNED_GEMM_FRACTION = 0.15  # cuBLAS falls back to non-TMA kernels (16-byte rule)
 #: an fp8 GEMM that promotes its partial sums to fp32 every few K steps ("split accumulator",
 #: Transformer Engine's default for the dgrad and wgrad GEMMs; its fprop accumulates fast) runs
@@ -237,6 +241,9 @@ def _attention_time_scalar(batch, heads, kv_heads, head_dim, seq_q, seq_kv, caus
     head_dim_eff = (mean / (mean + d_half)) / (128.0 / (128.0 + d_half))  # 1 at head dim 128
     fwd_rate = device.flops(dtype) * attention_param(device, "attention_fraction", 0.0, impl) * head_dim_eff
     bwd_rate = fwd_rate * attention_param(device, "attention_bwd_ratio", DEFAULT_ATTENTION_BWD_RATIO, impl)
+    if mean > 128:  # the backward's blocks (K, V, dK, dV, Q, dO) all scale with the two widths' sum
+        bwd_rate *= (128.0 / mean) ** attention_param(device, "attention_bwd_wide_exponent",
+                                                      DEFAULT_ATTENTION_BWD_WIDE_EXPONENT, impl)
     grid = int(batch * heads)
     sq, skv = int(seq_q), int(seq_kv)
     elem = DTYPE_BYTES[dtype]

@@ -104,17 +104,31 @@ def test_one_die_measures_alike_and_lends_what_the_other_lacks():
     assert h100["parameters"]["collective_launch_s"] == h200["parameters"]["collective_launch_s"]
 
 
-def test_latent_attention_kernels_are_held_out_and_the_forward_predicted_within_6_percent():
+def test_wide_head_attention_is_costed_from_its_own_calibration_half():
+    """Suite ``headdims`` (one H100, 2026-12-05): SDPA flash and cuDNN attention at head dims 96,
+    192 and 256.  Half of it fits how the backward kernels slow down beyond head dim 128
+    (``attention_bwd_wide_exponent``; before it, the model extrapolated the 64/128 rates and put the
+    held-out wide backward passes 18 % fast at the median); the other half is predicted within 10 %
+    (median), the backward without bias."""
+    from plansim.validation.compare import DATA_DIR, validate
+
+    frame = validate("kernels", DATA_DIR)
+    wide = frame[frame.source == "headdims-h100-x1"]
+    assert len(wide) >= 30
+    assert wide.error.abs().median() < 0.10
+    assert abs(wide[wide.case_id.str.contains("-bwd-")].error.median()) < 0.05
+
+
+def test_latent_attention_kernels_are_held_out_and_predicted_within_12_percent():
     """Suite ``mlaattention`` (one H100, 2026-12-05): cuDNN's attention with DeepSeek-V3's query/key
-    heads of 192 and value heads of 128, never fitted.  The forward is predicted within 6 %
-    (median); the backward runs ~10 % slower than the cuDNN rate fitted at head dims 64 and 128
-    says (a gap the test records, not a fit)."""
+    heads of 192 and value heads of 128, never fitted.  The forward is predicted within 5 % (median);
+    the backward 11 % slow, where it was 10 % fast before the wide-head backward term: costed at the
+    mean of the two widths (the backward's blocks scale with their sum), MLA's backward sits between
+    a 128- and a 160-wide one on the GPU."""
     from plansim.validation.compare import DATA_DIR, validate
 
     frame = validate("kernels", DATA_DIR)
     mla = frame[frame.source == "mlaattention-h100-x1"]
     assert len(mla) == 16
-    forward = mla[mla.case_id.str.contains("-fwd-")]
-    backward = mla[mla.case_id.str.contains("-bwd-")]
-    assert forward.error.abs().median() < 0.06
-    assert -0.15 < backward.error.median() < 0
+    assert mla[mla.case_id.str.contains("-fwd-")].error.abs().median() < 0.05
+    assert mla[mla.case_id.str.contains("-bwd-")].error.abs().median() < 0.15

@@ -22,14 +22,14 @@ EXTRA_SUITES = {"gpt2021": {"kernels_gpt": "kernels", "steps_gpt": "steps"},
                 "powerstream": {"power_stream": "power"}, "powerfp8": {"power_fp8": "power"},
                 "overlap": {"overlap": "overlap"}, "profile": {"profile": "profile"},
                 "attention": {"kernels": "kernels"}, "cudnnattention": {"kernels": "kernels"},
-                "mlaattention": {"kernels": "kernels"},
+                "mlaattention": {"kernels": "kernels"}, "headdims": {"kernels": "kernels"},
                 "fp8": {"kernels": "kernels"}, "bigsteps": {"steps": "steps"}, "cudnnsteps": {"steps": "steps"},
                 "sacsteps": {"steps": "steps"},
                 "fsdp1": {"steps": "steps", "profile": "profile"}, "bigprofile": {"profile": "profile"}}
 
 #: suites that time CUDA kernels, events or clocks and so cannot run on the CPU at all
 CUDA_ONLY = ("power", "powerkernels", "powersteps", "powerduty", "powergaps", "powerstream", "powerfp8", "profile",
-             "bigprofile", "fp8", "cudnnattention", "mlaattention", "cudnnsteps")
+             "bigprofile", "fp8", "cudnnattention", "mlaattention", "headdims", "cudnnsteps")
 
 #: wall-clock budget of one torchrun'd suite (collectives; multi-GPU steps)
 WORKER_TIMEOUT_S = 330.0
@@ -141,12 +141,12 @@ def measure(suite: str, out_dir: str, quick: bool = False, *, device: str = "cud
             log(f"== {s}: {len(rows)} rows, {sum(r.get('status') == 'ok' for r in rows)} ok, "
                 f"{time.time() - ts:.0f} s -> {written[-1]}")
             continue
-        if s in ("kernels", "attention", "cudnnattention", "mlaattention"):
+        if s in ("kernels", "attention", "cudnnattention", "mlaattention", "headdims"):
             from plansim.validation.runner import kernels
 
             rows = {"kernels": kernels.run, "attention": kernels.run_attention_sweep,
                     "cudnnattention": kernels.run_cudnn_attention,
-                    "mlaattention": kernels.run_mla_attention}[s](dev, quick, log)
+                    "mlaattention": kernels.run_mla_attention, "headdims": kernels.run_head_dims}[s](dev, quick, log)
         elif s == "fp8":
             from plansim.validation.runner import fp8
 

@@ -264,6 +264,25 @@ def run_cudnn_attention(device: torch.device, quick: bool, log=print) -> list[di
     return rows
 
 
+def head_dim_cases(quick: bool) -> list[tuple[int, int, int, int, int]]:
+    """(batch, heads, kv_heads, head_dim, seq_len) of suite ``headdims``: the head widths beyond the
+    other suites' 64 and 128 (96; 192 as in DeepSeek's query/key heads; 256 as in Gemma), on which the
+    attention model's head-width term is otherwise extrapolated."""
+    if quick:
+        return [(1, 2, 2, 96, 128)]
+    return [(1, 32, 32, d, 4096) for d in (96, 192, 256)] + [(2, 16, 16, d, 8192) for d in (96, 192, 256)] \
+        + [(4, 16, 4, d, 2048) for d in (96, 192, 256)]
+
+
+def run_head_dims(device: torch.device, quick: bool, log=print) -> list[dict]:
+    """Suite ``headdims``: ``head_dim_cases`` on SDPA's flash backend and on cuDNN's fused attention
+    (kernels columns, split as any kernels row: half of them calibrate)."""
+    gen, samples, rows, emit = _start(device, quick, 1357, log)
+    for backend in ("flash", "cudnn"):
+        _attention_rows(head_dim_cases(quick), device, gen, samples, emit, backend=backend)
+    return rows
+
+
 #: multi-head latent attention's core as DeepSeek-V3 runs it: query/key heads of 192 (128 + a
 #: 64-wide rotary part), value heads of 128
 MLA_QK_DIM, MLA_V_DIM = 192, 128
