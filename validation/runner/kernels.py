@@ -300,9 +300,10 @@ def mla_attention_cases(quick: bool) -> list[tuple[int, int, int]]:
 def run_mla_attention(device: torch.device, quick: bool, log=print) -> list[dict]:
     """Suite ``mlaattention``: causal SDPA on cuDNN's fused attention with query/key heads of 192
     and value heads of 128 (``MLA_QK_DIM``, ``MLA_V_DIM``), forward and backward.  The rows record
-    the mean head width (160) as ``head_dim``: plansim costs multi-head latent attention's core at
-    that width (its FLOPs and Q, K, V, O bytes exactly), so these rows test that reading; case ids
-    start ``mla-`` and are never fitted (``split_for``)."""
+    the mean head width (160) as ``head_dim`` and end ``impl`` with ``-mla-qk192-v128``, from which
+    ``plansim validate`` takes the two widths; ``flops`` counts the backward as 2.5 forwards.  Case
+    ids start ``mla-``: they test the costing of multi-head latent attention and are never fitted
+    (``split_for``)."""
     gen, samples, rows, emit = _start(device, quick, 2468, log)
     qk, v = (MLA_QK_DIM, MLA_V_DIM) if not quick else (48, 32)
     for b, h, s in mla_attention_cases(quick):
