@@ -105,7 +105,8 @@ FITTED_KINDS = tuple(k for k in KERNEL_KINDS if k != "cast")
 #: fitted parameters a GPU of the same die takes where its own data cannot identify them: the
 #: kernel library's (cuDNN attention, fp8 GEMM shares) and the host software's cost of one NCCL
 #: call (PyTorch c10d and NCCL on this environment's leases, measured where 2 GPUs were lent)
-DIE_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio", "collective_launch_s")
+DIE_PARAMETERS = ("cudnn_attention", "fp8_gemm_fraction", "fp8_split_accumulate_ratio", "attention_bwd_wide_exponent",
+                  "collective_launch_s")
 #: the attention parameters cuDNN's fused attention gets its own values of (Device.cudnn_attention)
 CUDNN_ATTENTION_PARAMETERS = tuple(p for p in KERNEL_PARAMETERS if p[0].startswith("attention_"))
 #: parameters only some rows of a kind identify: without such a row in the split, none is fitted
@@ -293,11 +294,55 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
             raise ValueError(f"device: no measurements of {', '.join(missing)} under {data_dir}")
     written: dict[str, Path] = {}
     # per die, the fits a GPU of that die without its own measurements takes: the power model's
-    # (no powerkernels streams) and DIE_PARAMETERS (no cuDNN, fp8 or collective rows)
+    # (no powerkernels streams) and DIE_PARAMETERS (no cuDNN, fp8, wide-head or collective rows).
+    # Every device's kernels are fitted first, so that any GPU of a die lends its kernel fits to
+    # the others whatever the order; the power fits and the collectives' call cost follow in order
     shared: dict[str, dict[tuple, dict]] = {"power": {}, "die": {}}
+    kernel_fits = {}
+    for name, folders in sorted(by_device.items()):
+        kernels = _gather(folders, "kernels", KERNEL_KINDS)
+        device = base_cluster(folders[0]).device
+        kernel_fits[name] = (kernels, *(fit_device(device, kernels) if not kernels.empty else ({}, {})))
+        _lend(shared["die"].setdefault(_die(device), {}), kernel_fits[name][1])
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
-        written[name] = _calibrate_device(name, folders, out_dir, shared)
+        written[name] = _calibrate_device(name, folders, out_dir, shared, *kernel_fits[name])
     return written
+
+
+def _gather(folders: list[Path], suite: str, kinds=None) -> pd.DataFrame:
+    """The calibration rows of one suite over ``folders`` (optionally of some kinds), tagged with
+    their folder."""
+    parts = []
+    for folder in folders:
+        part = load_suite(folder, suite, "calibration")
+        if not part.empty and kinds is not None:
+            part = part[part["kind"].isin(kinds)]
+        if not part.empty:
+            parts.append(part.assign(_folder=folder.name))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _lend(die_fits: dict, params: dict) -> None:
+    """Record a device's own DIE_PARAMETERS fits for the other GPUs of its die (the first device's
+    value stands; a dict, cuDNN's attention parameters, gains the keys it lacked)."""
+    for field in DIE_PARAMETERS:
+        if field not in params:
+            continue
+        if isinstance(params[field], dict) and isinstance(die_fits.get(field), dict):
+            die_fits[field] = {**params[field], **die_fits[field]}
+        else:
+            die_fits.setdefault(field, params[field])
+
+
+def _borrow(params: dict, die_fits: dict) -> None:
+    """Take the die's DIE_PARAMETERS fits a device's own data did not make (own values win)."""
+    for field in DIE_PARAMETERS:
+        if field not in die_fits:
+            continue
+        if field not in params:
+            params[field] = die_fits[field]
+        elif isinstance(params[field], dict) and isinstance(die_fits[field], dict):
+            params[field] = {**die_fits[field], **params[field]}
 
 
 def _fits_own_draws(folders: list[Path]) -> bool:
@@ -309,37 +354,19 @@ def _die(device: Device) -> tuple:
     return device.vendor, device.compute_units, tuple(sorted(device.peak_flops.items()))
 
 
-def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dict[str, dict[tuple, dict]]) -> Path:
-    def gather(suite: str, kinds=None):
-        parts = []
-        for folder in folders:
-            part = load_suite(folder, suite, "calibration")
-            if not part.empty and kinds is not None:
-                part = part[part["kind"].isin(kinds)]
-            if not part.empty:
-                parts.append(part.assign(_folder=folder.name))
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
+def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dict[str, dict[tuple, dict]],
+                      kernels: pd.DataFrame, params: dict, stats: dict) -> Path:
+    """Write one device's profile from its kernel fit (``params``, ``stats`` on ``kernels``), what
+    its die lends, and the fits of its links, collectives and power."""
     cluster = base_cluster(folders[0])
-    kernels = gather("kernels", KERNEL_KINDS)
-    transfers = gather("transfers", TRANSFER_KINDS)
-    collectives = gather("collectives")
+    transfers = _gather(folders, "transfers", TRANSFER_KINDS)
+    collectives = _gather(folders, "collectives")
     if not collectives.empty:
         collectives = collectives[collectives["group_size"].astype(int) > 1]
 
-    params, stats = fit_device(cluster.device, kernels) if not kernels.empty else ({}, {})
-    # a GPU of a die measured earlier (H100 SXM after H200) takes the DIE_PARAMETERS fits its own
-    # folders cannot make; called again once the collectives are fitted
+    params, stats = dict(params), dict(stats)
     die_fits = shared["die"].setdefault(_die(cluster.device), {})
-
-    def share_with_die() -> None:
-        for field in DIE_PARAMETERS:
-            if field in params:
-                die_fits.setdefault(field, params[field])
-            elif field in die_fits:
-                params[field] = die_fits[field]
-
-    share_with_die()
+    _borrow(params, die_fits)
     device = cluster.device.model_copy(update=params)
     links: dict[str, dict] = {}
     if not transfers.empty:
@@ -353,7 +380,8 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         links[machine.intra_node_link.name] = intra
         params.update(device_extra)
         stats.update(s)
-    share_with_die()
+        _lend(die_fits, device_extra)  # the NCCL call's host cost, for a GPU of the die measured later
+    _borrow(params, die_fits)
 
     used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}
     fitted_on, case_ids = [], {}

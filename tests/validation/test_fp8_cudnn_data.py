@@ -89,7 +89,8 @@ def test_one_die_measures_alike_and_lends_what_the_other_lacks():
     """One die (GH100) and one library: the H100 SXM, measured on its own cuDNN attention and fp8
     GEMMs (cudnnattention-h100-x1, fp8-h100-x1), fits them within a few percent of the H200's;
     never measured on collectives (one GPU lent), it carries the H200 host's cost of an NCCL call,
-    which ``plansim calibrate`` copies across (``DIE_PARAMETERS``)."""
+    which ``plansim calibrate`` copies across (``DIE_PARAMETERS``), as it lends the H200 what only
+    the H100 measured."""
     from plansim.simulator.calibration import read_calibration
     from plansim.validation.compare import CALIBRATED_DIR
 
@@ -102,6 +103,13 @@ def test_one_die_measures_alike_and_lends_what_the_other_lacks():
         assert (h100["parameters"]["cudnn_attention"][field]
                 == pytest.approx(h200["parameters"]["cudnn_attention"][field], rel=0.03)), field
     assert h100["parameters"]["collective_launch_s"] == h200["parameters"]["collective_launch_s"]
+    # the other way round, the H200 (no wide-head rows) takes the H100's wide-head backward loss,
+    # for FlashAttention-2 and inside its own cuDNN fit
+    assert h200["parameters"]["attention_bwd_wide_exponent"] == h100["parameters"]["attention_bwd_wide_exponent"]
+    assert (h200["parameters"]["cudnn_attention"]["attention_bwd_wide_exponent"]
+            == h100["parameters"]["cudnn_attention"]["attention_bwd_wide_exponent"])
+    assert h200["parameters"]["cudnn_attention"]["attention_fraction"] != h100["parameters"]["cudnn_attention"][
+        "attention_fraction"]  # its own fit otherwise
 
 
 def test_wide_head_attention_is_costed_from_its_own_calibration_half():
