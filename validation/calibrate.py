@@ -303,7 +303,7 @@ def calibrate(data_dir: Path | str = DATA_DIR, devices: Sequence[str] | None = N
         kernels = _gather(folders, "kernels", KERNEL_KINDS)
         device = base_cluster(folders[0]).device
         kernel_fits[name] = (kernels, *(fit_device(device, kernels) if not kernels.empty else ({}, {})))
-        _lend(shared["die"].setdefault(_die(device), {}), kernel_fits[name][1])
+        _fill_die_fits(shared["die"].setdefault(_die(device), {}), kernel_fits[name][1])
     for name, folders in sorted(by_device.items(), key=lambda item: (not _fits_own_draws(item[1]), item[0])):
         written[name] = _calibrate_device(name, folders, out_dir, shared, *kernel_fits[name])
     return written
@@ -322,27 +322,17 @@ def _gather(folders: list[Path], suite: str, kinds=None) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _lend(die_fits: dict, params: dict) -> None:
-    """Record a device's own DIE_PARAMETERS fits for the other GPUs of its die (the first device's
-    value stands; a dict, cuDNN's attention parameters, gains the keys it lacked)."""
+def _fill_die_fits(target: dict, source: dict) -> None:
+    """Give ``target`` the DIE_PARAMETERS fits of ``source`` it lacks, its own values winning (a
+    dict, cuDNN's attention parameters, gains the keys it lacked).  Lending a device's fits to its
+    die's store and borrowing the store's into a device are the same filling."""
     for field in DIE_PARAMETERS:
-        if field not in params:
+        if field not in source:
             continue
-        if isinstance(params[field], dict) and isinstance(die_fits.get(field), dict):
-            die_fits[field] = {**params[field], **die_fits[field]}
-        else:
-            die_fits.setdefault(field, params[field])
-
-
-def _borrow(params: dict, die_fits: dict) -> None:
-    """Take the die's DIE_PARAMETERS fits a device's own data did not make (own values win)."""
-    for field in DIE_PARAMETERS:
-        if field not in die_fits:
-            continue
-        if field not in params:
-            params[field] = die_fits[field]
-        elif isinstance(params[field], dict) and isinstance(die_fits[field], dict):
-            params[field] = {**die_fits[field], **params[field]}
+        if field not in target:
+            target[field] = source[field]
+        elif isinstance(target[field], dict) and isinstance(source[field], dict):
+            target[field] = {**source[field], **target[field]}
 
 
 def _fits_own_draws(folders: list[Path]) -> bool:
@@ -366,7 +356,7 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
 
     params, stats = dict(params), dict(stats)
     die_fits = shared["die"].setdefault(_die(cluster.device), {})
-    _borrow(params, die_fits)
+    _fill_die_fits(params, die_fits)
     device = cluster.device.model_copy(update=params)
     links: dict[str, dict] = {}
     if not transfers.empty:
@@ -380,8 +370,8 @@ def _calibrate_device(name: str, folders: list[Path], out_dir: Path, shared: dic
         links[machine.intra_node_link.name] = intra
         params.update(device_extra)
         stats.update(s)
-        _lend(die_fits, device_extra)  # the NCCL call's host cost, for a GPU of the die measured later
-    _borrow(params, die_fits)
+        _fill_die_fits(die_fits, device_extra)  # the NCCL call's host cost, for a GPU of the die measured later
+    _fill_die_fits(params, die_fits)
 
     used = {"kernels": kernels, "transfers": transfers, "collectives": collectives}
     fitted_on, case_ids = [], {}

@@ -28,16 +28,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from plansim.validation.compare import DATA_DIR, VALIDATION_DIR, XLA_PREFIX
-from plansim.validation.runner.common import COLUMNS, split_for
+from plansim.validation.runner.common import BUSBW_FACTORS, COLUMNS, split_for
 
 TABLES = VALIDATION_DIR / "reference" / "xla"
-#: XLA's table key -> (data folder, GPU name as the runner would record it, keep fp8 GEMMs)
-GPUS = {"sm_90": (f"{XLA_PREFIX}h100-x8", "NVIDIA H100 (OpenXLA sm_90 table)", False),
-        "sm_100": (f"{XLA_PREFIX}b200-x8", "NVIDIA B200 (OpenXLA sm_100 table)", True)}
+
+
+class XlaGpu(NamedTuple):
+    folder: str  # the data folder written
+    gpu_name: str  # as the runner would record it
+    held_out: bool  # every row ``evaluation`` (the GPU is calibrated on our own measurements)
+    fp8: bool  # keep the fp8 GEMMs
+
+
+GPUS = {"sm_90": XlaGpu(f"{XLA_PREFIX}h100-x8", "NVIDIA H100 (OpenXLA sm_90 table)", held_out=True, fp8=False),
+        "sm_100": XlaGpu(f"{XLA_PREFIX}b200-x8", "NVIDIA B200 (OpenXLA sm_100 table)", held_out=False, fp8=True)}
 GEMM_DTYPES = {"bf16xbf16->bf16": ("bf16", "xla"), "f8e4m3fnxf8e4m3fn->bf16": ("fp8", "xla-e4m3")}
 COLLECTIVE_OPS = {"all-reduce": "all_reduce", "all-gather": "all_gather", "reduce-scatter": "reduce_scatter",
                   "all-to-all": "all_to_all"}
@@ -51,14 +60,14 @@ def _split(suite: str, case_id: str, held_out: bool) -> str:
 
 def kernels_frame(gpu_key: str) -> pd.DataFrame:
     """XLA's GEMMs of one GPU as ``kernels.csv`` rows (``bmm`` where the batch exceeds 1)."""
-    _, _, keep_fp8 = GPUS[gpu_key]
+    gpu = GPUS[gpu_key]
     table = pd.read_csv(TABLES / f"matmul_{gpu_key.replace('_', '')}.csv")
     rows = []
     for r in table.itertuples():
         if r.dtypes not in GEMM_DTYPES:
             continue
         dtype, impl = GEMM_DTYPES[r.dtypes]
-        if dtype == "fp8" and not keep_fp8:
+        if dtype == "fp8" and not gpu.fp8:
             continue
         b, m, n, k = int(r.b), int(r.m), int(r.n), int(r.k)
         case_id = f"xla-{'gemm' if b == 1 else 'bmm'}-{dtype}-b{b}-m{m}-n{n}-k{k}"
@@ -66,13 +75,13 @@ def kernels_frame(gpu_key: str) -> pd.DataFrame:
         rows.append({"case_id": case_id, "kind": "gemm" if b == 1 else "bmm", "dtype": dtype, "m": m, "n": n, "k": k,
                      "batch": b, "impl": impl, "flops": flops, "time_s": flops / r.flops_per_s,
                      "n_samples": GEMM_RUNS, "tflops": r.flops_per_s / 1e12, "status": "ok",
-                     "split": _split("kernels", case_id, not keep_fp8)})
+                     "split": _split("kernels", case_id, gpu.held_out)})
     return pd.DataFrame(rows).reindex(columns=COLUMNS["kernels"])
 
 
 def collectives_frame(gpu_key: str) -> pd.DataFrame:
     """XLA's collectives of one GPU as ``collectives.csv`` rows (bytes: nccl-tests' size)."""
-    _, _, calibrate = GPUS[gpu_key]
+    held_out = GPUS[gpu_key].held_out
     table = pd.read_csv(TABLES / f"collectives_{gpu_key.replace('_', '')}.csv", keep_default_na=False)
     rows = []
     for r in table.itertuples():
@@ -81,18 +90,16 @@ def collectives_frame(gpu_key: str) -> pd.DataFrame:
         op, group = COLLECTIVE_OPS[r.opcode], int(r.devices_per_group)
         size = int(r.throughput_basis_bytes)
         case_id = f"xla-{op}-f32-n{group}-bytes{size}"
-        time_s = size / r.network_throughput_bytes_per_sec
-        algbw = size / time_s / 1e9
-        factor = 2 * (group - 1) / group if op == "all_reduce" else (group - 1) / group
+        algbw = r.network_throughput_bytes_per_sec / 1e9
         rows.append({"case_id": case_id, "op": op, "dtype": "fp32", "bytes": size, "group_size": group,
-                     "world_size": 8, "time_s": time_s, "n_samples": COLLECTIVE_RUNS, "algbw_GBps": algbw,
-                     "busbw_GBps": algbw * factor, "status": "ok",
-                     "split": _split("collectives", case_id, not calibrate)})
+                     "world_size": 8, "time_s": size / r.network_throughput_bytes_per_sec,
+                     "n_samples": COLLECTIVE_RUNS, "algbw_GBps": algbw, "busbw_GBps": algbw * BUSBW_FACTORS[op](group),
+                     "status": "ok", "split": _split("collectives", case_id, held_out)})
     return pd.DataFrame(rows).reindex(columns=COLUMNS["collectives"])
 
 
 def provenance(gpu_key: str) -> dict:
-    folder, gpu_name, _ = GPUS[gpu_key]
+    folder, gpu_name = GPUS[gpu_key].folder, GPUS[gpu_key].gpu_name
     return {"gpu_name": gpu_name, "gpu_count": 8,
             "source": "OpenXLA default GPU performance tables (third-party measurements, not made here): "
                       "xla/service/gpu/model/matmul_interpolator_data.h @ 71feeddf7cc3c9c7878eee18ea43c983631e6e84, "
@@ -109,8 +116,8 @@ def provenance(gpu_key: str) -> dict:
 def write_folders(data_dir: Path = DATA_DIR) -> list[Path]:
     """(Re)write the XLA data folders; returns them."""
     written = []
-    for key, (folder, _, _) in GPUS.items():
-        out = Path(data_dir) / folder
+    for key, gpu in GPUS.items():
+        out = Path(data_dir) / gpu.folder
         out.mkdir(parents=True, exist_ok=True)
         kernels_frame(key).to_csv(out / "kernels.csv", index=False)
         collectives_frame(key).to_csv(out / "collectives.csv", index=False)

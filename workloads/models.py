@@ -118,12 +118,6 @@ class ModelSpec:
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
 
-    @property
-    def _mla_down_params(self) -> int:
-        """MLA's down projections and the norms of their latents: one copy on every TP rank
-        (Megatron-Core builds them ``duplicated``)."""
-        q = self.hidden * self.q_lora_rank + self.q_lora_rank if self.q_lora_rank else 0
-        return q + self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
 
     @property
     def mlp_matrices(self) -> int:
@@ -147,7 +141,7 @@ class ModelSpec:
         if self.is_mla:  # latents and their up projections (keys' no-position part and values), output
             q_up = (self.q_lora_rank if self.q_lora_rank else h) * self.q_dim
             kv_up = self.kv_lora_rank * self.num_heads * (self.head_dim - self.qk_rope_head_dim + self.v_head_dim)
-            return self._mla_down_params + q_up + kv_up + self.v_dim * h
+            return self.replicated_attention_params + q_up + kv_up + self.v_dim * h
         weights = h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
         biases = 0
         if self.bias:
@@ -158,8 +152,12 @@ class ModelSpec:
 
     @property
     def replicated_attention_params(self) -> int:
-        """Attention parameters every TP rank holds whole (the rest are split over TP)."""
-        return self._mla_down_params if self.is_mla else 0
+        """Attention parameters every TP rank holds whole (the rest are split over TP): MLA's down
+        projections and the norms of their latents (Megatron-Core builds them ``duplicated``)."""
+        if not self.is_mla:
+            return 0
+        q = self.hidden * self.q_lora_rank + self.q_lora_rank if self.q_lora_rank else 0
+        return q + self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
 
     def _mlp_params(self, width: int) -> int:
         weights = self.mlp_matrices * self.hidden * width

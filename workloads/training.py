@@ -229,22 +229,12 @@ def _attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) -> l
                           bwd_extra_bytes=GRAD_SUM_BYTES / e * rotated, kernels=5))
         else:  # one fused kernel
             ops.append(Op("rope", "memory", bytes=2 * rotated, bwd_bytes_factor=1.0))
-    if plan.cp > 1 and plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)
-        ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
-                      comm_bytes=2 * b * s * plan.cp * kv_cols * e))
-    elif plan.cp > 1:  # ring attention: the local K and V block visits every other rank of the ring,
-        # overlapped with attention on the block in hand; backward sends dK and dV along too
-        ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
-                      comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
-    if plan.attention != "unfused":
-        # saves Q, K, V and the log-sum-exp; its output, which its backward reads too, is the
-        # output projection's saved input, except where that projection keeps a copy of its own:
-        # eager code's contiguous transpose, Transformer Engine's fp8 (_with_fp8_casts)
-        keeps_output = eager or gemm_dtype(plan) == "fp8"
+    ops += _cp_kv_exchange(plan, tokens * 2 * kv_cols * e)
+    if plan.attention != "unfused":  # saves Q, K, V and the log-sum-exp (and its output: _keeps_output)
         ops.append(Op("attention", "attention", attention=(b, heads, kv_heads, d, s, s * plan.cp, True),
                       impl=plan.attention,
                       saved_bytes=tokens * (q_cols + 2 * kv_cols) * e + b * heads * s * 4
-                      + (tokens * q_cols * e if keeps_output else 0.0),
+                      + (tokens * q_cols * e if _keeps_output(plan) else 0.0),
                       recompute_selective=True))
         if eager:
             ops.append(Op("attention.transpose", "memory", bytes=2 * tokens * q_cols * e, bwd_bytes_factor=1.0))
@@ -315,20 +305,33 @@ def _mla_attention_ops(model: ModelSpec, plan: Plan, tok_sp: float, dtype: str) 
     # keys and values and the rotary key, write whole keys and values per head
     rope_bytes = tokens * e * (2 * heads * d + heads * (d - rope + dv) + rope + heads * (d + dv))
     ops.append(Op("rope", "memory", bytes=rope_bytes, bwd_bytes_factor=1.0))
-    kv_cols = heads * (d + dv) / 2  # per head, K and V together are twice their mean width
-    if plan.cp > 1 and plan.cp_comm == "allgather":
-        ops.append(Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
-                      comm_bytes=2 * b * s * plan.cp * kv_cols * e))
-    elif plan.cp > 1:
-        ops.append(Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp",
-                      comm_bytes=2 * b * s * kv_cols * e, bwd_bytes_factor=2.0, hidden_by="attention"))
-    keeps_output = plan.framework == "pytorch" or gemm_dtype(plan) == "fp8"
+    ops += _cp_kv_exchange(plan, tokens * heads * (d + dv) * e)
     ops.append(Op("attention", "attention", attention=(b, heads, heads, d, s, s * plan.cp, True), v_head_dim=dv,
                   impl=plan.attention,
                   saved_bytes=tokens * heads * (2 * d + dv) * e + b * heads * s * 4
-                  + (tokens * heads * dv * e if keeps_output else 0.0),
+                  + (tokens * heads * dv * e if _keeps_output(plan) else 0.0),
                   recompute_selective=True))
     return ops
+
+
+def _cp_kv_exchange(plan: Plan, kv_bytes: float) -> list[Op]:
+    """Context parallelism's exchange of a rank's K and V (``kv_bytes`` for its tokens)."""
+    if plan.cp == 1:
+        return []
+    if plan.cp_comm == "allgather":  # gather K and V of the whole sequence (Llama 3)
+        return [Op("cp.kv_allgather", "collective", collective="all_gather", group="cp",
+                   comm_bytes=kv_bytes * plan.cp)]
+    # ring attention: the local K and V block visits every other rank of the ring, overlapped
+    # with attention on the block in hand; backward sends dK and dV along too
+    return [Op("cp.kv_ring", "collective", collective="ring_exchange", group="cp", comm_bytes=kv_bytes,
+               bwd_bytes_factor=2.0, hidden_by="attention")]
+
+
+def _keeps_output(plan: Plan) -> bool:
+    """Whether the fused attention's output, which its backward reads, is saved apart from the
+    output projection's saved input, which it otherwise is: eager code keeps a contiguous
+    transpose, Transformer Engine's fp8 an fp8 copy (``_with_fp8_casts``)."""
+    return plan.framework == "pytorch" or gemm_dtype(plan) == "fp8"
 
 
 def _mlp_ops(model: ModelSpec, plan: Plan, tokens: float, width: int, full: float, prefix: str,
@@ -694,9 +697,9 @@ class TrainingWorkload:
         """(dense, expert) parameters a rank holds for ``chunk`` (TP-sharded; experts over EP too)."""
         m, t = self.model, self.plan.tp
         dense = expert = 0.0
+        whole = m.replicated_attention_params  # MLA's down projections: a copy on every TP rank
+        attention = (m.attention_params - whole) / t + whole
         for layer in range(chunk.first_layer, chunk.first_layer + chunk.num_layers):
-            whole = m.replicated_attention_params  # MLA's down projections: a copy on every TP rank
-            attention = (m.attention_params - whole) / t + whole
             if m.is_moe_layer(layer):
                 routed = m.num_experts * m.expert_params
                 expert += routed / (self.plan.expert_tp * self.plan.ep)
